@@ -1,0 +1,90 @@
+"""PYTHONPATH and LD_LIBRARY_PATH for the stack, computed, never typed by hand.
+
+Two sources, in this order:
+1. the built stack's prefix (EP kernels built from source: see `python -m env status`), given by
+   EP_STACK_PREFIX or `.stack/<profile>` in the project root;
+2. the active Python environment: the CUDA libraries that pip/conda wheels put under
+   site-packages/nvidia/*/lib (NCCL, NVSHMEM, cuBLAS, ...) and torch's own lib folder, so that
+   extensions linked against them (DeepEP against libnvshmem_host.so.3) load without a system copy.
+
+The launcher and preflight's import checks call the same :func:`stack_paths`, so what preflight imports
+is what vLLM will import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    prefix: Path
+    pythonpath: list[str] = field(default_factory=list)
+    ld_library_path: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Other variables the stack needs (NVSHMEM_DIR, CUDA_HOME) where their folders exist."""
+
+    def as_prepend(self) -> dict[str, list[str]]:
+        return {k: v for k, v in (("PYTHONPATH", self.pythonpath), ("LD_LIBRARY_PATH", self.ld_library_path)) if v}
+
+
+def default_prefix(profile: str) -> Path:
+    given = os.environ.get("EP_STACK_PREFIX")
+    return Path(given) if given else PROJECT_ROOT / ".stack" / profile
+
+
+def _site_dirs() -> list[Path]:
+    seen: list[Path] = []
+    for key in ("purelib", "platlib"):
+        path = Path(sysconfig.get_paths()[key])
+        if path not in seen:
+            seen.append(path)
+    return seen
+
+
+def stack_paths(profile: str = "current", prefix: Path | None = None) -> StackPaths:
+    prefix = prefix or default_prefix(profile)
+    pythonpath: list[str] = []
+    libs: list[str] = []
+    env: dict[str, str] = {}
+    built_site = prefix / "python"
+    if built_site.is_dir():
+        pythonpath.append(str(built_site))
+    for sub in ("lib", "nvshmem/lib"):
+        if (prefix / sub).is_dir():
+            libs.append(str(prefix / sub))
+    if (prefix / "nvshmem").is_dir():
+        env["NVSHMEM_DIR"] = str(prefix / "nvshmem")
+    for site in _site_dirs():
+        nvidia = site / "nvidia"
+        if nvidia.is_dir():
+            libs.extend(str(p) for p in sorted(nvidia.glob("*/lib")) if p.is_dir())
+            if "NVSHMEM_DIR" not in env and (nvidia / "nvshmem" / "lib").is_dir():
+                env["NVSHMEM_DIR"] = str(nvidia / "nvshmem")
+        torch_lib = site / "torch" / "lib"
+        if torch_lib.is_dir():
+            libs.append(str(torch_lib))
+    conda_prefix = os.environ.get("CONDA_PREFIX")
+    if conda_prefix and (Path(conda_prefix) / "targets").is_dir():
+        env.setdefault("CUDA_HOME", conda_prefix)
+    return StackPaths(prefix=prefix, pythonpath=pythonpath, ld_library_path=_unique(libs), env=env)
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def joined(prepend: list[str], inherited: str | None) -> str:
+    """The value a path variable gets: ours first, then what the user had."""
+    parts = list(prepend) + ([inherited] if inherited else [])
+    return os.pathsep.join(parts)
+
+
+def interpreter() -> str:
+    return sys.executable

@@ -1,0 +1,358 @@
+"""Command line: `python -m launch primary|secondary|serve|plan|check` (pixi: serve-primary, ...).
+
+Usage, the guide's way (same positional arguments as its two scripts)::
+
+    python -m launch primary   NODE1_IP RPC_PORT MODEL TOTAL_DP LOCAL_DP API_SERVERS [options] [-- vllm args]
+    python -m launch secondary NODE1_IP RPC_PORT MODEL TOTAL_DP LOCAL_DP START_RANK  [options] [-- vllm args]
+
+or from a deploy file that describes the whole cluster (every node runs the same file)::
+
+    python -m launch serve --deploy cluster.yaml [--node-rank N]    # role and ranks from the file
+    python -m launch plan cluster.yaml                               # every node's env + command
+    python -m launch plan cluster.yaml --format shell --out plans/   # one runnable script per node
+    python -m launch check cluster.yaml                              # argv through vLLM's own parser
+
+Variables the launcher sets on every node: PYTHONPATH and LD_LIBRARY_PATH (the stack's, put before
+yours), GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME / NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (one interface for
+all three), the transport's NCCL/NVSHMEM/libfabric settings, VLLM_ALL2ALL_BACKEND for vLLM < 0.11.1
+(newer versions get --all2all-backend), then the deploy file's `env`.
+
+Failure modes: bad input exits 2 with one line naming the file or argument, the field and what was
+expected; a missing interface or vLLM binary is refused before anything starts; once vLLM runs, the exit
+code is vLLM's, and SIGTERM / SIGINT stop vLLM's whole process group (see launch/supervise.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from env.paths import joined, stack_paths
+from env.pins import DEFAULT_PROFILE
+from launch import netif, plan as planning, render
+from launch.config import ConfigError, DeployConfig, Network, Node, load_deploy
+from launch.layout import NodeLayout, layouts
+from launch.netif import AutoIfname
+from launch.plan import NodePlan
+from launch.vllm_versions import resolve_target
+
+GUIDE_ARGS = {
+    "primary": ("NODE1_IP", "RPC_PORT", "MODEL", "TOTAL_DP", "LOCAL_DP", "API_SERVERS"),
+    "secondary": ("NODE1_IP", "RPC_PORT", "MODEL", "TOTAL_DP", "LOCAL_DP", "START_RANK"),
+}
+
+
+class UsageError(ConfigError):
+    """Bad command-line input (same one-line treatment as a bad deploy file)."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch", description="vLLM expert-parallel launcher")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for role in ("primary", "secondary"):
+        p = sub.add_parser(role, help=f"run vLLM on the {role} node")
+        p.add_argument("guide", nargs="*", metavar=" ".join(GUIDE_ARGS[role]), help="the guide's positional arguments")
+        _deploy_options(p)
+        _serve_options(p)
+        _vllm_options(p)
+
+    p = sub.add_parser("serve", help="run this node's part of a deploy file (role from its rank)")
+    _deploy_options(p)
+    _serve_options(p)
+    _vllm_options(p)
+
+    p = sub.add_parser("plan", help="print every node's environment and command without running")
+    p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
+    p.add_argument("--node-rank", type=int, help="only this node")
+    p.add_argument("--format", choices=("text", "shell", "json"), default="text",
+                   help="text: exports + command per node; shell: one runnable script per node in --out; json")
+    p.add_argument("--out", help="folder for --format shell scripts (node-RANK.sh)")
+    p.add_argument("--force", action="store_true", help="overwrite scripts in --out that differ")
+    _vllm_options(p)
+
+    p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
+    p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
+    p.add_argument("--node-rank", type=int, help="only this node")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds vLLM's parser may take (default 120)")
+    _vllm_options(p)
+    return parser
+
+
+# ---- option groups ---------------------------------------------------------------------------
+def _deploy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deploy file")
+    g.add_argument("--deploy", help="deploy file (YAML) describing the whole cluster; default: $EP_DEPLOY")
+    g.add_argument("--node-rank", type=int, help="this node's index in the deploy file (default: found from this machine's addresses)")
+
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("running")
+    g.add_argument("--dry-run", action="store_true", help="print this node's environment and command instead of running it")
+    g.add_argument("--log-file", help="also write vLLM's output to this file")
+    g.add_argument("--stop-timeout", type=float, default=30.0, help="seconds vLLM gets to stop after SIGTERM before SIGKILL")
+    g.add_argument("--vllm-bin", default=None, help="the vllm executable (default: vllm on PATH)")
+
+
+def _vllm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vLLM (named as vLLM names them)")
+    g.add_argument("--all2all-backend", help="e.g. deepep_low_latency, deepep_high_throughput, allgather_reducescatter")
+    g.add_argument("--port", type=int, help="API port on the primary")
+    g.add_argument("--host", help="address the API binds to")
+    g.add_argument("--tensor-parallel-size", type=int)
+    g.add_argument("--vllm-version", help="target vLLM version (default: installed, else the stack's pin)")
+    g = p.add_argument_group("network")
+    g.add_argument("--transport", choices=("ib", "roce", "efa", "tcp"))
+    g.add_argument("--socket-ifname", help="interface for NCCL/Gloo/NVSHMEM bootstrap, or auto")
+
+
+# ---- arguments -> config + layouts -------------------------------------------------------------
+def _int(name: str, text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{name}: expected an integer, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise UsageError(f"{name}: {value} is out of range (expected {bound})")
+    return value
+
+
+def config_from_guide(role: str, values: list[str], args: argparse.Namespace) -> tuple[DeployConfig, NodeLayout]:
+    """The guide's six positional arguments as a config (common settings) and this node's layout."""
+    names = GUIDE_ARGS[role]
+    if len(values) != len(names):
+        raise UsageError(f"{role}: expected {len(names)} arguments {' '.join(names)} (or --deploy FILE), got {len(values)}")
+    node1_ip, rpc_port, model, total_dp, local_dp, last = values
+    rpc = _int("RPC_PORT", rpc_port, 1, 65535)
+    total = _int("TOTAL_DP", total_dp, 1)
+    local = _int("LOCAL_DP", local_dp, 1)
+    if local > total:
+        raise UsageError(f"LOCAL_DP: {local} is larger than TOTAL_DP {total} (expected LOCAL_DP <= TOTAL_DP)")
+    tp = args.tensor_parallel_size or 1
+    try:
+        config = DeployConfig(
+            model=model,
+            nodes=[Node(address=node1_ip, gpus=local * tp)],
+            tensor_parallel_size=tp,
+            rpc_port=rpc,
+            trust_remote_code=True,  # the guide's scripts always pass it
+            network=Network(transport=args.transport or "ib", socket_ifname=args.socket_ifname or "auto"),
+        )
+    except Exception as exc:  # pydantic's message, reduced to one line
+        raise UsageError(f"{role}: {str(exc).splitlines()[-2].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+    if role == "primary":
+        layout = NodeLayout("primary", 0, node1_ip, rpc, total, local, 0, _int("API_SERVERS", last, 1), node1_ip)
+    else:
+        start = _int("START_RANK", last, 0)
+        if start + local > total or start == 0:
+            raise UsageError(
+                f"START_RANK: {start} with LOCAL_DP {local} is outside TOTAL_DP {total} "
+                f"(expected 1..{total - local} for a secondary)"
+            )
+        layout = NodeLayout("secondary", 1, node1_ip, rpc, total, local, start, None, None)
+    return config, layout
+
+
+def _deploy_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "deploy", None) or getattr(args, "deploy_file", None) or os.environ.get("EP_DEPLOY")
+
+
+def _with_overrides(config: DeployConfig, args: argparse.Namespace) -> DeployConfig:
+    """Named options win over the deploy file."""
+    changes: dict = {}
+    if args.port is not None:
+        changes["port"] = args.port
+    if args.host is not None:
+        changes["host"] = args.host
+    if args.tensor_parallel_size is not None:
+        changes["tensor_parallel_size"] = args.tensor_parallel_size
+    network = {}
+    if args.transport:
+        network["transport"] = args.transport
+    if args.socket_ifname:
+        network["socket_ifname"] = args.socket_ifname
+    if network:
+        changes["network"] = config.network.model_validate({**config.network.model_dump(), **network})
+    if not changes:
+        return config
+    return DeployConfig.model_validate({**config.model_dump(), **{k: v for k, v in changes.items() if k != "network"},
+                                        "network": changes.get("network", config.network).model_dump()})
+
+
+def _backend(args: argparse.Namespace, config: DeployConfig, notes: list[str]) -> str | None:
+    if args.all2all_backend:
+        return args.all2all_backend
+    if config.all2all_backend:
+        return config.all2all_backend
+    exported = os.environ.get("VLLM_ALL2ALL_BACKEND")
+    if exported:
+        notes.append(f"all2all backend {exported} taken from VLLM_ALL2ALL_BACKEND in the environment")
+        return exported
+    return None
+
+
+def node_rank(config: DeployConfig, given: int | None, source: str) -> int:
+    if given is not None:
+        if not 0 <= given < len(config.nodes):
+            raise UsageError(f"--node-rank: {given} is not a node of {source} (expected 0..{len(config.nodes) - 1})")
+        return given
+    mine = netif.own_rank([n.address for n in config.nodes])
+    if len(mine) == 1:
+        return mine[0]
+    if not mine:
+        raise UsageError(f"{source}: no node address belongs to this machine (pass --node-rank N)")
+    raise UsageError(f"{source}: nodes {mine} all belong to this machine (pass --node-rank N)")
+
+
+def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | None = None) -> list[NodePlan]:
+    """Parses everything the user gave into node plans (all nodes, or the one asked for)."""
+    path = _deploy_path(args)
+    guide = getattr(args, "guide", None) or []
+    if guide and path and getattr(args, "deploy", None):
+        raise UsageError(f"{role}: give either the guide's positional arguments or --deploy, not both")
+    if guide or (role and not path):
+        config, layout = config_from_guide(role, guide, args)
+        pairs = [(config, layout)]
+        source = "arguments"
+    else:
+        if not path:
+            raise UsageError("deploy file: none given (pass FILE, --deploy FILE, or set EP_DEPLOY)")
+        config = _with_overrides(load_deploy(path), args)
+        source = path
+        all_layouts = layouts(config)
+        wanted = args.node_rank
+        if role is not None:  # serving: exactly this node
+            wanted = node_rank(config, args.node_rank, path)
+            actual = all_layouts[wanted].role
+            if role in ("primary", "secondary") and actual != role:
+                raise UsageError(f"--node-rank: node {wanted} of {path} is the {actual}, not a {role} (expected {'0' if role == 'primary' else '1..'})")
+        elif wanted is not None:
+            node_rank(config, wanted, path)
+        pairs = [(config, lay) for lay in all_layouts if wanted is None or lay.node_rank == wanted]
+    target = resolve_target(args.vllm_version, config.vllm_version)
+    stack = stack_paths(DEFAULT_PROFILE)
+    notes: list[str] = []
+    backend = _backend(args, config, notes)
+    plans = []
+    for cfg, lay in pairs:
+        p = planning.build(cfg, lay, target, stack, all2all_backend=backend, passthrough=passthrough)
+        plans.append(replace(p, notes=p.notes + notes + ([f"from {source}"] if source != "arguments" else [])))
+    return plans
+
+
+# ---- actions -------------------------------------------------------------------------------------
+def resolve_on_node(plan: NodePlan) -> NodePlan:
+    """Fills in what can only be known on the node: the interface; refuses one that is not there."""
+    env = dict(plan.env)
+    for name, value in plan.env.items():
+        if isinstance(value, AutoIfname):
+            found = netif.find(value)
+            if not found:
+                raise UsageError(
+                    f"socket_ifname: auto found no {value.what()} on this machine "
+                    f"(expected this node's address on one of: {', '.join(netif.interfaces())}; set --socket-ifname)"
+                )
+            env[name] = found
+        elif name in planning.IFNAME_VARS and value not in netif.interfaces():
+            raise UsageError(
+                f"socket_ifname: interface {value!r} does not exist on this machine (expected one of: {', '.join(netif.interfaces())})"
+            )
+    return replace(plan, env=env)
+
+
+def child_environment(plan: NodePlan) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, entries in plan.path_prepend.items():
+        env[name] = joined(entries, os.environ.get(name))
+    for name, value in plan.env.items():
+        assert isinstance(value, str), "resolve_on_node first"
+        env[name] = value
+    return env
+
+
+def cmd_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
+    role = args.command
+    (plan,) = make_plans(args, passthrough, role=role)
+    plan = resolve_on_node(plan)
+    if args.log_file:
+        plan = replace(plan, log_file=args.log_file)
+    if args.dry_run:
+        sys.stdout.write(render.shell(plan))
+        return 0
+    argv = list(plan.argv)
+    env = child_environment(plan)
+    exe = args.vllm_bin or shutil.which(argv[0], path=env.get("PATH"))
+    if not exe:
+        raise UsageError("vllm: not found on PATH (install the stack with `pixi install`, or pass --vllm-bin)")
+    argv[0] = exe
+    for line in render.summary(plan):
+        print(f"[launch] {line}", file=sys.stderr)
+    from launch import supervise
+
+    return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plans = make_plans(args, [])
+    if args.format == "text":
+        sys.stdout.write("\n".join(render.shell(p) for p in plans))
+    elif args.format == "json":
+        json.dump([_plan_json(p) for p in plans], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        if not args.out:
+            raise UsageError("--out: --format shell writes one script per node (expected --out FOLDER)")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        scripts = {out / f"node-{p.layout.node_rank}.sh": render.script(p) for p in plans}
+        clashes = [str(f) for f, text in scripts.items() if f.exists() and f.read_text() != text]
+        if clashes and not args.force:
+            raise UsageError(f"--out: {clashes[0]} exists and differs (expected a new folder, or --force to overwrite)")
+        for file, text in scripts.items():
+            file.write_text(text)
+            file.chmod(0o755)
+            print(file)
+    return 0
+
+
+def _plan_json(p: NodePlan) -> dict:
+    env = {}
+    for name, value in p.env.items():
+        env[name] = value.describe() if isinstance(value, AutoIfname) else (render.MASK if render.is_secret(name) else value)
+    return {
+        "node_rank": p.layout.node_rank, "role": p.layout.role, "node_address": p.layout.node_address,
+        "data_parallel_size": p.layout.data_parallel_size, "data_parallel_size_local": p.layout.data_parallel_size_local,
+        "start_rank": p.layout.start_rank, "target_vllm": str(p.target.version), "target_source": p.target.source,
+        "path_prepend": p.path_prepend, "env": env, "argv": p.argv, "log_file": p.log_file,
+    }  # fmt: skip
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from launch import check
+
+    plans = make_plans(args, [])
+    return check.report(plans, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "check":
+            return cmd_check(args)
+        return cmd_serve(args, passthrough)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,248 @@
+"""The deploy file: one YAML document that describes the whole cluster.
+
+Every node runs the same file with its own ``--node-rank``; everything that can be derived (data
+parallel size, start ranks, local sizes, API server count) is computed from the node list, never typed.
+Loading either returns a validated :class:`DeployConfig` or raises :class:`ConfigError` whose message
+is one line: ``FILE: FIELD: what was expected``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Transport = Literal["ib", "roce", "efa", "tcp"]
+"""How the nodes reach each other: InfiniBand, RoCE, AWS EFA, or plain TCP sockets."""
+
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIAL")
+"""An environment variable whose name contains one of these is shown as ``***`` in plans and logs."""
+
+
+class ConfigError(ValueError):
+    """Bad input, with a one-line message that names the file, the field and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Node(_Strict):
+    """One machine of the cluster."""
+
+    address: str
+    """The address the other nodes reach this node at (IPv4/IPv6 or a host name)."""
+    gpus: int = Field(default=8, ge=1, le=64)
+    """GPUs this node has."""
+    data_parallel_size_local: int | None = Field(default=None, ge=1)
+    """Data parallel ranks on this node; default: gpus / tensor_parallel_size."""
+    socket_ifname: str | None = None
+    """Overrides network.socket_ifname for this node (nodes whose NIC names differ)."""
+    env: dict[str, str] = {}
+    """Extra environment for this node only (applied after the cluster-wide env)."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(c.isspace() for c in value) or "/" in value:
+            raise ValueError("expected an IP address or host name")
+        return value
+
+
+class Network(_Strict):
+    """How the nodes talk: transport and the socket interface NCCL, Gloo and NVSHMEM bootstrap use."""
+
+    transport: Transport = "ib"
+    socket_ifname: str = "auto"
+    """Interface name, or ``auto``: the interface that holds the node's address, found on the node."""
+    nccl: dict[str, str] = {}
+    """Extra NCCL_* variables, applied after the transport's defaults."""
+    nvshmem: dict[str, str] = {}
+    """Extra NVSHMEM_* variables, applied after the transport's defaults."""
+    efa: dict[str, str] = {}
+    """Extra FI_* (libfabric) variables; only for transport efa."""
+
+    @field_validator("nccl", "nvshmem", "efa")
+    @classmethod
+    def _prefixed(cls, value: dict[str, str], info: pydantic.ValidationInfo) -> dict[str, str]:
+        prefix = {"nccl": "NCCL_", "nvshmem": "NVSHMEM_", "efa": "FI_"}[info.field_name]
+        for key in value:
+            if not key.startswith(prefix):
+                raise ValueError(f"expected variable names starting with {prefix}, got {key!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _efa_only_on_efa(self) -> Network:
+        if self.efa and self.transport != "efa":
+            raise ValueError(f"efa settings given but transport is {self.transport!r} (expected transport: efa)")
+        return self
+
+
+class DeployConfig(_Strict):
+    """The whole cluster: model, nodes and how vLLM runs on them."""
+
+    model: str = Field(min_length=1)
+    """Hugging Face model id or local path, as `vllm serve` takes it."""
+    nodes: list[Node] = Field(min_length=1)
+    """The nodes; the first is the primary (API servers, data parallel coordinator)."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int | None = Field(default=None, ge=1)
+    """Optional cross-check: must equal the sum of the nodes' local data parallel sizes."""
+    api_server_count: int | None = Field(default=None, ge=1)
+    """API server processes on the primary; default: the primary's local data parallel size."""
+    rpc_port: int = Field(default=13345, ge=1, le=65535)
+    """The primary's data parallel coordination port (--data-parallel-rpc-port)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """The primary's OpenAI-compatible API port."""
+    host: str | None = None
+    """Address the API binds to (--host); default: vLLM's own."""
+    all2all_backend: str | None = None
+    """vLLM's all2all backend (deepep_low_latency, deepep_high_throughput, ...); default: vLLM's."""
+    enable_expert_parallel: bool = True
+    trust_remote_code: bool = False
+    """Pass --trust-remote-code (the guide's scripts always did)."""
+    vllm_version: str | None = None
+    """The vLLM version the plan targets when vLLM is not installed where the plan is made."""
+    network: Network = Network()
+    vllm_args: list[str] = []
+    """Extra arguments appended to `vllm serve`."""
+    env: dict[str, str] = {}
+    """Extra environment for every node (secrets are shown as ***)."""
+    log_dir: str | None = None
+    """Where serve writes each node's log (node-RANK.log); default: the terminal only."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> DeployConfig:
+        seen: dict[str, int] = {}
+        for rank, node in enumerate(self.nodes):
+            if node.address in seen:
+                raise _FieldError(f"nodes[{rank}].address", f"{node.address!r} is already nodes[{seen[node.address]}]'s address (expected one entry per node)")
+            seen[node.address] = rank
+            if node.gpus % self.tensor_parallel_size:
+                raise _FieldError(f"nodes[{rank}].gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {self.tensor_parallel_size}")
+            most = node.gpus // self.tensor_parallel_size
+            if node.data_parallel_size_local is not None and node.data_parallel_size_local > most:
+                raise _FieldError(
+                    f"nodes[{rank}].data_parallel_size_local",
+                    f"{node.data_parallel_size_local} ranks x tensor_parallel_size {self.tensor_parallel_size} "
+                    f"need more than the {node.gpus} GPUs listed (expected at most {most})",
+                )
+        total = sum(self.local_dp(rank) for rank in range(len(self.nodes)))
+        if self.data_parallel_size is not None and self.data_parallel_size != total:
+            raise _FieldError("data_parallel_size", f"{self.data_parallel_size} but the nodes add up to {total} ranks (expected {total}, or leave it out)")
+        if self.port == self.rpc_port:
+            raise _FieldError("port", f"{self.port} is also rpc_port (expected two different ports)")
+        for key in [*self.env, *(k for n in self.nodes for k in n.env)]:
+            if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
+                raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        return self
+
+    def local_dp(self, rank: int) -> int:
+        node = self.nodes[rank]
+        return node.data_parallel_size_local or node.gpus // self.tensor_parallel_size
+
+    def ifname(self, rank: int) -> str:
+        return self.nodes[rank].socket_ifname or self.network.socket_ifname
+
+
+class _FieldError(ValueError):
+    """A cross-field error that names its own field (pydantic would name the whole model)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    """Turns one pydantic error into (field path, what was expected)."""
+    loc = list(error["loc"])
+    # pydantic puts the literal/union branch into loc; drop those (they are not fields).
+    loc = [p for p in loc if not (isinstance(p, str) and (p.startswith("function-") or p in ("int", "str", "none")))]
+    field = ""
+    for part in loc:
+        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    kind, msg = error["type"], error["msg"]
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        return field, "unknown key"
+    if kind == "missing":
+        return field, "missing (required)"
+    if kind == "value_error":
+        return field, msg.removeprefix("Value error, ")
+    if kind.startswith("assertion"):
+        return field, msg
+    return field, f"{msg[0].lower()}{msg[1:]}, got {given!r}"
+
+
+def _known_keys(config_error_field: str) -> str:
+    """Lists the keys allowed where an unknown key was found, for the error message."""
+    model: type[BaseModel] = DeployConfig
+    for part in config_error_field.split("."):
+        part = part.split("[")[0]
+        info = model.model_fields.get(part)
+        if info is None:
+            break
+        inner = info.annotation
+        args = getattr(inner, "__args__", ())
+        nested = [a for a in (inner, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return ", ".join(model.model_fields)
+
+
+def parse_deploy(data: Any, source: str) -> DeployConfig:
+    """Validates an already-parsed YAML document; ``source`` names it in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top (model:, nodes:, ...), got {type(data).__name__}")
+    try:
+        return DeployConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        ctx_error = (first.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):
+            raise ConfigError(f"{source}: {ctx_error.field}: {ctx_error.message}") from None
+        field, expected = _describe(first)
+        if expected == "unknown key":
+            parent = field.rsplit(".", 1)[0] if "." in field else ""
+            allowed = _known_keys(parent) if parent else ", ".join(DeployConfig.model_fields)
+            expected = f"unknown key (expected one of: {allowed})"
+        raise ConfigError(f"{source}: {field or '(top)'}: {expected}") from None
+
+
+def load_deploy(path: str | Path) -> DeployConfig:
+    """Reads and validates a deploy file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the deploy file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: expected UTF-8 text (is this a YAML file?)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from None
+    return parse_deploy(data, str(path))
+
+
+def is_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True

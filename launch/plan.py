@@ -1,0 +1,135 @@
+"""The per-node plan: the exact environment and `vllm serve` argv one node runs. Pure: no I/O.
+
+deploy file / guide arguments -> DeployConfig + NodeLayout -> NodePlan -> printed | checked | run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from env.paths import StackPaths
+from launch.config import DeployConfig
+from launch.layout import NodeLayout
+from launch.netif import AutoIfname
+from launch.vllm_versions import Target
+
+EnvValue = str | AutoIfname
+
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+"""One interface for all three bootstraps: a mismatch is the classic multi-node hang."""
+
+# Per transport, what NCCL / NVSHMEM / libfabric need beyond their defaults. Deploy-file values
+# (network.nccl / nvshmem / efa) are applied after these and win.
+_TRANSPORT_ENV: dict[str, dict[str, str]] = {
+    "ib": {},
+    # RoCE v2 needs the GID index of the RoCE v2 address (3 on most Mellanox/NVIDIA NICs).
+    "roce": {"NCCL_IB_GID_INDEX": "3", "NVSHMEM_IB_GID_INDEX": "3"},
+    # EFA: NCCL through the aws-ofi-nccl plugin, NVSHMEM through libfabric; no IBGDA on EFA.
+    "efa": {
+        "FI_PROVIDER": "efa",
+        "FI_EFA_USE_DEVICE_RDMA": "1",
+        "FI_EFA_FORK_SAFE": "1",
+        "NVSHMEM_REMOTE_TRANSPORT": "libfabric",
+        "NVSHMEM_LIBFABRIC_PROVIDER": "efa",
+    },
+    # Plain sockets: keep NCCL from probing for InfiniBand it would not find.
+    "tcp": {"NCCL_IB_DISABLE": "1"},
+}
+# DeepEP's internode kernels drive the NIC from the GPU (IBGDA) on InfiniBand and RoCE. DeepEP's
+# Buffer sets these too; set here as well so that preflight checks what will be used.
+_IBGDA_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "1", "NVSHMEM_IBGDA_NIC_HANDLER": "gpu"}
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    layout: NodeLayout
+    target: Target
+    argv: list[str]
+    env: dict[str, EnvValue]
+    path_prepend: dict[str, list[str]] = field(default_factory=dict)
+    """PYTHONPATH / LD_LIBRARY_PATH entries put before whatever the node already has."""
+    notes: list[str] = field(default_factory=list)
+    log_file: str | None = None
+
+    @property
+    def title(self) -> str:
+        lay = self.layout
+        ranks = f"{lay.start_rank}..{lay.start_rank + lay.data_parallel_size_local - 1}"
+        where = f" {lay.node_address}" if lay.node_address else ""
+        return f"node {lay.node_rank} ({lay.role}{where}): DP ranks {ranks} of {lay.data_parallel_size}"
+
+
+def build(
+    config: DeployConfig,
+    layout: NodeLayout,
+    target: Target,
+    stack: StackPaths,
+    *,
+    all2all_backend: str | None = None,
+    ifname: str | None = None,
+    passthrough: list[str] | None = None,
+) -> NodePlan:
+    """The plan for one node. ``all2all_backend`` and ``ifname`` override the deploy file's."""
+    notes: list[str] = [f"target {target.describe()}"]
+    backend = all2all_backend or config.all2all_backend
+    if backend:
+        target.check_backend(backend)
+
+    env: dict[str, EnvValue] = {}
+    env.update(stack.env)
+    chosen = ifname or (config.ifname(layout.node_rank) if layout.node_rank < len(config.nodes) else config.network.socket_ifname)
+    iface: EnvValue
+    if chosen == "auto":
+        iface = AutoIfname(layout.node_address, towards=False) if layout.node_address else AutoIfname(layout.primary_address, towards=True)
+    else:
+        iface = chosen
+    for var in IFNAME_VARS:
+        env[var] = iface
+
+    transport = config.network.transport
+    env.update(_TRANSPORT_ENV[transport])
+    if transport in ("ib", "roce") and backend and backend.startswith("deepep"):
+        env.update(_IBGDA_ENV)
+    env.update(config.network.nccl)
+    env.update(config.network.nvshmem)
+    env.update(config.network.efa)
+    if backend and not target.all2all_as_flag:
+        env["VLLM_ALL2ALL_BACKEND"] = backend
+    env.update(config.env)
+    if layout.node_rank < len(config.nodes):
+        env.update(config.nodes[layout.node_rank].env)
+
+    argv = ["vllm", "serve", config.model, *_parallel_args(config, layout)]
+    if backend and target.all2all_as_flag:
+        argv += ["--all2all-backend", backend]
+    if layout.role == "primary":
+        if config.host:
+            argv += ["--host", config.host]
+        if config.port != 8000:
+            argv += ["--port", str(config.port)]
+    if config.trust_remote_code:
+        argv.append("--trust-remote-code")
+    argv += list(config.vllm_args) + list(passthrough or [])
+
+    log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
+    return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file)
+
+
+def _parallel_args(config: DeployConfig, layout: NodeLayout) -> list[str]:
+    # Same order as the guide's scripts, so plans diff cleanly against them.
+    args = ["--tensor-parallel-size", str(config.tensor_parallel_size)]
+    if config.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    args += ["--data-parallel-size", str(layout.data_parallel_size),
+             "--data-parallel-size-local", str(layout.data_parallel_size_local)]
+    if layout.role == "secondary":
+        # Only headless secondaries get a start rank: on a node with API servers it would switch on
+        # vLLM's hybrid load balancing instead.
+        args += ["--data-parallel-start-rank", str(layout.start_rank)]
+    args += ["--data-parallel-address", layout.primary_address,
+             "--data-parallel-rpc-port", str(layout.rpc_port)]
+    if layout.role == "primary":
+        args += ["--api-server-count", str(layout.api_server_count)]
+    else:
+        args.append("--headless")
+    return args

@@ -1,0 +1,85 @@
+"""Plans as text: shell (`export` lines + the command) and runnable per-node scripts. Pure functions."""
+
+from __future__ import annotations
+
+import shlex
+
+from launch.config import is_secret
+from launch.netif import AutoIfname
+from launch.plan import NodePlan
+
+MASK = "***"
+
+
+def _value(name: str, value: str | AutoIfname, *, script: bool) -> str:
+    if isinstance(value, AutoIfname):
+        return '"$socket_ifname"'
+    if is_secret(name):
+        # A script takes the secret from the environment it runs in; a printed plan never shows it.
+        return f'"${{{name}:?set {name} in the environment}}"' if script else MASK
+    return shlex.quote(value)
+
+
+def env_lines(plan: NodePlan, *, script: bool = False) -> list[str]:
+    lines = []
+    auto = next((v for v in plan.env.values() if isinstance(v, AutoIfname)), None)
+    if auto is not None:
+        # Found on the node when the script runs; stop there if nothing matches.
+        lines.append(f"socket_ifname={auto.shell()}")
+        lines.append(f': "${{socket_ifname:?no {auto.what()} on this node}}"')
+    for name, entries in plan.path_prepend.items():
+        joined = shlex.quote(":".join(entries))
+        lines.append(f"export {name}={joined}${{{name}:+:${name}}}")
+    for name, value in plan.env.items():
+        lines.append(f"export {name}={_value(name, value, script=script)}")
+    return lines
+
+
+def command_line(plan: NodePlan) -> str:
+    return shlex.join(plan.argv)
+
+
+def shell(plan: NodePlan) -> str:
+    """What `plan` prints for one node: a comment header, the exports, then the command."""
+    lines = [f"# {plan.title}"]
+    lines += [f"# {note}" for note in plan.notes]
+    lines += env_lines(plan)
+    cmd = command_line(plan)
+    if plan.log_file:
+        cmd += f" 2>&1 | tee -a {shlex.quote(plan.log_file)}"
+    lines.append(cmd)
+    return "\n".join(lines) + "\n"
+
+
+def script(plan: NodePlan) -> str:
+    """A runnable script for one node (`plan --format shell --out DIR`)."""
+    lines = ["#!/usr/bin/env bash", f"# {plan.title}"]
+    lines += [f"# {note}" for note in plan.notes]
+    lines += ["set -euo pipefail"]
+    lines += env_lines(plan, script=True)
+    if plan.log_file:
+        lines.append(f"mkdir -p {shlex.quote(plan.log_file.rsplit('/', 1)[0])}")
+        lines.append(f"exec {command_line(plan)} > >(tee -a {shlex.quote(plan.log_file)}) 2>&1")
+    else:
+        lines.append(f"exec {command_line(plan)}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(plan: NodePlan) -> list[str]:
+    """Aligned `key : value` lines, logged before a node starts (secrets masked)."""
+    lay = plan.layout
+    rows = [
+        ("role", lay.role),
+        ("node rank", str(lay.node_rank)),
+        ("target", plan.target.describe()),
+        ("data parallel", f"size {lay.data_parallel_size}, local {lay.data_parallel_size_local}, start rank {lay.start_rank}"),
+        ("coordinator", f"{lay.primary_address}:{lay.rpc_port}"),
+    ]
+    if lay.api_server_count is not None:
+        rows.append(("api servers", str(lay.api_server_count)))
+    for name, value in plan.env.items():
+        shown = value.describe() if isinstance(value, AutoIfname) else (MASK if is_secret(name) else value)
+        rows.append((name, shown))
+    rows.append(("command", command_line(plan)))
+    width = max(len(k) for k, _ in rows)
+    return [f"{k:<{width}} : {v}" for k, v in rows]
