@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -197,6 +198,17 @@ def _backend(args: argparse.Namespace, config: DeployConfig, notes: list[str]) -
     return None
 
 
+@contextmanager
+def _naming(source: str | None):
+    """Prefixes a ConfigError with the file the offending value came from."""
+    try:
+        yield
+    except ConfigError as exc:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
+
+
 def node_rank(config: DeployConfig, given: int | None, source: str) -> int:
     if given is not None:
         if not 0 <= given < len(config.nodes):
@@ -235,10 +247,16 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
         elif wanted is not None:
             node_rank(config, wanted, path)
         pairs = [(config, lay) for lay in all_layouts if wanted is None or lay.node_rank == wanted]
-    target = resolve_target(args.vllm_version, config.vllm_version)
-    stack = stack_paths(DEFAULT_PROFILE)
+    # Errors about values that came from the deploy file name the file.
+    in_file = source if source != "arguments" else None
+    with _naming(in_file if not args.vllm_version else None):
+        target = resolve_target(args.vllm_version, config.vllm_version)
     notes: list[str] = []
     backend = _backend(args, config, notes)
+    if backend:
+        with _naming(in_file if backend == config.all2all_backend and not args.all2all_backend else None):
+            target.check_backend(backend)
+    stack = stack_paths(DEFAULT_PROFILE)
     plans = []
     for cfg, lay in pairs:
         p = planning.build(cfg, lay, target, stack, all2all_backend=backend, passthrough=passthrough)

@@ -1,0 +1,95 @@
+"""The launcher stops everything it started: SIGTERM / SIGINT reach vLLM's whole process tree, nothing
+outlives the launcher, and the exit code is vLLM's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+FAKE = ROOT / "tests" / "fixtures" / "fake_vllm_tree.py"
+GUIDE_ARGS = ["primary", "127.0.0.1", "13345", "tiny-moe", "1", "1", "1", "--socket-ifname", "lo"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose: it holds no memory
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def start(tmp_path, on_term="default", extra=()):
+    pidfile = tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDFILE": str(pidfile), "FAKE_VLLM_ON_TERM": on_term}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch", *GUIDE_ARGS, "--vllm-bin", str(FAKE), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lines = pidfile.read_text().splitlines() if pidfile.exists() else []
+        if len(lines) == 5:
+            # the parent first, then its workers
+            return proc, [int(line.split()[1]) for line in sorted(lines, key=lambda line: not line.startswith("parent"))]
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the fake vLLM tree did not start within 20 s: {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_whole_tree_and_passes_the_exit_code_on(sig, tmp_path):
+    proc, pids = start(tmp_path, on_term="exit:7")
+    proc.send_signal(sig)
+    code = proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert code == 7, err  # vLLM's own exit code
+    assert not [p for p in pids if alive(p)]
+    assert f"{signal.Signals(sig).name}: stopping vLLM" in err
+
+
+def test_child_killed_by_the_signal_gives_128_plus_signal(tmp_path):
+    proc, pids = start(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert not [p for p in pids if alive(p)]
+
+
+def test_a_tree_that_ignores_sigterm_is_killed_at_the_deadline(tmp_path):
+    proc, pids = start(tmp_path, on_term="ignore", extra=["--stop-timeout", "1"])
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    took = time.monotonic() - t0
+    assert code == 128 + signal.SIGKILL
+    assert not [p for p in pids if alive(p)]
+    assert took < 10
+    assert "did not stop within 1 s: sending SIGKILL" in proc.stderr.read()
+
+
+def test_workers_left_behind_by_a_crashed_parent_are_stopped(tmp_path):
+    proc, pids = start(tmp_path)
+    os.kill(pids[0], signal.SIGKILL)  # the parent dies; its workers would be orphans
+    code = proc.wait(timeout=30)
+    assert code == 128 + signal.SIGKILL
+    assert not [p for p in pids if alive(p)]
+
+
+def test_log_file_gets_vllms_output(tmp_path):
+    log = tmp_path / "logs" / "primary.log"
+    proc, _ = start(tmp_path, extra=["--log-file", str(log)])
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert "fake vllm ready serve tiny-moe" in log.read_text()
+    assert "fake vllm ready" in proc.stdout.read()
