@@ -113,6 +113,8 @@ class DeployConfig(_Strict):
     """Extra arguments appended to `vllm serve`."""
     env: dict[str, str] = {}
     """Extra environment for every node (secrets are shown as ***)."""
+    preflight: dict[str, float] = {}
+    """Preflight threshold overrides by name (see preflight/thresholds.py)."""
     log_dir: str | None = None
     """Where serve writes each node's log (node-RANK.log); default: the terminal only."""
 

@@ -1,0 +1,28 @@
+"""`python -m preflight [pytest options]` runs the node checks; `python -m preflight bench` the
+collective benchmark. Everything pytest accepts works: -k, -m "not collective", -n 4, --junitxml."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECKS = Path(__file__).resolve().parent / "checks"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from preflight.bench import main as bench
+
+        return bench(argv[1:])
+    # Our own plugin, our checks folder, none of the project's test configuration.
+    args = ["-p", "preflight.plugin", "-p", "no:cacheprovider", "--rootdir", str(CHECKS), "-c", str(CHECKS / "pytest.ini"), *argv]
+    if not any(a for a in argv if not a.startswith("-") and Path(a.split("::")[0]).exists()):
+        args.append(str(CHECKS))
+    return int(pytest.main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

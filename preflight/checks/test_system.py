@@ -1,0 +1,79 @@
+"""Operating system: shared memory, locked memory, the socket interface, and the ports vLLM will bind."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+from launch import netif
+from preflight import system
+
+GiB = 1024**3
+
+
+def test_dev_shm_is_large_enough(node, check):
+    """/dev/shm size"""
+    need = node.thresholds.get("shm_min_gib")
+    size = system.shm_bytes()
+    check.require(
+        size is not None and size >= need * GiB,
+        "missing" if size is None else system.human_bytes(size),
+        f">= {need:g} GiB",
+        fix="mount -o remount,size=64G /dev/shm (containers: --shm-size=64g, or a memory-backed emptyDir on Kubernetes)",
+    )
+
+
+def test_locked_memory_is_unlimited(check):
+    """ulimit -l (locked memory)"""
+    limit = system.memlock_limit()
+    shown = "unlimited" if limit == resource.RLIM_INFINITY else system.human_bytes(limit)
+    check.require(
+        limit == resource.RLIM_INFINITY,
+        shown,
+        "unlimited",
+        fix="set `* - memlock unlimited` in /etc/security/limits.conf (containers: --ulimit memlock=-1); RDMA registration needs it",
+    )
+
+
+def test_socket_interface_exists_and_is_up(node, check):
+    """socket interface for NCCL / Gloo / NVSHMEM"""
+    if node.plan is None and not node.ifname:
+        check.skip("no deploy file and no --socket-ifname: nothing to check")
+    name = node.ifname
+    known = ", ".join(netif.interfaces())
+    check.require(name is not None, name or node.ifname_problem, "an interface of this node",
+                  fix=f"set network.socket_ifname in the deploy file to one of: {known}", why=node.ifname_problem)
+    up = netif.interface_up(name)
+    check.require(up is not None, name, f"one of: {known}", fix="set network.socket_ifname to an interface that exists here",
+                  why=f"interface {name!r} does not exist")
+    check.require(bool(up), f"{name} is down", "up", fix=f"ip link set {name} up (or pick another interface)")
+    addrs = netif.interfaces().get(name, [])
+    check.require(bool(addrs), f"{name} has no IP address", "an address", fix=f"configure an address on {name}")
+
+
+def test_socket_interface_reaches_the_primary(node, check):
+    """route to the primary via the socket interface"""
+    if node.plan is None or node.primary_address is None:
+        check.skip("no deploy file: single node")
+    if not node.ifname:
+        check.skip(f"no socket interface ({node.ifname_problem})")
+    if node.plan.layout.role == "primary":
+        holder = netif.holding(node.primary_address)
+        check.require(holder == node.ifname, f"{node.primary_address} is on {holder or 'no interface'}",
+                      f"on {node.ifname}", fix="the primary's address in the deploy file must be on its socket interface")
+        return
+    via = netif.towards(node.primary_address)
+    check.require(via == node.ifname, f"route to {node.primary_address} leaves through {via or 'nothing'}", f"through {node.ifname}",
+                  fix=f"set network.socket_ifname to {via}, or fix the routes so {node.ifname} reaches the primary")
+
+
+@pytest.mark.parametrize("which", ["rpc_port", "port"])
+def test_primary_ports_are_free(node, check, which):
+    """primary port free"""
+    if node.plan is None or node.plan.layout.role != "primary":
+        check.skip("only the primary binds the API and coordination ports")
+    port = getattr(node.config, which)
+    problem = system.port_in_use(port)
+    check.require(problem is None, f"{which} {port} {problem or 'free'}", "free",
+                  fix=f"stop what listens on {port} (ss -ltnp 'sport = :{port}'), or choose another {which} in the deploy file")

@@ -1,0 +1,146 @@
+"""The pytest plugin behind `python -m preflight` (pixi: `pixi run preflight`).
+
+Options (one group, each with an ini twin): --deploy FILE, --node-rank N, --socket-ifname, --transport,
+--preflight-json FILE. Fixtures for checks: ``node`` (a :class:`NodeContext`: the deploy file, this node's
+plan, thresholds) and ``check`` (records the measured value, threshold and fix, and fails or skips the
+test with them). At the end, one line per check and a verdict; the same as JSON for machines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError
+from preflight import context, report
+from preflight.report import Record
+
+RECORD_KEY = pytest.StashKey[Record]()
+CONTEXT_KEY = pytest.StashKey[context.NodeContext]()
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+class Check:
+    """What a check hands to the report: ``require`` (fail with value / threshold / fix) and ``skip``."""
+
+    def __init__(self, record: Record):
+        self.record = record
+
+    def measured(self, value, threshold: str = "", fix: str = "") -> None:
+        self.record.value = str(value)
+        self.record.threshold = threshold or self.record.threshold
+        self.record.fix = fix or self.record.fix
+
+    def require(self, ok: bool, value, threshold: str = "", fix: str = "", why: str = "") -> None:
+        self.measured(value, threshold, fix)
+        if not ok:
+            self.record.detail = why
+            expected = f" (expected {threshold})" if threshold else ""
+            because = f": {why}" if why else ""
+            hint = f"; fix: {fix}" if fix else ""
+            pytest.fail(f"{self.record.name}: {value}{expected}{because}{hint}", pytrace=False)
+
+    def skip(self, reason: str) -> None:
+        self.record.detail = reason
+        pytest.skip(reason)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("preflight", "node preflight (vllm-ep-deploy)")
+    group.addoption("--deploy", default=None, help="deploy file (YAML); default: $EP_DEPLOY; without: check this node alone")
+    group.addoption("--node-rank", type=int, default=None, help="this node's index in the deploy file (default: from its addresses)")
+    group.addoption("--socket-ifname", default=None, help="override the deploy file's socket interface")
+    group.addoption("--transport", default=None, choices=("ib", "roce", "efa", "tcp"), help="override the deploy file's transport")
+    group.addoption("--preflight-json", default=None, help="write the JSON report here (default: preflight-report.json in the log dir, or none)")
+    parser.addini("preflight_deploy", "deploy file, as --deploy", default=None)
+    parser.addini("preflight_json", "JSON report path, as --preflight-json", default=None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "collective: runs collectives across GPUs or nodes (slower)")
+    config.addinivalue_line("markers", "multinode: needs every node of the deploy file to run preflight at the same time")
+    if config.option.collectonly or getattr(config.option, "help", False):
+        return
+    deploy = config.option.deploy or config.getini("preflight_deploy") or os.environ.get("EP_DEPLOY")
+    try:
+        ctx = context.build(deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[CONTEXT_KEY] = ctx
+    config._preflight_records = []  # type: ignore[attr-defined]
+    config._preflight_start = time.monotonic()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def node(pytestconfig: pytest.Config) -> context.NodeContext:
+    return pytestconfig.stash[CONTEXT_KEY]
+
+
+def _check_name(item: pytest.Item) -> tuple[str, str]:
+    group = item.module.__name__.rsplit(".", 1)[-1].removeprefix("test_") if hasattr(item, "module") else "preflight"
+    doc = (getattr(item, "obj", None).__doc__ or "").strip().splitlines() if getattr(item, "obj", None) else []
+    name = doc[0].rstrip(".") if doc else item.name.removeprefix("test_").replace("_", " ")
+    if hasattr(item, "callspec"):
+        name += f" [{item.callspec.id}]"
+    return group, name
+
+
+@pytest.fixture
+def check(request: pytest.FixtureRequest) -> Check:
+    return Check(request.node.stash[RECORD_KEY])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    group, name = _check_name(item)
+    item.stash[RECORD_KEY] = Record(group=group, name=name, outcome="PASS", nodeid=item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    rep = yield
+    record = item.stash.get(RECORD_KEY, None)
+    if record is None:
+        return rep
+    if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+        record.seconds = round(rep.duration, 3)
+        if rep.skipped:
+            record.outcome = "SKIP"
+            if not record.detail and isinstance(rep.longrepr, tuple):
+                record.detail = str(rep.longrepr[2]).removeprefix("Skipped: ")
+        elif rep.failed:
+            record.outcome = "FAIL" if rep.when == "call" else "ERROR"
+            if not record.detail and not record.value:
+                record.detail = _short(rep.longreprtext)
+        item.config._preflight_records.append(record)  # type: ignore[attr-defined]
+    return rep
+
+
+def _short(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("E ")]
+    return (errors[-1][2:].strip() if errors else lines[-1] if lines else "")[:300]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    records: list[Record] | None = getattr(config, "_preflight_records", None)
+    if records is None:
+        return
+    ctx = config.stash[CONTEXT_KEY]
+    seconds = time.monotonic() - config._preflight_start  # type: ignore[attr-defined]
+    title = f"{socket.gethostname()}, {ctx.describe()}"
+    terminalreporter.write_line("")
+    for text in report.summary(records, seconds, title):
+        terminalreporter.write_line(text, red=text.startswith(("FAIL", "ERROR")), green=text.startswith("PASS"), bold=text.startswith("# verdict"))
+    path = config.option.preflight_json or config.getini("preflight_json")
+    if path:
+        node = {"host": socket.gethostname(), "rank": ctx.rank, "nodes": ctx.nodes, "describe": ctx.describe()}
+        Path(path).write_text(report.to_json(records, seconds, node) + "\n")
+        terminalreporter.write_line(f"# JSON report: {path}")

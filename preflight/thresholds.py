@@ -1,0 +1,50 @@
+"""Pass/fail limits of the checks. Each has a default (or is derived from the GPU model / transport by
+its check when the default is None) and can be overridden in the deploy file::
+
+    preflight:
+      shm_min_gib: 16
+      intra_allreduce_busbw_min_gbps: 250
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launch.config import ConfigError
+
+KNOWN: dict[str, tuple[float | None, str]] = {
+    "shm_min_gib": (1.0, "/dev/shm size (vLLM's API servers and NCCL's shared memory transport use it)"),
+    "gpu_memory_used_max_mib": (2048.0, "memory in use on a GPU before vLLM starts (another process holds it otherwise)"),
+    "ib_rate_min_gbps": (100.0, "rate of every active InfiniBand / RoCE port"),
+    "intra_allreduce_busbw_min_gbps": (None, "all-reduce bus bandwidth between this node's GPUs at the largest size"),
+    "intra_alltoall_busbw_min_gbps": (None, "all-to-all bus bandwidth between this node's GPUs at the largest size"),
+    "inter_allreduce_busbw_min_gbps": (None, "all-reduce bus bandwidth across nodes at the largest size"),
+    "inter_alltoall_busbw_min_gbps": (None, "all-to-all bus bandwidth across nodes at the largest size"),
+    "collective_timeout_s": (60.0, "longest a collective check may take before it counts as hung"),
+    "rendezvous_timeout_s": (120.0, "longest the primary waits for every node to join"),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    values: dict[str, float | None] = field(default_factory=dict)
+    overridden: frozenset[str] = frozenset()
+
+    @classmethod
+    def defaults(cls) -> Thresholds:
+        return cls({name: default for name, (default, _) in KNOWN.items()})
+
+    def override(self, given: dict[str, float], source: str) -> Thresholds:
+        for name, value in given.items():
+            if name not in KNOWN:
+                raise ConfigError(f"{source}: preflight.{name}: unknown threshold (expected one of: {', '.join(KNOWN)})")
+            if value < 0:
+                raise ConfigError(f"{source}: preflight.{name}: {value} is negative (expected a number >= 0)")
+        return Thresholds({**self.values, **given}, frozenset(given))
+
+    def get(self, name: str, derived: float | None = None) -> float | None:
+        """The deploy file's value if given, else the default, else ``derived`` (GPU / transport based)."""
+        if name in self.overridden:
+            return self.values[name]
+        value = self.values.get(name)
+        return derived if value is None else value
