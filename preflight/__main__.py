@@ -11,6 +11,13 @@ import pytest
 CHECKS = Path(__file__).resolve().parent / "checks"
 
 
+def _inside(path: str, folder: Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(folder) and Path(path).exists()
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -19,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench(argv[1:])
     # Our own plugin, our checks folder, none of the project's test configuration.
     args = ["-p", "preflight.plugin", "-p", "no:cacheprovider", "--rootdir", str(CHECKS), "-c", str(CHECKS / "pytest.ini"), *argv]
-    if not any(a for a in argv if not a.startswith("-") and Path(a.split("::")[0]).exists()):
+    # Run the whole checks folder unless the user named checks in it (a deploy file is no check).
+    named = [a for a in argv if not a.startswith("-") and _inside(a.split("::")[0], CHECKS)]
+    if not named:
         args.append(str(CHECKS))
     return int(pytest.main(args))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[CONTEXT_KEY] = ctx
-    config._preflight_records = []  # type: ignore[attr-defined]
-    config._preflight_start = time.monotonic()  # type: ignore[attr-defined]
+    config.pluginmanager.register(Reporter(config, ctx), "preflight-reporter")
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +100,7 @@ def check(request: pytest.FixtureRequest) -> Check:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     group, name = _check_name(item)
-    item.stash[RECORD_KEY] = Record(group=group, name=name, outcome="PASS", nodeid=item.nodeid)
+    item.stash[RECORD_KEY] = Record(group=group, name=name, outcome="PASS", nodeid=item.nodeid, extra={"line": item.location[1] or 0})
 
 
 @pytest.hookimpl(wrapper=True)
@@ -119,7 +119,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             record.outcome = "FAIL" if rep.when == "call" else "ERROR"
             if not record.detail and not record.value:
                 record.detail = _short(rep.longreprtext)
-        item.config._preflight_records.append(record)  # type: ignore[attr-defined]
+        # Travels with the report, so pytest-xdist workers' results reach the controller's summary.
+        rep.user_properties.append(("preflight", asdict(record)))
     return rep
 
 
@@ -129,18 +130,31 @@ def _short(text: str) -> str:
     return (errors[-1][2:].strip() if errors else lines[-1] if lines else "")[:300]
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    records: list[Record] | None = getattr(config, "_preflight_records", None)
-    if records is None:
-        return
-    ctx = config.stash[CONTEXT_KEY]
-    seconds = time.monotonic() - config._preflight_start  # type: ignore[attr-defined]
-    title = f"{socket.gethostname()}, {ctx.describe()}"
-    terminalreporter.write_line("")
-    for text in report.summary(records, seconds, title):
-        terminalreporter.write_line(text, red=text.startswith(("FAIL", "ERROR")), green=text.startswith("PASS"), bold=text.startswith("# verdict"))
-    path = config.option.preflight_json or config.getini("preflight_json")
-    if path:
-        node = {"host": socket.gethostname(), "rank": ctx.rank, "nodes": ctx.nodes, "describe": ctx.describe()}
-        Path(path).write_text(report.to_json(records, seconds, node) + "\n")
-        terminalreporter.write_line(f"# JSON report: {path}")
+class Reporter:
+    """Collects every check's record (also from pytest-xdist workers) and prints the verdict."""
+
+    def __init__(self, config: pytest.Config, ctx: context.NodeContext):
+        self.config = config
+        self.ctx = ctx
+        self.records: list[Record] = []
+        self.start = time.monotonic()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for key, value in report.user_properties:
+            if key == "preflight":
+                self.records.append(Record(**value))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        seconds = time.monotonic() - self.start
+        title = f"{socket.gethostname()}, {self.ctx.describe()}"
+        terminalreporter.write_line("")
+        # Source order (file, line), whatever order pytest-xdist workers finished in.
+        self.records.sort(key=lambda r: (r.nodeid.split("::")[0], r.extra.get("line", 0), r.nodeid))
+        for text in report.summary(self.records, seconds, title):
+            terminalreporter.write_line(text, red=text.startswith(("FAIL", "ERROR")), green=text.startswith("PASS"),
+                                        bold=text.startswith("# verdict"))
+        path = self.config.option.preflight_json or self.config.getini("preflight_json")
+        if path:
+            node = {"host": socket.gethostname(), "rank": self.ctx.rank, "nodes": self.ctx.nodes, "describe": self.ctx.describe()}
+            Path(path).write_text(report.to_json(self.records, seconds, node) + "\n")
+            terminalreporter.write_line(f"# JSON report: {path}")

@@ -1,0 +1,190 @@
+"""Interconnect: the InfiniBand / RoCE ports NCCL will use, and the kernel modules and NVIDIA driver
+settings that GPUDirect RDMA, GDRCopy and DeepEP's IBGDA need."""
+
+from __future__ import annotations
+
+from preflight import rdma
+
+LINK_LAYER = {"ib": "InfiniBand", "roce": "Ethernet"}
+IBGDA_FIX = (
+    "run vLLM's tools/ep_kernels/configure_system_drivers.sh as root (it appends `options nvidia "
+    "NVreg_EnableStreamMemOPs=1 NVreg_RegistryDwords=\"PeerMappingOverride=1;\"` to /etc/modprobe.d/nvidia.conf "
+    "and runs update-initramfs -u), then reboot"
+)
+
+
+def _transport(node) -> str:
+    # Without a deploy file, --transport is only kept in node.extra (NodeContext.transport says tcp then).
+    return node.transport if node.config else node.extra.get("transport", "tcp")
+
+
+def _names(items: list[str]) -> str:
+    return ", ".join(items) if len(items) <= 4 else f"{items[0]} .. {items[-1]}"
+
+
+def _rdma_ports(node, check) -> tuple[list[rdma.Port], str | None]:
+    """The InfiniBand / RoCE ports NCCL will use (NCCL_IB_HCA applied); skips where none are needed."""
+    transport = _transport(node)
+    if transport == "tcp":
+        check.skip("transport is tcp: no RDMA devices needed")
+    if transport == "efa":
+        check.skip("transport is efa: EFA devices are checked by the efa checks")
+    hca = node.env().get("NCCL_IB_HCA")
+    devices = [d for d in rdma.read_devices(rdma.ib_class_dir()) if not d.is_efa]
+    return [p for d in devices for p in d.ports if rdma.nccl_uses(hca, p.device, p.number)], hca
+
+
+def _ports_or_skip(node, check) -> list[rdma.Port]:
+    ports, _ = _rdma_ports(node, check)
+    if not ports:
+        check.skip("no RDMA port to look at (see: RDMA devices present)")
+    return ports
+
+
+def test_rdma_devices_present(node, check):
+    """RDMA devices present"""
+    ports, hca = _rdma_ports(node, check)
+    where = rdma.ib_class_dir()
+    found = [d.name for d in rdma.read_devices(where) if not d.is_efa]
+    if found and not ports:
+        value, why = f"none selected by NCCL_IB_HCA={hca}", f"devices here: {', '.join(found)}"
+        fix = "set network.nccl.NCCL_IB_HCA to devices of this node (ibv_devinfo -l lists them)"
+    else:
+        value, why = "none", f"{where} {'has no InfiniBand / RoCE device' if where.is_dir() else 'is missing'}"
+        fix = ("load the NIC's RDMA driver (modprobe mlx5_ib) and look at ibv_devinfo; in a container pass "
+               "/dev/infiniband (--device or the RDMA device plugin); or set network.transport: tcp")
+    devices = list(dict.fromkeys(p.device for p in ports))
+    if devices:
+        value = f"{len(devices)} devices, {len(ports)} ports: {_names(devices)}"
+    check.require(bool(ports), value, "at least one InfiniBand / RoCE port", fix=fix, why=why)
+
+
+def test_rdma_ports_active(node, check):
+    """RDMA ports ACTIVE (LinkUp)"""
+    ports = _ports_or_skip(node, check)
+    down = [p for p in ports if not p.active]
+    value = f"{len(ports) - len(down)}/{len(ports)} active"
+    if down:
+        value += "; " + ", ".join(f"{p.name} {p.describe_state()}" for p in down)
+    if any(p.state == "INIT" and p.phys_state == "LinkUp" for p in down):
+        fix = "the link is up but no subnet manager has configured it: run opensm on a node (or enable the switch's SM)"
+    else:
+        fix = (f"check the cable and switch port (ibstat {down[0].device if down else ''}, mlxlink), "
+               "or leave the port out with network.nccl.NCCL_IB_HCA")
+    check.require(not down, value, "every port ACTIVE/LinkUp", fix=fix)
+
+
+def test_rdma_port_rate(node, check):
+    """RDMA port rate"""
+    ports = [p for p in _ports_or_skip(node, check) if p.active]
+    if not ports:
+        check.skip("no active port to measure (see: RDMA ports ACTIVE)")
+    need = node.thresholds.get("ib_rate_min_gbps")
+    slow = [p for p in ports if (p.rate_gbps or 0.0) < need]
+    rates = sorted({p.rate for p in ports})
+    value = (", ".join(f"{p.name} {p.rate or 'unreadable'}" for p in slow) if slow
+             else f"{rates[0]} on {len(ports)} ports" if len(rates) == 1 else f"{', '.join(rates)} on {len(ports)} ports")
+    check.require(not slow, value, f">= {need:g} Gb/sec",
+                  fix="a port below its rated speed: reseat or replace the cable / transceiver and check the switch port "
+                      "(mlxlink -d DEV shows the negotiated speed); or lower preflight.ib_rate_min_gbps")
+
+
+def test_rdma_link_layer_matches_transport(node, check):
+    """RDMA link layer matches the transport"""
+    ports = _ports_or_skip(node, check)
+    transport = _transport(node)
+    want = LINK_LAYER[transport]
+    wrong = [p for p in ports if p.link_layer != want]
+    value = (", ".join(f"{p.name} {p.link_layer or 'unknown'}" for p in wrong) if wrong else f"{want} on {len(ports)} ports")
+    right = list(dict.fromkeys(p.device for p in ports if p.link_layer == want))
+    if right:
+        # '=' makes NCCL match names exactly (mlx5_1 would also select mlx5_10).
+        fix = f"keep NCCL to the {want} devices: network.nccl.NCCL_IB_HCA: ={','.join(right)}"
+    else:
+        other = {"InfiniBand": "ib", "Ethernet": "roce"}.get(wrong[0].link_layer if wrong else "", "tcp")
+        fix = f"set network.transport: {other} (these ports are {wrong[0].link_layer if wrong else '?'})"
+    check.require(not wrong, value, f"{want} (transport {transport})", fix=fix)
+
+
+def test_roce_gid_index_is_roce_v2(node, check):
+    """RoCE v2 GID at NCCL_IB_GID_INDEX"""
+    transport = _transport(node)
+    if transport != "roce":
+        check.skip(f"transport is {transport}, not roce")
+    ports = [p for p in _ports_or_skip(node, check) if p.link_layer == "Ethernet" and p.active]
+    if not ports:
+        check.skip("no active Ethernet RDMA port (see: RDMA ports ACTIVE)")
+    given = node.env().get("NCCL_IB_GID_INDEX")
+    if given is None:
+        check.skip("NCCL_IB_GID_INDEX is not set: NCCL picks the GID itself")
+    fix = "set network.nccl.NCCL_IB_GID_INDEX and network.nvshmem.NVSHMEM_IB_GID_INDEX to a RoCE v2 index"
+    check.require(given.strip().isdigit(), f"NCCL_IB_GID_INDEX={given}", "a GID index", fix=fix)
+    index, root = int(given), rdma.ib_class_dir()
+    wrong = [p for p in ports if rdma.gid_type(p, index, root) != "RoCE v2"]
+    if wrong:
+        have = rdma.roce_v2_indices(wrong[0], root)
+        fix += f" ({wrong[0].name} has RoCE v2 at {', '.join(map(str, have))})" if have else \
+            " (none found: is an IPv4/IPv6 address configured on the port's netdev?)"
+    value = (", ".join(f"{p.name}: {rdma.gid_type(p, index, root) or 'empty'}" for p in wrong) if wrong
+             else f"index {index} is RoCE v2 on {len(ports)} ports")
+    check.require(not wrong, value, f"RoCE v2 at index {index}", fix=fix)
+
+
+def test_nvidia_peermem_loaded(node, check):
+    """nvidia_peermem loaded (GPUDirect RDMA)"""
+    transport = _transport(node)
+    if transport == "tcp":
+        check.skip("transport is tcp: no GPUDirect RDMA")
+    proc = rdma.proc_dir()
+    modules = rdma.loaded_modules(proc)
+    fix = ("modprobe nvidia_peermem (it ships with the NVIDIA driver); to load it at boot: "
+           "echo nvidia_peermem > /etc/modules-load.d/nvidia-peermem.conf")
+    check.require(modules is not None, "unknown", "loaded", fix=fix, why=f"cannot read {proc / 'modules'}")
+    loaded = "nvidia_peermem" in modules
+    check.require(loaded, "loaded" if loaded else "not loaded", "loaded", fix=fix,
+                  why=f"without it NCCL over {transport} copies GPU buffers through host memory")
+
+
+def _deepep_multinode(node, check) -> str:
+    """The DeepEP backend, or a skip where its system parts are not needed (vLLM's tools/ep_kernels:
+    GDRCopy and the driver settings are for multi-node; one node uses NVLink)."""
+    backend = node.backend
+    if not (backend and backend.startswith("deepep")):
+        check.skip(f"all2all backend is {backend or 'not set'}: no DeepEP")
+    if node.nodes < 2:
+        check.skip(f"single node: {backend} runs over NVLink")
+    return backend
+
+
+def test_gdrdrv_loaded(node, check):
+    """gdrdrv loaded (GDRCopy)"""
+    backend = _deepep_multinode(node, check)
+    if _transport(node) == "tcp":
+        check.skip("transport is tcp: GDRCopy serves NVSHMEM's RDMA transports")
+    proc = rdma.proc_dir()
+    modules = rdma.loaded_modules(proc)
+    fix = ("build GDRCopy and load its driver (gdrcopy's insmod.sh, or the gdrdrv-dkms package: modprobe gdrdrv); "
+           "vLLM's tools/ep_kernels/install_system_drivers.sh does both")
+    check.require(modules is not None, "unknown", "loaded", fix=fix, why=f"cannot read {proc / 'modules'}")
+    loaded = "gdrdrv" in modules
+    check.require(loaded, "loaded" if loaded else "not loaded", "loaded", fix=fix,
+                  why=f"{backend} across nodes needs GDRCopy")
+
+
+def test_nvidia_driver_set_up_for_ibgda(node, check):
+    """NVIDIA driver set up for IBGDA"""
+    backend = _deepep_multinode(node, check)
+    transport = _transport(node)
+    if transport not in LINK_LAYER:
+        check.skip(f"transport is {transport}: IBGDA is for InfiniBand / RoCE")
+    if node.env().get("NVSHMEM_IB_ENABLE_IBGDA") == "0":
+        check.skip("IBGDA switched off (NVSHMEM_IB_ENABLE_IBGDA=0)")
+    path = rdma.proc_dir() / "driver" / "nvidia" / "params"
+    params = rdma.nvidia_params(rdma.proc_dir())
+    want = "EnableStreamMemOPs=1, PeerMappingOverride=1"
+    check.require(params is not None, "no driver", want, fix="install / load the NVIDIA driver, then: " + IBGDA_FIX,
+                  why=f"{path} is missing (no NVIDIA driver loaded)")
+    ops, peer = params.stream_mem_ops, params.peer_mapping_override
+    value = f"EnableStreamMemOPs={ops or '?'}, PeerMappingOverride={peer or 'unset'}"
+    check.require(ops == "1" and rdma.is_one(peer), value, want, fix=IBGDA_FIX,
+                  why=f"{backend} drives the NIC from the GPU (IBGDA)")
