@@ -49,7 +49,7 @@ class NodeContext:
 
     @property
     def transport(self) -> str:
-        return self.config.network.transport if self.config else "tcp"
+        return self.config.network.transport if self.config else self.extra.get("transport", "tcp")
 
     @property
     def expected_gpus(self) -> int | None:

@@ -8,13 +8,8 @@ import os
 from preflight import efa, rdma
 
 
-def _transport(node) -> str:
-    # Without a deploy file, --transport is only kept in node.extra (NodeContext.transport says tcp then).
-    return node.transport if node.config else node.extra.get("transport", "tcp")
-
-
 def _efa_only(node, check) -> None:
-    transport = _transport(node)
+    transport = node.transport
     if transport != "efa":
         check.skip(f"transport is {transport}, not efa")
 

@@ -13,18 +13,13 @@ IBGDA_FIX = (
 )
 
 
-def _transport(node) -> str:
-    # Without a deploy file, --transport is only kept in node.extra (NodeContext.transport says tcp then).
-    return node.transport if node.config else node.extra.get("transport", "tcp")
-
-
 def _names(items: list[str]) -> str:
     return ", ".join(items) if len(items) <= 4 else f"{items[0]} .. {items[-1]}"
 
 
 def _rdma_ports(node, check) -> tuple[list[rdma.Port], str | None]:
     """The InfiniBand / RoCE ports NCCL will use (NCCL_IB_HCA applied); skips where none are needed."""
-    transport = _transport(node)
+    transport = node.transport
     if transport == "tcp":
         check.skip("transport is tcp: no RDMA devices needed")
     if transport == "efa":
@@ -92,7 +87,7 @@ def test_rdma_port_rate(node, check):
 def test_rdma_link_layer_matches_transport(node, check):
     """RDMA link layer matches the transport"""
     ports = _ports_or_skip(node, check)
-    transport = _transport(node)
+    transport = node.transport
     want = LINK_LAYER[transport]
     wrong = [p for p in ports if p.link_layer != want]
     value = (", ".join(f"{p.name} {p.link_layer or 'unknown'}" for p in wrong) if wrong else f"{want} on {len(ports)} ports")
@@ -108,7 +103,7 @@ def test_rdma_link_layer_matches_transport(node, check):
 
 def test_roce_gid_index_is_roce_v2(node, check):
     """RoCE v2 GID at NCCL_IB_GID_INDEX"""
-    transport = _transport(node)
+    transport = node.transport
     if transport != "roce":
         check.skip(f"transport is {transport}, not roce")
     ports = [p for p in _ports_or_skip(node, check) if p.link_layer == "Ethernet" and p.active]
@@ -132,7 +127,7 @@ def test_roce_gid_index_is_roce_v2(node, check):
 
 def test_nvidia_peermem_loaded(node, check):
     """nvidia_peermem loaded (GPUDirect RDMA)"""
-    transport = _transport(node)
+    transport = node.transport
     if transport == "tcp":
         check.skip("transport is tcp: no GPUDirect RDMA")
     proc = rdma.proc_dir()
@@ -159,7 +154,7 @@ def _deepep_multinode(node, check) -> str:
 def test_gdrdrv_loaded(node, check):
     """gdrdrv loaded (GDRCopy)"""
     backend = _deepep_multinode(node, check)
-    if _transport(node) == "tcp":
+    if node.transport == "tcp":
         check.skip("transport is tcp: GDRCopy serves NVSHMEM's RDMA transports")
     proc = rdma.proc_dir()
     modules = rdma.loaded_modules(proc)
@@ -174,7 +169,7 @@ def test_gdrdrv_loaded(node, check):
 def test_nvidia_driver_set_up_for_ibgda(node, check):
     """NVIDIA driver set up for IBGDA"""
     backend = _deepep_multinode(node, check)
-    transport = _transport(node)
+    transport = node.transport
     if transport not in LINK_LAYER:
         check.skip(f"transport is {transport}: IBGDA is for InfiniBand / RoCE")
     if node.env().get("NVSHMEM_IB_ENABLE_IBGDA") == "0":
