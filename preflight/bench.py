@@ -26,7 +26,7 @@ import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from preflight import collectives
@@ -57,7 +57,7 @@ def _cell(values: Sequence[str]) -> str:
 
 def table_lines(rows: Sequence[Row]) -> list[str]:
     """The fixed-width table of one collective, with the units row; parse with :func:`parse_table`."""
-    out = ["#" + _cell(COLUMNS)[1:], "#" + _cell(UNITS)[1:]]
+    out = ["#" + _cell(COLUMNS)[1:], ("#" + _cell(UNITS)[1:]).rstrip()]
     for r in rows:
         redop = "sum" if r.collective == "all_reduce" else "none"
         out.append(_cell((str(r.size), str(r.count), r.dtype, redop, f"{r.time_us:.1f}", f"{r.algbw:.3f}", f"{r.busbw:.3f}", str(r.wrong))))
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     spec = bench.spec
     env = bench.env
-    shown_env = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(ECHOED_ENV)) or "-"
+    # NCCL_VERSION is a container image's label, not the NCCL that loads (that one is in the header).
+    shown_env = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(ECHOED_ENV) and k != "NCCL_VERSION") or "-"
     config: dict[str, object] = {
         "host": socket.gethostname(), **_versions(), "backend": spec.backend, "processes": spec.nprocs,
         "collectives": " ".join(spec.collectives),

@@ -32,6 +32,7 @@ Variables for testing without GPUs (not for production use):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,9 +89,11 @@ def element_count(collective: str, size: int, n: int) -> int:
 
 
 def size_label(size: int) -> str:
+    """``1 MiB``; all-to-all buffers rounded down to a multiple of the ranks (1048572 B) read ``1 MiB`` too."""
     for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
+        if size >= scale * 0.99:
+            q = size / scale
+            return f"{round(q)} {unit}" if abs(q - round(q)) < 0.01 else f"{q:.1f} {unit}"
     return f"{size} B"
 
 
@@ -307,10 +310,8 @@ class _Worker:
             return []
         out = []
         for line in text.splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by a kill
         return out
 
 
@@ -371,9 +372,8 @@ def _wait(workers: list[_Worker], deadline: float) -> tuple[bool, dict[int, int 
         if all(c is not None for c in codes.values()):
             return False, codes
         now = time.monotonic()
-        if any(c not in (None, 0) for c in codes.values()):
-            deadline = min(deadline, now + GRACE_S)
-        elif all(any(e.get("at") == "result" for e in w.events()) for w in workers if codes[w.rank] is None):
+        failed = any(c not in (None, 0) for c in codes.values())
+        if failed or all(any(e.get("at") == "result" for e in w.events()) for w in workers if codes[w.rank] is None):
             deadline = min(deadline, now + GRACE_S)
         if now >= deadline:
             return True, codes
@@ -388,18 +388,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         if all(p.poll() is not None for p in procs) and not _group_alive(pgid):
             break
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         until = time.monotonic() + wait
         while time.monotonic() < until and any(p.poll() is None for p in procs):
             time.sleep(0.05)
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -597,7 +593,6 @@ def _measure(job: dict, collective: str, size: int, rank: int, device, progress:
             op()
         seconds = time.perf_counter() - t0
     progress("leave", collective=collective, size=count * ELEMENT)
-    del buf, out
     return count, seconds / job["iters"] * 1e6, wrong
 
 

@@ -129,7 +129,7 @@ def model_digest(path: str) -> str | None:
 
 
 def facts(model: str | None = None) -> dict[str, Any]:
-    """This process's view of the node; run it with the environment vLLM will get (see :func:`collect`)."""
+    """This process's view of the node; run it with the environment vLLM will get (see :class:`FactsJob`)."""
     out: dict[str, Any] = {"host": socket.gethostname(), "python": platform.python_version(), "torch": None,
                            "cuda": None, "nccl": None, "gpu": None, "gpus": 0, "driver": driver_version()}
     try:
@@ -161,19 +161,27 @@ def facts(model: str | None = None) -> dict[str, Any]:
     return out
 
 
-def collect(env: Mapping[str, str], model: str | None, timeout_s: float = 60.0) -> dict[str, Any]:
-    """:func:`facts` in a subprocess with ``env`` (the plan's PYTHONPATH / LD_LIBRARY_PATH)."""
-    env = dict(env)
-    env["PYTHONPATH"] = os.pathsep.join([str(collectives.ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
-    argv = [sys.executable, "-m", "preflight.rendezvous", "facts", *(["--model", model] if model else [])]
-    try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise RendezvousError(f"collecting this node's facts (python -m preflight.rendezvous facts) took more than {timeout_s:g} s") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RendezvousError(f"collecting this node's facts failed (exit {proc.returncode}): {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class FactsJob:
+    """:func:`facts` in a subprocess with the environment vLLM will get (the plan's PYTHONPATH /
+    LD_LIBRARY_PATH), started early so that it imports torch while this process does other work."""
+
+    def __init__(self, env: Mapping[str, str], model: str | None):
+        env = dict(env)
+        env["PYTHONPATH"] = os.pathsep.join([str(collectives.ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+        argv = [sys.executable, "-m", "preflight.rendezvous", "facts", *(["--model", model] if model else [])]
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+    def result(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise RendezvousError(f"collecting this node's facts (python -m preflight.rendezvous facts) took more than {timeout_s:g} s") from None
+        if self.proc.returncode != 0:
+            tail = (err.strip().splitlines() or ["no output"])[-1]
+            raise RendezvousError(f"collecting this node's facts failed (exit {self.proc.returncode}): {tail}")
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def deploy_digest(config) -> str:
@@ -225,6 +233,8 @@ class Session:
     ifname: str | None
     timeout_s: float
     store: Any = None
+    """A PrefixStore over the TCPStore; on the primary ``server`` is that TCPStore, whose life is the server's."""
+    server: Any = None
     facts: dict[int, dict] = field(default_factory=dict)
     problem: str = ""
     missing: list[int] = field(default_factory=list)
@@ -281,8 +291,7 @@ def open_store(rank: int, nodes: int, address: str, port: int, ifname: str | Non
         except Exception as exc:
             session.problem = f"reached {address}:{port} but not as a TCPStore ({' '.join(str(exc).split())[:160]})"
             return session
-    session.store = PrefixStore(PREFIX, store)
-    session._server = store  # type: ignore[attr-defined] - keeps the primary's server alive
+    session.store, session.server = PrefixStore(PREFIX, store), store
     session.seconds = time.monotonic() - start
     return session
 
@@ -350,8 +359,7 @@ def leave(session: Session) -> None:
             time.sleep(0.1)
     except Exception:
         pass  # the store is gone: nothing left to wait for
-    session.store = None
-    session._server = None  # type: ignore[attr-defined]
+    session.store = session.server = None  # the primary's server stops with its last reference
 
 
 # --- the cross-node collective ---------------------------------------------------------------------

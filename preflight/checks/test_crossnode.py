@@ -7,6 +7,7 @@ Each wait is bounded by the deploy file's preflight.rendezvous_timeout_s / colle
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -16,6 +17,8 @@ from preflight import collectives, rendezvous
 from preflight.collectives import size_label
 
 pytestmark = [pytest.mark.multinode, pytest.mark.collective]
+if importlib.util.find_spec("xdist"):  # one worker holds the rendezvous (with --dist loadgroup)
+    pytestmark.append(pytest.mark.xdist_group("crossnode"))
 
 SINGLE = "single node: nothing to compare"
 
@@ -37,10 +40,14 @@ def session(node):
     except rendezvous.RendezvousError as exc:
         yield rendezvous.Session(node.rank, node.nodes, node.primary_address, 0, node.ifname, timeout, problem=str(exc))
         return
+    job = rendezvous.FactsJob(node.env(), node.config.model)
     joined = rendezvous.open_store(node.rank, node.nodes, node.primary_address, port, node.ifname, timeout)
-    if joined.ok:
+    if not joined.ok:
+        job.proc.kill()
+        job.proc.communicate()
+    else:
         try:
-            own = rendezvous.collect(node.env(), node.config.model)
+            own = job.result()
         except rendezvous.RendezvousError as exc:
             own = {"host": socket.gethostname(), "error": str(exc)}  # still join: the others should not wait for us
         own |= {"deploy": rendezvous.deploy_digest(node.config), "ifname": node.ifname}
@@ -100,7 +107,8 @@ def judge(node, check, session, result: collectives.Result | None, collective: s
         check.skip(f"no rendezvous: {session.problem[:120]}")
     timeout = node.thresholds.get("collective_timeout_s")
     check.record.extra["rows"] = [r.__dict__ for r in result.of(collective)]
-    check.require(result.ok, result.problem, f"every node ready, done within {timeout:g} s",
+    problem = result.problem if result.collective in (collective, None) or result.of(collective) else f"not measured: {result.problem}"
+    check.require(result.ok, problem, f"every node ready, done within {timeout:g} s",
                   fix="set network.socket_ifname (deploy file) to the interface that carries traffic between the nodes on every node; "
                       "rerun with NCCL_DEBUG=INFO to see where it stops")
     wrong = result.wrong(collective)

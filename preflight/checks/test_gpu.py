@@ -10,7 +10,6 @@ import pytest
 
 from preflight import gpu
 
-NVML_TIMEOUT_S = 30.0  # reading NVML takes well under a second; longer means a GPU or the driver hangs
 TORCH_TIMEOUT_S = 60.0  # `import torch` on a cold network file system can take tens of seconds
 
 UNAVAILABLE_FIX = {
@@ -21,11 +20,6 @@ UNAVAILABLE_FIX = {
     gpu.NVML_FAILED: "run `nvidia-smi -q` and `dmesg | grep -i xid`; reset the GPU or reboot",
 }
 RESET_FIX = "nvidia-smi -r -i N with nothing running on it (or reboot); if errors return or remapping failed, take the GPU out of service"
-
-
-@pytest.fixture(scope="session")
-def gpus() -> gpu.NodeGpus | str:
-    return gpu.read_bounded(gpu.Pynvml, NVML_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")
