@@ -77,6 +77,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite scripts in --out that differ")
     _vllm_options(p)
 
+    p = sub.add_parser("verify", help="read vLLM logs: what ran (all2all, MoE, attention, EP ranks) vs what was asked")
+    p.add_argument("logs", nargs="+", help="vLLM log files (primary and secondaries)")
+    p.add_argument("--deploy", help="deploy file whose backend, EP size and DeepGEMM setting are expected")
+    p.add_argument("--all2all-backend", help="the backend that was asked for (default: the deploy file's, else vLLM's default)")
+    p.add_argument("--ep-size", type=int, help="expected EP ranks (default: the deploy file's DP x TP)")
+
     p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
@@ -351,6 +357,29 @@ def _plan_json(p: NodePlan) -> dict:
     }  # fmt: skip
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from launch import verify
+
+    missing = [log for log in args.logs if not Path(log).is_file()]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such log file (expected vLLM's output, e.g. from --log-file)")
+    backend, ep_size, deep_gemm = args.all2all_backend, args.ep_size, False
+    if args.deploy:
+        config = load_deploy(args.deploy)
+        backend = backend or config.all2all_backend
+        if ep_size is None and config.enable_expert_parallel:
+            ep_size = sum(config.local_dp(r) for r in range(len(config.nodes))) * config.tensor_parallel_size
+        deep_gemm = config.env.get("VLLM_USE_DEEP_GEMM") == "1"
+    found = verify.read([Path(log) for log in args.logs])
+    for line in found.lines():
+        print(line)
+    problems = verify.problems(found, backend=backend, ep_size=ep_size, deep_gemm=deep_gemm)
+    for problem in problems:
+        print(f"MISMATCH {problem}")
+    print(f"# verdict: {'MISMATCH' if problems else 'as planned'}")
+    return 1 if problems else 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from launch import check
 
@@ -370,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         return cmd_serve(args, passthrough)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -63,9 +63,10 @@ ROOT = Path(__file__).resolve().parent.parent  # the project, put on the workers
 # NVLink GPUs whose all-reduce busbw at 1 GiB is far above these (2 x H200 measured 328 GB/s all-reduce
 # and 332 GB/s all-to-all, shared/facts/gpu-machine-2xH200.md): a node below them has a sick link or
 # runs NCCL over PCIe / sockets. PCIe cards and unknown GPUs get no minimum: the figure is reported only.
+# (H800 / H20 have narrower NVLink: no figure known here, so no minimum.)
 NVLINK_MIN_BUSBW_GBPS: dict[str, dict[str, float]] = {
-    "all_reduce": {"H100": 150.0, "H200": 150.0, "H800": 150.0, "B200": 150.0, "GB200": 150.0},
-    "all_to_all": {"H100": 100.0, "H200": 100.0, "H800": 100.0, "B200": 100.0, "GB200": 100.0},
+    "all_reduce": {"H100": 150.0, "H200": 150.0, "B200": 150.0, "GB200": 150.0},
+    "all_to_all": {"H100": 100.0, "H200": 100.0, "B200": 100.0, "GB200": 100.0},
 }
 
 
@@ -124,8 +125,9 @@ def nvlink_minimum(collective: str, gpu_names: Sequence[str]) -> tuple[float | N
     # PCIe cards (also "H100 NVL"/"H200 NVL": PCIe with bridges between pairs) do not reach NVSwitch figures.
     if "PCIE" in name.upper() or name.upper().rstrip().endswith(" NVL"):
         return None, f"{name} (PCIe): no minimum"
+    words = name.upper().replace("-", " ").split()  # "NVIDIA H100 80GB HBM3", "NVIDIA H100-SXM5-80GB"
     for model, minimum in NVLINK_MIN_BUSBW_GBPS[collective].items():
-        if model in name.upper().replace("-", " ").split() or f" {model}" in f" {name.upper()}":
+        if model in words:
             return minimum, f"{model} NVLink"
     return None, f"{name}: no minimum known"
 

@@ -108,6 +108,8 @@ def test_encoded_values_say_who_sent_what(n):
     (["NVIDIA H200", "NVIDIA H200"], 150.0, 100.0),  # the lent machine (shared/facts)
     (["NVIDIA H100 80GB HBM3"] * 8, 150.0, 100.0),
     (["NVIDIA B200"] * 8, 150.0, 100.0),
+    (["NVIDIA H100-SXM5-80GB"] * 8, 150.0, 100.0),
+    (["NVIDIA H800"] * 8, None, None),
     (["NVIDIA H100 PCIe"] * 2, None, None),
     (["NVIDIA H200 NVL"] * 2, None, None),
     (["NVIDIA A10G"] * 4, None, None),

@@ -1,0 +1,73 @@
+"""`launch verify` on real vLLM logs: what ran is recognised, and a run that differs from the plan fails
+naming both what was asked and what vLLM used."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch import verify
+from tests.conftest import SHARED
+
+LOGS = SHARED / "facts" / "vllm-0.26.0-dp2-ep-logs"
+needs_logs = pytest.mark.skipif(not LOGS.is_dir(), reason="the recorded vLLM logs are not beside the project")
+
+
+@needs_logs
+def test_real_dp2_ep_run_is_recognised():
+    found = verify.read([LOGS / "primary.log", LOGS / "secondary.log"])
+    assert found.version == "0.26.0"
+    assert found.all2all_manager == "AgRsAll2AllManager" and found.all2all_backend == "allgather_reducescatter"
+    assert found.moe_backends == {"TRITON"}
+    assert found.attention_backends == {"FLASH_ATTN"} and found.flash_attention == "3"
+    assert found.ep_ranks[0].describe() == "EP rank 0/2: experts 0-3 of 8"
+    assert found.ep_ranks[1].describe() == "EP rank 1/2: experts 4-7 of 8"
+    assert found.dp_ranks == {0, 1}
+    assert verify.problems(found, backend=None, ep_size=2) == []
+
+
+@needs_logs
+def test_a_run_whose_backend_differs_fails_naming_both(launch, tmp_path, write_yaml):
+    edited = tmp_path / "primary.log"
+    edited.write_text((LOGS / "primary.log").read_text().replace("Using AgRsAll2AllManager all2all manager.",
+                                                                 "Using DeepEPLLAll2AllManager all2all manager."))
+    deploy = write_yaml("model: m\nnodes: [{address: 10.0.0.1, gpus: 1}, {address: 10.0.0.2, gpus: 1}]\n")
+    res = launch("verify", str(edited), str(LOGS / "secondary.log"), "--deploy", str(deploy))
+    assert res.code == 1
+    assert "MISMATCH all2all backend: asked for allgather_reducescatter, vLLM used DeepEPLLAll2AllManager (deepep_low_latency)" in res.out
+    ok = launch("verify", str(LOGS / "primary.log"), str(LOGS / "secondary.log"), "--deploy", str(deploy))
+    assert ok.code == 0 and "# verdict: as planned" in ok.out
+
+
+@needs_logs
+def test_a_missing_ep_rank_is_named():
+    found = verify.read([LOGS / "primary.log"])  # the secondary's log left out
+    assert verify.problems(found, backend=None, ep_size=2) == ["expert parallelism: no log line from EP rank(s) [1] of 2"]
+
+
+@pytest.mark.parametrize("logged, backend", [
+    ("AgRsAll2AllManager", "allgather_reducescatter"),
+    ("PPLX", "pplx"),  # vLLM 0.10: "Using PPLX all2all manager."
+    ("DeepEP High-Throughput", "deepep_high_throughput"),
+    ("DeepEPHTAll2AllManager", "deepep_high_throughput"),
+    ("DeepEP Low-Latency", "deepep_low_latency"),
+    ("DeepEPLLAll2AllManager", "deepep_low_latency"),
+    ("NaiveAll2AllManager", "naive"),
+    ("SomethingNew", None),
+])
+def test_manager_names_across_versions(logged, backend):
+    assert verify.backend_of(logged) == backend
+
+
+def test_fallback_warning_is_a_mismatch(tmp_path):
+    log = tmp_path / "p.log"
+    log.write_text("(EngineCore_DP0 pid=1) WARNING 01-01 00:00:00 [parallel.py:1] all2all_backend 'pplx' has been removed. "
+                   "Falling back to 'allgather_reducescatter'.\n(Worker pid=2) INFO [x.py:1] Using AgRsAll2AllManager all2all manager.\n")
+    found = verify.read([log])
+    problems = verify.problems(found, backend="pplx")
+    assert problems[0] == "all2all backend: asked for pplx, vLLM used AgRsAll2AllManager (allgather_reducescatter)"
+    assert problems[1].startswith("vLLM fell back: all2all_backend 'pplx' has been removed")
+
+
+def test_missing_log_is_one_line(launch, tmp_path):
+    res = launch("verify", str(tmp_path / "nope.log"))
+    assert res.code == 2 and res.err.strip() == f"error: {tmp_path / 'nope.log'}: no such log file (expected vLLM's output, e.g. from --log-file)"
