@@ -65,6 +65,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # With -n N, checks that share GPUs or a rendezvous port carry xdist_group marks and must stay
+    # on one worker: pytest-xdist's default "load" mode would split them.
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("load", "no"):
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "collective: runs collectives across GPUs or nodes (slower)")
     config.addinivalue_line("markers", "multinode: needs every node of the deploy file to run preflight at the same time")

@@ -45,3 +45,7 @@ def write_yaml(tmp_path):
         return path
 
     return write
+
+
+# Two network namespaces as two "nodes", shared by every module (one definition, one set of names).
+from tests.netns import two_hosts  # noqa: E402, F401

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
-from tests.netns import two_hosts  # noqa: F401 - fixture
+
 
 DEPLOY = """\
 model: tiny-moe
