@@ -66,17 +66,31 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+def host_interface() -> tuple[str, str]:
+    """The first interface with a non-loopback IPv4 address: both "nodes" bind it, as real nodes would
+    (preflight refuses loopback for traffic between nodes)."""
+    from launch import netif
+
+    for name, addrs in netif.interfaces().items():
+        for addr in addrs:
+            if name != "lo" and "." in addr and not addr.startswith("127."):
+                return name, addr
+    pytest.skip("needs an interface with a non-loopback IPv4 address")
+
+
 def deploy_text(model: Path, **extra: str) -> str:
+    ifname, address = host_interface()
     env = "\n".join(f"  {k}: \"{v}\"" for k, v in MACHINE_ENV.items())
     more = "".join(f"{k}: {v}\n" for k, v in extra.items())
     return f"""\
 model: {model}
 nodes:
-  - {{address: 127.0.0.1, gpus: 1, env: {{CUDA_VISIBLE_DEVICES: "0"}}}}
+  - {{address: {address}, gpus: 1, env: {{CUDA_VISIBLE_DEVICES: "0"}}}}
   - {{address: 127.0.0.2, gpus: 1, env: {{CUDA_VISIBLE_DEVICES: "1"}}}}
 rpc_port: 13345
 port: {API_PORT}
-network: {{transport: tcp, socket_ifname: lo}}
+network: {{transport: tcp, socket_ifname: {ifname}}}
+vllm_args: [--max-model-len, "1024", --gpu-memory-utilization, "0.25"]
 env:
 {env}
 {more}"""
@@ -158,7 +172,7 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> flo
 
 
 def bench(model: Path, out: Path, name: str) -> dict:
-    cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{API_PORT}", "--model", str(model),
+    cmd = ["vllm", "bench", "serve", "--base-url", f"http://127.0.0.1:{API_PORT}", "--model", str(model),
            "--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "128", "--num-prompts", "200",
            "--ignore-eos", "--save-result", "--result-dir", str(out), "--result-filename", f"{name}.json"]
     proc = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, timeout=600)
