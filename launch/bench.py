@@ -67,7 +67,8 @@ def main() -> int:
             path = deploy_file(nodes, Path(tmp))
             median = statistics.median(timed(lambda p=path: plan_all(p), args.repeat))
             print(f"{nodes:>6} {median * 1e3:>9.2f} {median * 1e3 / nodes:>12.3f}")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     launcher = [sys.executable, "-m", "launch", "primary", "127.0.0.1", "13345", "m", "1", "1", "1",
                 "--socket-ifname", "lo", "--vllm-bin", "/bin/true"]
     runs = max(5, args.repeat // 2)

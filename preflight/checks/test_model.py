@@ -38,7 +38,7 @@ def test_model_config_is_here(node, found, check):
     if folder is None and not offline:
         check.skip(f"{node.config.model} is not downloaded yet: vLLM will download it at start ({fix})")
     check.require(folder is not None, f"{node.config.model} not found", "config.json on this node (HF_HUB_OFFLINE=1)", fix=fix)
-    check.measured(str(folder))
+    check.measured(str(folder), "config.json on this node")
 
 
 def test_experts_split_evenly_over_ep_ranks(node, found, check):

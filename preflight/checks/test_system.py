@@ -50,6 +50,7 @@ def test_socket_interface_exists_and_is_up(node, check):
     check.require(bool(up), f"{name} is down", "up", fix=f"ip link set {name} up (or pick another interface)")
     addrs = netif.interfaces().get(name, [])
     check.require(bool(addrs), f"{name} has no IP address", "an address", fix=f"configure an address on {name}")
+    check.measured(f"{name} up, {', '.join(addrs)}", "an interface of this node, up, with an address")
 
 
 def test_socket_interface_reaches_the_primary(node, check):
