@@ -87,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds vLLM's parser may take (default 120)")
+    p.add_argument("--python", default=sys.executable, help="the Python whose vLLM parses (default: this one)")
     _vllm_options(p)
     return parser
 
@@ -384,7 +385,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from launch import check
 
     plans = make_plans(args, [])
-    return check.report(plans, timeout=args.timeout)
+    return check.report(plans, timeout=args.timeout, python=args.python)
 
 
 def main(argv: list[str] | None = None) -> int:
