@@ -52,6 +52,10 @@ class UsageError(ConfigError):
     """Bad command-line input (same one-line treatment as a bad deploy file)."""
 
 
+class NodeDown(Exception):
+    """A node this one depends on never came up (exit code 3)."""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch", description="vLLM expert-parallel launcher")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +109,10 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-file", help="also write vLLM's output to this file")
     g.add_argument("--stop-timeout", type=float, default=30.0, help="seconds vLLM gets to stop after SIGTERM before SIGKILL")
     g.add_argument("--vllm-bin", default=None, help="the vllm executable (default: vllm on PATH)")
+    g.add_argument("--wait-for-primary", type=float, default=600.0, metavar="SECONDS",
+                   help="secondaries: wait this long for the primary's coordination port before starting (0: do not wait)")
+    g.add_argument("--health-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="primary: report when the API answers /health, or that it did not within this bound")
 
 
 def _vllm_options(p: argparse.ArgumentParser) -> None:
@@ -237,6 +245,7 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
         raise UsageError(f"{role}: give either the guide's positional arguments or --deploy, not both")
     if guide or (role and not path):
         config, layout = config_from_guide(role, guide, args)
+        config = _with_overrides(config, args)
         pairs = [(config, layout)]
         source = "arguments"
     else:
@@ -318,9 +327,28 @@ def cmd_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
     argv[0] = exe
     for line in render.summary(plan):
         print(f"[launch] {line}", file=sys.stderr)
-    from launch import supervise
+    from launch import supervise, wait
 
-    return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout)
+    lay = plan.layout
+    if lay.role == "secondary" and args.wait_for_primary > 0:
+        what = f"the primary's coordination port {lay.primary_address}:{lay.rpc_port}"
+        try:
+            took = wait.until(lambda: wait.port_open(lay.primary_address, lay.rpc_port), what, args.wait_for_primary, say=_say)
+        except wait.WaitTimeout as exc:
+            raise NodeDown(f"primary: {exc} (start serve-primary on {lay.primary_address} first; check the address and "
+                           f"firewall; --wait-for-primary 0 starts without waiting)") from None
+        _say(f"{what} accepts connections (after {took:.1f} s): starting vLLM")
+    health = None
+    if lay.role == "primary":
+        port = next((int(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--port"), 8000)
+        host = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--host"), None)
+        health = f"http://{'127.0.0.1' if host in (None, '0.0.0.0', '::', '') else host}:{port}/health"
+    return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
+                         health_url=health, health_timeout=args.health_timeout)
+
+
+def _say(message: str) -> None:
+    print(f"[launch] {message}", file=sys.stderr, flush=True)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -406,3 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NodeDown as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3

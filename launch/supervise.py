@@ -66,15 +66,31 @@ def _tee(source: IO[bytes], sinks: list[IO[bytes]]) -> None:
             sink.flush()
 
 
+def _report_health(child: subprocess.Popen, url: str, timeout: float, say) -> None:
+    from launch import wait
+
+    def gone() -> str | None:
+        return None if child.poll() is None else f"vLLM exited with code {child.returncode}"
+
+    try:
+        took = wait.until(lambda: wait.healthy(url), f"vLLM's API at {url}", timeout, say=say, every=30, interval=1, stop=gone)
+        say(f"vLLM is healthy at {url}, {took:.1f} s after start")
+    except wait.WaitTimeout as exc:
+        say(str(exc))
+
+
 def run(
     argv: Sequence[str],
     env: Mapping[str, str],
     *,
     log_file: str | None = None,
     stop_timeout: float = 30.0,
+    health_url: str | None = None,
+    health_timeout: float = 1800.0,
     say=lambda msg: print(f"[launch] {msg}", file=sys.stderr, flush=True),
 ) -> int:
-    """Starts ``argv`` and supervises it until it and everything it started have ended."""
+    """Starts ``argv`` and supervises it until it and everything it started have ended. With
+    ``health_url``, says when vLLM's API first answers there (or that it did not, within the bound)."""
     log = None
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +116,10 @@ def run(
         _signal_group(pgid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
+    watcher = None
+    if health_url:
+        watcher = threading.Thread(target=_report_health, args=(child, health_url, health_timeout, say), daemon=True)
+        watcher.start()
     copier = None
     if log:
         copier = threading.Thread(target=_tee, args=(child.stdout, [sys.stdout.buffer, log]), daemon=True)
@@ -121,6 +141,8 @@ def run(
             _reap_group(pgid, time.monotonic() + stop_timeout, say)
         if copier:
             copier.join(timeout=5)
+        if watcher:
+            watcher.join(timeout=3)  # it notices the exit within a second and says so
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

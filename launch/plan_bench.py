@@ -1,6 +1,6 @@
 """How long planning takes, and what the launcher adds before vLLM starts.
 
-    python -m launch.bench [--repeat N]
+    python -m launch.plan_bench [--repeat N]
 
 Prints, for deploy files of 2, 16 and 128 nodes (8 GPUs each): the median time to validate the file and
 plan + render every node, in process; then the launcher's start-up overhead: the wall time of
@@ -57,7 +57,7 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.plan_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     print(f"# python {sys.version.split()[0]}, {os.cpu_count()} CPUs, median of {args.repeat} runs")
