@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +81,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="text: exports + command per node; shell: one runnable script per node in --out; json")
     p.add_argument("--out", help="folder for --format shell scripts (node-RANK.sh)")
     p.add_argument("--force", action="store_true", help="overwrite scripts in --out that differ")
+    _vllm_options(p)
+
+    p = sub.add_parser("bench", help="`vllm bench serve` against the deploy file's API (the guide's defaults), recorded")
+    p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
+    p.add_argument("--out", help="run folder (default: bench-results/UTC-TIME)")
+    p.add_argument("--logs", nargs="+", help="the servers' vLLM logs: verified and kept with the result")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="print two runs side by side instead")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--vllm-bin", default=None, help="the vllm executable (default: vllm on PATH)")
+    p.set_defaults(node_rank=None)
     _vllm_options(p)
 
     p = sub.add_parser("verify", help="read vLLM logs: what ran (all2all, MoE, attention, EP ranks) vs what was asked")
@@ -409,6 +421,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_bench(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from launch import benchmark, supervise
+
+    if args.compare:
+        try:
+            a, b = (benchmark.load_result(Path(run)) for run in args.compare)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--compare: {exc}") from None
+        print("\n".join(benchmark.compare(a, b, (Path(args.compare[0]).name, Path(args.compare[1]).name))))
+        return 0
+    path = _deploy_path(args)
+    if not path:
+        raise UsageError("deploy file: none given (pass FILE or set EP_DEPLOY)")
+    config = _with_overrides(load_deploy(path), args)
+    out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    command = benchmark.argv(config, out, passthrough)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    exe = args.vllm_bin or shutil.which("vllm")
+    if not exe:
+        raise UsageError("vllm: not found on PATH (install the stack with `pixi install`, or pass --vllm-bin)")
+    benchmark.record(out, command, [_plan_json(p) for p in make_plans(args, [])])
+    _say(f"benchmark run folder: {out}")
+    code = supervise.run([exe, *command[1:]], os.environ, stop_timeout=10)
+    if args.logs:
+        from launch import verify
+
+        found = verify.read([Path(log) for log in args.logs])
+        problems = verify.problems(found, backend=config.all2all_backend)
+        (out / "verify.txt").write_text("\n".join(found.lines() + [f"MISMATCH {p}" for p in problems]) + "\n")
+    if (out / "result.json").exists():
+        print("\n".join(benchmark.summary(benchmark.load_result(out))))
+    return code
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from launch import check
 
@@ -430,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "bench":
+            return cmd_bench(args, passthrough)
         return cmd_serve(args, passthrough)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     python -m launch.vllm_parse < argvs.json > results.json
 
-Input: a JSON list of argvs (each starting at `serve`). Output: one JSON object, {"version": ...,
+Input: a JSON list of argvs (each starting at `serve`, or at `bench` for `vllm bench serve`). Output: one JSON object, {"version": ...,
 "results": [{"ok": bool, "error": str|null}, ...]}. The parser is built as vLLM's `vllm` command builds
 it (FlexibleArgumentParser -> subparsers -> ServeSubcommand), so what it accepts is what `vllm serve`
 accepts before it starts anything. Nothing is served and no GPU is used.
@@ -41,7 +41,7 @@ def _has_nvidia_gpu() -> bool:
     return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
 
 
-def _build_parser():
+def _build_parser(with_bench: bool):
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser  # 0.11 and later
     except ImportError:
@@ -51,6 +51,12 @@ def _build_parser():
     parser = FlexibleArgumentParser(prog="vllm")
     subparsers = parser.add_subparsers(required=False, dest="subparser")
     ServeSubcommand().subparser_init(subparsers)
+    if with_bench:  # `vllm bench serve ...`: imported only when asked, it pulls in the benchmark code
+        import vllm.entrypoints.cli.benchmark.main as benchmark
+
+        sys.argv = ["vllm", "bench"]  # newer vLLM builds the bench subcommands only when invoked as `vllm bench`
+        for command in benchmark.cmd_init():
+            command.subparser_init(subparsers)
     return parser
 
 
@@ -87,7 +93,7 @@ def main() -> int:
             import vllm
 
             version = vllm.__version__
-        parser = _build_parser()
+        parser = _build_parser(with_bench=any(argv[:1] == ["bench"] for argv in argvs))
         answer = {"version": version, "results": [_parse(parser, argv) for argv in argvs]}
     except Exception as exc:
         answer = {"version": None, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
