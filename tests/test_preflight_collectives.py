@@ -19,7 +19,6 @@ import pytest
 from preflight import bench, collectives, rendezvous
 from preflight.collectives import KiB, MiB
 from tests.conftest import ROOT, run_module
-from tests.netns import Host, _ip, available
 
 CHECKS = ROOT / "preflight" / "checks"
 GLOO = {"EP_PREFLIGHT_BACKEND": "gloo", "EP_PREFLIGHT_NPROCS": "2"}
@@ -319,33 +318,6 @@ rpc_port: {rpc_port}
 network: {{transport: tcp, socket_ifname: auto}}
 preflight: {{rendezvous_timeout_s: {rendezvous}, collective_timeout_s: {collective}}}
 """
-
-
-@pytest.fixture(scope="module")
-def two_hosts():
-    """tests.netns.two_hosts' pair (10.77.0.1 / 10.77.0.2 joined by a veth pair) under names of its own:
-    that fixture imported into a second module of the same pytest process would build (and, failing,
-    delete) the same namespaces as test_launch_netns.py."""
-    why = available()
-    if why:
-        pytest.skip(why)
-    tag = f"{os.getpid() % 10000000}"
-    a = Host(f"epca{tag}", f"epcola{tag}"[:15], "10.77.0.1")
-    b = Host(f"epcb{tag}", f"epcolb{tag}"[:15], "10.77.0.2")
-    try:
-        for h in (a, b):
-            _ip("netns", "add", h.ns)
-            _ip("-n", h.ns, "link", "set", "lo", "up")
-        _ip("link", "add", a.ifname, "netns", a.ns, "type", "veth", "peer", "name", b.ifname, "netns", b.ns)
-        for h in (a, b):
-            _ip("-n", h.ns, "addr", "add", f"{h.address}/24", "dev", h.ifname)
-            _ip("-n", h.ns, "link", "set", h.ifname, "up")
-        yield a, b
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot build network namespaces here: {exc.stderr.decode().strip()}")
-    finally:
-        for h in (a, b):
-            subprocess.run(["ip", "netns", "del", h.ns], capture_output=True, timeout=10)
 
 
 def start_in(host, deploy: Path, rank: int, report: Path, **env: str) -> subprocess.Popen:
