@@ -171,7 +171,7 @@ def _first_line(argv: list[str]) -> str | None:
 
 def find_cxx(environ: dict[str, str]) -> tuple[str, str] | None:
     """(path, `--version` first line) of the C++ compiler a build would use."""
-    for name in ([environ["CXX"]] if environ.get("CXX") else []) + ["c++", "g++"]:
+    for name in [environ["CXX"]] if environ.get("CXX") else ["c++", "g++"]:
         path = shutil.which(name, path=environ.get("PATH"))
         if path:
             version = _first_line([path, "--version"])

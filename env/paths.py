@@ -1,8 +1,11 @@
 """PYTHONPATH and LD_LIBRARY_PATH for the stack, computed, never typed by hand.
 
 Two sources, in this order:
-1. the built stack's prefix (EP kernels built from source: see `python -m env status`), given by
-   EP_STACK_PREFIX or `.stack/<profile>` in the project root;
+1. the built stack's prefix (EP kernels built from source by `python -m env build`), given by
+   EP_STACK_PREFIX or `.stack/<profile>` in the project root. Its manifest.json lists what each built
+   component provides, through the component's link (<prefix>/deepep/python, <prefix>/nvshmem/lib,
+   NVSHMEM_DIR=<prefix>/nvshmem), so a rebuild never changes the paths; the plain folders
+   <prefix>/python, <prefix>/lib and <prefix>/nvshmem of a hand-made prefix are honoured too;
 2. the active Python environment: the CUDA libraries that pip/conda wheels put under
    site-packages/nvidia/*/lib (NCCL, NVSHMEM, cuBLAS, ...) and torch's own lib folder, so that
    extensions linked against them (DeepEP against libnvshmem_host.so.3) load without a system copy.
@@ -18,6 +21,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from env.manifest import Manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +58,15 @@ def stack_paths(profile: str = "current", prefix: Path | None = None) -> StackPa
     pythonpath: list[str] = []
     libs: list[str] = []
     env: dict[str, str] = {}
+    manifest = Manifest.load(prefix, strict=False)  # the launcher must not fail on a broken manifest
+    for name in manifest.entries:
+        entry = manifest.live(name)
+        if entry is None:
+            continue
+        pythonpath.extend(str(prefix / p) for p in entry.pythonpath)
+        libs.extend(str(prefix / p) for p in entry.ld_library_path)
+        for key, rel in entry.env.items():
+            env.setdefault(key, str(prefix / rel))
     built_site = prefix / "python"
     if built_site.is_dir():
         pythonpath.append(str(built_site))
@@ -60,7 +74,7 @@ def stack_paths(profile: str = "current", prefix: Path | None = None) -> StackPa
         if (prefix / sub).is_dir():
             libs.append(str(prefix / sub))
     if (prefix / "nvshmem").is_dir():
-        env["NVSHMEM_DIR"] = str(prefix / "nvshmem")
+        env.setdefault("NVSHMEM_DIR", str(prefix / "nvshmem"))
     for site in _site_dirs():
         nvidia = site / "nvidia"
         if nvidia.is_dir():
@@ -73,7 +87,7 @@ def stack_paths(profile: str = "current", prefix: Path | None = None) -> StackPa
     conda_prefix = os.environ.get("CONDA_PREFIX")
     if conda_prefix and (Path(conda_prefix) / "targets").is_dir():
         env.setdefault("CUDA_HOME", conda_prefix)
-    return StackPaths(prefix=prefix, pythonpath=pythonpath, ld_library_path=_unique(libs), env=env)
+    return StackPaths(prefix=prefix, pythonpath=_unique(pythonpath), ld_library_path=_unique(libs), env=env)
 
 
 def _unique(items: list[str]) -> list[str]:

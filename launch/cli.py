@@ -74,6 +74,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     _serve_options(p)
     _vllm_options(p)
 
+    for group in ("prefill", "decode"):
+        p = sub.add_parser(group, help=f"run this node's part of the {group} group (deploy file with disaggregation)")
+        _deploy_options(p)
+        _serve_options(p)
+        _vllm_options(p)
+
+    p = sub.add_parser("proxy", help="run vllm-router in front of prefill and decode, once both are healthy")
+    _deploy_options(p)
+    p.add_argument("--dry-run", action="store_true", help="print the router's command instead of running it")
+    p.add_argument("--wait-for-groups", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long to wait for both groups' /health before giving up (default 1800)")
+    p.add_argument("--router-bin", default=None, help="the vllm-router executable (default: vllm-router on PATH)")
+
     p = sub.add_parser("plan", help="print every node's environment and command without running")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
@@ -187,6 +200,19 @@ def config_from_guide(role: str, values: list[str], args: argparse.Namespace) ->
     return config, layout
 
 
+def _groups(config: DeployConfig, role: str | None, path: str) -> list[tuple[str | None, DeployConfig]]:
+    """The deployments a command acts on: the cluster, or the prefill / decode group(s)."""
+    if config.disaggregation is None:
+        if role in ("prefill", "decode"):
+            raise UsageError(f"{path}: disaggregation: missing (serve-{role} needs prefill and decode groups in the deploy file)")
+        return [(None, config)]
+    if role in ("prefill", "decode"):
+        return [(role, config.group(role))]
+    if role is not None:
+        raise UsageError(f"{path}: has prefill and decode groups (expected serve-prefill / serve-decode / serve-proxy, not {role})")
+    return [("prefill", config.group("prefill")), ("decode", config.group("decode"))]
+
+
 def _deploy_path(args: argparse.Namespace) -> str | None:
     return getattr(args, "deploy", None) or getattr(args, "deploy_file", None) or os.environ.get("EP_DEPLOY")
 
@@ -256,39 +282,47 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
     if guide and path and getattr(args, "deploy", None):
         raise UsageError(f"{role}: give either the guide's positional arguments or --deploy, not both")
     if guide or (role and not path):
+        if role not in GUIDE_ARGS:
+            raise UsageError(f"{role}: needs a deploy file (pass --deploy FILE or set EP_DEPLOY)")
         config, layout = config_from_guide(role, guide, args)
         config = _with_overrides(config, args)
-        pairs = [(config, layout)]
         source = "arguments"
+        pairs = [(None, config, layout)]
     else:
         if not path:
             raise UsageError("deploy file: none given (pass FILE, --deploy FILE, or set EP_DEPLOY)")
         config = _with_overrides(load_deploy(path), args)
         source = path
-        all_layouts = layouts(config)
-        wanted = args.node_rank
-        if role is not None:  # serving: exactly this node
-            wanted = node_rank(config, args.node_rank, path)
-            actual = all_layouts[wanted].role
-            if role in ("primary", "secondary") and actual != role:
-                raise UsageError(f"--node-rank: node {wanted} of {path} is the {actual}, not a {role} (expected {'0' if role == 'primary' else '1..'})")
-        elif wanted is not None:
-            node_rank(config, wanted, path)
-        pairs = [(config, lay) for lay in all_layouts if wanted is None or lay.node_rank == wanted]
+        groups = _groups(config, role, path)
+        pairs = []
+        for gname, cfg in groups:
+            all_layouts = layouts(cfg)
+            wanted = args.node_rank
+            if role is not None:  # serving: exactly this node
+                wanted = node_rank(cfg, args.node_rank, path)
+                actual = all_layouts[wanted].role
+                if role in ("primary", "secondary") and actual != role:
+                    raise UsageError(f"--node-rank: node {wanted} of {path} is the {actual}, not a {role} (expected {'0' if role == 'primary' else '1..'})")
+            elif wanted is not None:
+                node_rank(cfg, wanted, path)
+            pairs += [(gname, cfg, lay) for lay in all_layouts if wanted is None or lay.node_rank == wanted]
     # Errors about values that came from the deploy file name the file.
     in_file = source if source != "arguments" else None
     with _naming(in_file if not args.vllm_version else None):
         target = resolve_target(args.vllm_version, config.vllm_version)
     notes: list[str] = []
-    backend = _backend(args, config, notes)
-    if backend:
-        with _naming(in_file if backend == config.all2all_backend and not args.all2all_backend else None):
-            target.check_backend(backend)
+    backends: dict[str | None, str | None] = {}
+    for gname, cfg, _ in pairs:
+        if gname not in backends:  # one backend per deployment (prefill and decode may differ)
+            backends[gname] = backend = _backend(args, cfg, notes)
+            if backend:
+                with _naming(in_file if backend == cfg.all2all_backend and not args.all2all_backend else None):
+                    target.check_backend(backend)
     stack = stack_paths(DEFAULT_PROFILE)
     plans = []
-    for cfg, lay in pairs:
-        p = planning.build(cfg, lay, target, stack, all2all_backend=backend, passthrough=passthrough)
-        plans.append(replace(p, notes=p.notes + notes + ([f"from {source}"] if source != "arguments" else [])))
+    for gname, cfg, lay in pairs:
+        p = planning.build(cfg, lay, target, stack, all2all_backend=backends[gname], passthrough=passthrough)
+        plans.append(replace(p, group=gname, notes=p.notes + notes + ([f"from {source}"] if source != "arguments" else [])))
     return plans
 
 
@@ -363,10 +397,44 @@ def _say(message: str) -> None:
     print(f"[launch] {message}", file=sys.stderr, flush=True)
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from launch import router, supervise, wait
+
+    path = _deploy_path(args)
+    if not path:
+        raise UsageError("deploy file: none given (pass --deploy FILE or set EP_DEPLOY)")
+    config = load_deploy(path)
+    if config.disaggregation is None:
+        raise UsageError(f"{path}: disaggregation: missing (serve-proxy fronts a prefill and a decode group)")
+    command = router.argv(config)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    exe = args.router_bin or shutil.which("vllm-router")
+    if not exe:
+        raise UsageError("vllm-router: not found on PATH (pip install vllm-router, or pass --router-bin)")
+    deadline = time.monotonic() + args.wait_for_groups
+    for name, url in router.health_urls(config).items():
+        what = f"the {name} group's API at {url}"
+        try:
+            took = wait.until(lambda u=url: wait.healthy(u), what, max(0.0, deadline - time.monotonic()), say=_say)
+        except wait.WaitTimeout:
+            raise NodeDown(f"{name}: {what} not ready within {args.wait_for_groups:g} s "
+                           f"(start serve-{name} on its nodes first)") from None
+        _say(f"{name} is healthy at {url} (after {took:.1f} s)")
+    return supervise.run([exe, *command[1:]], os.environ, stop_timeout=10)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     plans = make_plans(args, [])
+    config = load_deploy(_deploy_path(args)) if _deploy_path(args) else None
     if args.format == "text":
         sys.stdout.write("\n".join(render.shell(p) for p in plans))
+        if config is not None and config.disaggregation is not None and args.node_rank is None:
+            from launch import router
+
+            sys.stdout.write(f"\n# router (on {router.address(config)}), once prefill and decode answer /health\n"
+                             f"{shlex.join(router.argv(config))}\n")
     elif args.format == "json":
         json.dump([_plan_json(p) for p in plans], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -480,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "bench":
             return cmd_bench(args, passthrough)
+        if args.command == "proxy":
+            return cmd_proxy(args)
         return cmd_serve(args, passthrough)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

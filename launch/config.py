@@ -9,6 +9,7 @@ is one line: ``FILE: FIELD: what was expected``.
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,8 @@ class Node(_Strict):
     """Overrides network.socket_ifname for this node (nodes whose NIC names differ)."""
     env: dict[str, str] = {}
     """Extra environment for this node only (applied after the cluster-wide env)."""
+    gpu_ids: list[int] | None = None
+    """Which GPUs of the node this entry uses (CUDA_VISIBLE_DEVICES); needed when two groups share a node."""
 
     @field_validator("address")
     @classmethod
@@ -83,13 +86,56 @@ class Network(_Strict):
         return self
 
 
+class Connector(_Strict):
+    """How decode gets the prefill's KV cache."""
+
+    name: Literal["NixlConnector"]
+    backend: Literal["UCX", "LIBFABRIC"] = "UCX"
+    """NIXL's transport: UCX (InfiniBand / RoCE / TCP), LIBFABRIC (AWS EFA)."""
+    side_channel_port: int = Field(default=5600, ge=1, le=65000)
+    """NIXL's handshake port (VLLM_NIXL_SIDE_CHANNEL_PORT); decode uses this + 64 where groups share a node."""
+    ucx_net_devices: str | None = None
+    ucx_tls: str | None = None
+
+
+class Group(_Strict):
+    """One vLLM deployment of the disaggregated pair (prefill or decode): its own nodes and layout."""
+
+    nodes: list[Node] = Field(min_length=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    api_server_count: int | None = Field(default=None, ge=1)
+    all2all_backend: str | None = None
+    port: int = Field(ge=1, le=65535)
+    rpc_port: int = Field(ge=1, le=65535)
+    vllm_args: list[str] = []
+    env: dict[str, str] = {}
+
+
+class Router(_Strict):
+    """vllm-router in front of both groups."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    address: str | None = None
+    """The machine it runs on; default: the prefill group's primary."""
+    host: str = "0.0.0.0"
+    policy: str = "round_robin"
+
+
+class Disaggregation(_Strict):
+    connector: Connector | None = None
+    prefill: Group
+    decode: Group
+    router: Router = Router()
+
+
 class DeployConfig(_Strict):
     """The whole cluster: model, nodes and how vLLM runs on them."""
 
     model: str = Field(min_length=1)
     """Hugging Face model id or local path, as `vllm serve` takes it."""
-    nodes: list[Node] = Field(min_length=1)
-    """The nodes; the first is the primary (API servers, data parallel coordinator)."""
+    nodes: list[Node] = []
+    """The nodes; the first is the primary (API servers, data parallel coordinator). Left out with
+    `disaggregation`, whose groups list their own."""
     tensor_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int | None = Field(default=None, ge=1)
     """Optional cross-check: must equal the sum of the nodes' local data parallel sizes."""
@@ -117,9 +163,18 @@ class DeployConfig(_Strict):
     """Preflight threshold overrides by name (see preflight/thresholds.py)."""
     log_dir: str | None = None
     """Where serve writes each node's log (node-RANK.log); default: the terminal only."""
+    disaggregation: Disaggregation | None = None
+    """Prefill and decode as two groups joined by a KV connector, behind vllm-router."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DeployConfig:
+        if self.disaggregation is not None:
+            if self.nodes:
+                raise _FieldError("nodes", "given together with disaggregation (expected the nodes under disaggregation.prefill / .decode)")
+            _check_disaggregation(self.disaggregation)
+            return self
+        if not self.nodes:
+            raise _FieldError("nodes", "missing (required: at least one node, or a disaggregation section)")
         seen: dict[str, int] = {}
         for rank, node in enumerate(self.nodes):
             if node.address in seen:
@@ -144,12 +199,78 @@ class DeployConfig(_Strict):
                 raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
         return self
 
+    def group(self, name: str) -> DeployConfig:
+        """The prefill or decode group as a deploy config of its own (what plan, check and serve take)."""
+        d = self.disaggregation
+        assert d is not None and d.connector is not None
+        group: Group = getattr(d, name)
+        connector = d.connector
+        offset = 0 if name == "prefill" else 64  # per-rank side-channel ports of two groups never meet
+        kv = {"kv_connector": connector.name, "kv_role": "kv_both", "kv_connector_extra_config": {"backends": [connector.backend]}}
+        nixl_env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(connector.side_channel_port + offset)}
+        if connector.ucx_net_devices:
+            nixl_env["UCX_NET_DEVICES"] = connector.ucx_net_devices
+        if connector.ucx_tls:
+            nixl_env["UCX_TLS"] = connector.ucx_tls
+        nodes = []
+        for node in group.nodes:
+            node_env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": node.address, **node.env}
+            if node.gpu_ids is not None:
+                node_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, node.gpu_ids))
+            nodes.append(node.model_copy(update={"env": node_env}))
+        return DeployConfig.model_validate({
+            **self.model_dump(exclude={"disaggregation", "nodes"}),
+            "nodes": [n.model_dump() for n in nodes],
+            "tensor_parallel_size": group.tensor_parallel_size, "api_server_count": group.api_server_count,
+            "all2all_backend": group.all2all_backend, "port": group.port, "rpc_port": group.rpc_port,
+            "vllm_args": [*group.vllm_args, *self.vllm_args, "--kv-transfer-config", json.dumps(kv, separators=(",", ":"))],
+            "env": {**self.env, **nixl_env, **group.env},
+        })
+
     def local_dp(self, rank: int) -> int:
         node = self.nodes[rank]
         return node.data_parallel_size_local or node.gpus // self.tensor_parallel_size
 
     def ifname(self, rank: int) -> str:
         return self.nodes[rank].socket_ifname or self.network.socket_ifname
+
+
+def _gpus_of(node: Node) -> set[int]:
+    return set(node.gpu_ids) if node.gpu_ids is not None else set(range(node.gpus))
+
+
+def _check_disaggregation(d: Disaggregation) -> None:
+    where = "disaggregation"
+    if d.connector is None:
+        raise _FieldError(f"{where}.connector", "missing (expected {name: NixlConnector, backend: UCX or LIBFABRIC}: decode needs the prefill's KV cache)")
+    groups = {"prefill": d.prefill, "decode": d.decode}
+    used: dict[str, list[tuple[str, set[int]]]] = {}
+    for gname, group in groups.items():
+        seen: set[str] = set()
+        for i, node in enumerate(group.nodes):
+            field = f"{where}.{gname}.nodes[{i}]"
+            if node.address in seen:
+                raise _FieldError(f"{field}.address", f"{node.address!r} twice in the {gname} group (expected one entry per node)")
+            seen.add(node.address)
+            if node.gpu_ids is not None and len(set(node.gpu_ids)) != node.gpus:
+                raise _FieldError(f"{field}.gpu_ids", f"{len(set(node.gpu_ids))} distinct GPUs for gpus: {node.gpus} (expected {node.gpus})")
+            if node.gpus % group.tensor_parallel_size:
+                raise _FieldError(f"{field}.gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {group.tensor_parallel_size}")
+            for other, ids in used.get(node.address, []):
+                clash = sorted(ids & _gpus_of(node))
+                if clash:
+                    raise _FieldError(f"{field}.gpu_ids", f"GPUs {clash} of {node.address} are also used by {other} (expected disjoint gpu_ids per node)")
+            used.setdefault(node.address, []).append((field, _gpus_of(node)))
+    p, q = d.prefill, d.decode
+    shared = p.nodes[0].address == q.nodes[0].address
+    if shared and p.port == q.port:
+        raise _FieldError(f"{where}.decode.port", f"{q.port} is also the prefill API port on {p.nodes[0].address} (expected another port)")
+    if {n.address for n in p.nodes} & {n.address for n in q.nodes} and p.rpc_port == q.rpc_port:
+        raise _FieldError(f"{where}.decode.rpc_port", f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)")
+    router_at = d.router.address or p.nodes[0].address
+    for gname, group in groups.items():
+        if group.nodes[0].address == router_at and group.port == d.router.port:
+            raise _FieldError(f"{where}.router.port", f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)")
 
 
 class _FieldError(ValueError):

@@ -50,13 +50,16 @@ class NodePlan:
     """PYTHONPATH / LD_LIBRARY_PATH entries put before whatever the node already has."""
     notes: list[str] = field(default_factory=list)
     log_file: str | None = None
+    group: str | None = None
+    """prefill / decode in a disaggregated deployment."""
 
     @property
     def title(self) -> str:
         lay = self.layout
         ranks = f"{lay.start_rank}..{lay.start_rank + lay.data_parallel_size_local - 1}"
         where = f" {lay.node_address}" if lay.node_address else ""
-        return f"node {lay.node_rank} ({lay.role}{where}): DP ranks {ranks} of {lay.data_parallel_size}"
+        group = f"{self.group} " if self.group else ""
+        return f"{group}node {lay.node_rank} ({lay.role}{where}): DP ranks {ranks} of {lay.data_parallel_size}"
 
 
 def build(
