@@ -424,11 +424,16 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
+_DIAGNOSTIC = re.compile(r":\d+(:\d+)?: (fatal )?error\b|^CMake Error|\berror: #error|^ERROR: .*\bcompil", re.IGNORECASE)
+
+
 def _error_line(log: Path) -> str:
-    """The line that says why: the last compiler error, else the last line."""
+    """The line that says why: the first compiler or cmake error, else the last error line, else the last."""
     lines = [line for line in _tail(log) if not line.startswith("$ ")]
+    for line in lines:
+        if _DIAGNOSTIC.search(line):
+            return line[:240]
     for line in reversed(lines):
-        low = line.lower()
-        if "error:" in low or low.startswith("error") or "#error" in low:
+        if "error" in line.lower():
             return line[:240]
     return lines[-1][:240] if lines else "no output"

@@ -59,6 +59,19 @@ class NodeContext:
         return self.plan.layout.data_parallel_size_local * self.config.tensor_parallel_size
 
     @property
+    def kv_connector(self) -> str | None:
+        """The KV connector this node's vLLM gets (--kv-transfer-config), if any."""
+        if not self.plan or "--kv-transfer-config" not in self.plan.argv:
+            return None
+        import json
+
+        raw = self.plan.argv[self.plan.argv.index("--kv-transfer-config") + 1]
+        try:
+            return json.loads(raw).get("kv_connector")
+        except (ValueError, AttributeError):
+            return None
+
+    @property
     def backend(self) -> str | None:
         if not self.plan:
             return None
@@ -89,8 +102,10 @@ class NodeContext:
         return f"node {lay.node_rank} of {self.nodes} ({lay.role}{where})"
 
 
-def build(deploy: str | None, node_rank: int | None, ifname: str | None, transport: str | None) -> NodeContext:
-    """Raises ConfigError (one line) for a bad deploy file or rank."""
+def build(deploy: str | None, node_rank: int | None, ifname: str | None, transport: str | None,
+          group: str | None = None) -> NodeContext:
+    """Raises ConfigError (one line) for a bad deploy file or rank. ``group`` picks prefill or decode
+    in a disaggregated deployment."""
     if not deploy:
         return NodeContext(config=None, plan=None, thresholds=Thresholds.defaults(), ifname=ifname,
                            extra={"transport": transport or "tcp"})
@@ -98,6 +113,12 @@ def build(deploy: str | None, node_rank: int | None, ifname: str | None, transpo
     if transport or ifname:
         network = config.network.model_dump() | ({"transport": transport} if transport else {}) | ({"socket_ifname": ifname} if ifname else {})
         config = DeployConfig.model_validate(config.model_dump() | {"network": network})
+    if config.disaggregation is not None:
+        if group not in ("prefill", "decode"):
+            raise ConfigError(f"{deploy}: has prefill and decode groups (expected --group prefill or --group decode)")
+        config = config.group(group)
+    elif group:
+        raise ConfigError(f"--group: {deploy} has no disaggregation section (expected no --group)")
     all_layouts = layouts(config)
     if node_rank is None:
         mine = netif.own_rank([n.address for n in config.nodes])

@@ -59,6 +59,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--node-rank", type=int, default=None, help="this node's index in the deploy file (default: from its addresses)")
     group.addoption("--socket-ifname", default=None, help="override the deploy file's socket interface")
     group.addoption("--transport", default=None, choices=("ib", "roce", "efa", "tcp"), help="override the deploy file's transport")
+    group.addoption("--group", default=None, choices=("prefill", "decode"), help="disaggregated deployments: which group this node serves in")
     group.addoption("--preflight-json", default=None, help="write the JSON report here (default: preflight-report.json in the log dir, or none)")
     parser.addini("preflight_deploy", "deploy file, as --deploy", default=None)
     parser.addini("preflight_json", "JSON report path, as --preflight-json", default=None)
@@ -80,7 +81,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     deploy = config.option.deploy or config.getini("preflight_deploy") or os.environ.get("EP_DEPLOY")
     try:
-        ctx = context.build(deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport)
+        ctx = context.build(deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport,
+                            config.option.group)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[CONTEXT_KEY] = ctx

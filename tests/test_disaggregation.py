@@ -175,3 +175,16 @@ def test_serve_prefill_dry_run_on_its_node(launch, write_yaml):
     assert "# prefill node 0 (primary 127.0.0.1)" in res.out
     assert "--kv-transfer-config" in res.out and "export VLLM_NIXL_SIDE_CHANNEL_PORT=5600" in res.out
     assert json.loads(KV)["kv_connector"] == "NixlConnector"
+
+
+def test_preflight_on_a_decode_node_checks_nixl(write_yaml):
+    from tests.conftest import run_module
+
+    path = write_yaml(PD.replace("10.0.0.1", "127.0.0.1"))
+    res = run_module("preflight", "--deploy", str(path), "--group", "decode", "--node-rank", "0", "--socket-ifname", "lo",
+                     "-k", "nixl or imports")
+    assert "# preflight: " in res.out and "node 0 of 1 (primary 127.0.0.1)" in res.out
+    assert "PASS  system       NIXL side-channel ports free" in res.out and "5664..5667 free" in res.out
+    assert "import [nixl]" in res.out and "SKIP  imports      import [nixl]" not in res.out  # required for a KV connector
+    missing = run_module("preflight", "--deploy", str(path), "-k", "nixl")
+    assert missing.code != 0 and "expected --group prefill or --group decode" in missing.out + missing.err

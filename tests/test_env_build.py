@@ -36,14 +36,18 @@ pytest.importorskip("torch")
 GIT_ID = ["-c", "user.name=env tests", "-c", "user.email=env-tests@example.invalid", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main"]
 
 SETUP_PY = """\
+import os
+
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 setup(
     name="tinyext",
     version="0.1",
     packages=["tinyext"],
-    ext_modules=[CppExtension("tinyext._C", ["csrc/ext.cpp"], include_dirs=["third-party/tinyhdr"], extra_compile_args=["-O0"])],
+    ext_modules=[CppExtension("tinyext._C", ["csrc/ext.cpp"], include_dirs=[os.path.join(HERE, "third-party", "tinyhdr")], extra_compile_args=["-O0"])],
     cmdclass={"build_ext": BuildExtension},
 )
 """

@@ -13,7 +13,7 @@ IMPORT_TIMEOUT_S = 180  # a cold `import vllm` on a network file system can take
 @pytest.fixture(scope="session")
 def stack(node):
     env = node.env()
-    need = imports.required(node.backend, node.plan.env if node.plan else {})
+    need = imports.required(node.backend, node.plan.env if node.plan else {}, node.kv_connector)
     return need, imports.probe(list(need), env, IMPORT_TIMEOUT_S)
 
 

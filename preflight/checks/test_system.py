@@ -78,3 +78,15 @@ def test_primary_ports_are_free(node, check, which):
     problem = system.port_in_use(port)
     check.require(problem is None, f"{which} {port} {problem or 'free'}", "free",
                   fix=f"stop what listens on {port} (ss -ltnp 'sport = :{port}'), or choose another {which} in the deploy file")
+
+
+def test_nixl_side_channel_ports_are_free(node, check):
+    """NIXL side-channel ports free"""
+    if node.kv_connector is None:
+        check.skip("no KV connector: not a prefill/decode node")
+    base = int(node.plan.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600"))
+    # vLLM's NIXL connector opens one side-channel port per local rank, counted up from the base.
+    ranks = node.plan.layout.data_parallel_size_local * node.config.tensor_parallel_size
+    busy = [f"{port} {why}" for port in range(base, base + ranks) if (why := system.port_in_use(port))]
+    check.require(not busy, ", ".join(busy) or f"{base}..{base + ranks - 1} free", f"{base}..{base + ranks - 1} free",
+                  fix="stop what holds them (ss -ltnp), or set disaggregation.connector.side_channel_port to a free range")
