@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from env import machine
@@ -200,7 +200,6 @@ class Builder:
         staging.mkdir()
         src, out_dir = staging / "src", staging / "out"
         log = logs / f"{comp.name}-{h12}.log"
-        log.write_text(f"# {comp.name} {comp.url} {comp.ref}  inputs {input_hash}\n")
         self.out(f"{tag} {comp.name:<14} {short(comp)}  building (log: {log})")
         start = time.monotonic()
         try:
@@ -209,6 +208,8 @@ class Builder:
             else:
                 submodules = {}
                 extract(where, self.cache.ensure_tarball(comp, user_sha), src)
+            # The log starts once there is a source to build: a refused pin leaves none behind.
+            log.write_text(f"# {comp.name} {comp.url} {comp.ref}  inputs {input_hash}\n")
             env = self._env(comp, toolkit, archs, jobs, nvshmem[0] if nvshmem else None)
             out_dir.mkdir()
             commands = self._commands(comp, src, out_dir, cmake_flags, jobs)
@@ -236,7 +237,7 @@ class Builder:
             input_hash=input_hash,
             pin_hash=digest(comp.pin()),
             artifact_sha256=tree_sha256(final),
-            built_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            built_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             duration_s=round(duration, 1),
             path=f"builds/{final.name}",
             link=comp.name,

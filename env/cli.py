@@ -228,3 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the previous builds are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `python -m env status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

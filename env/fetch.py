@@ -98,7 +98,7 @@ class SourceCache:
         mirror.parent.mkdir(parents=True, exist_ok=True)
         if not mirror.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=".clone-", dir=mirror.parent))
-            proc = git(["clone", "--quiet", "--mirror", url, str(tmp / "m.git")])
+            proc = git(["clone", "--quiet", "--mirror", "--", url, str(tmp / "m.git")])
             if proc.returncode:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StackError(where, f"cannot reach {url} ({_last_line(proc.stderr)})", OFFLINE_FIX)
@@ -157,7 +157,7 @@ class SourceCache:
     def checkout(self, where: str, url: str, commit: str, dest: Path, with_submodules: bool, depth: int = 0) -> dict[str, str]:
         """A working tree of `url` at `commit` in `dest` (and its submodules, from their mirrors)."""
         mirror = self.ensure_commit(where, url, commit)
-        clone = git(["clone", "--quiet", "--no-checkout", str(mirror), str(dest)])
+        clone = git(["clone", "--quiet", "--no-checkout", "--", str(mirror), str(dest)])
         if clone.returncode:
             raise StackError(where, f"cannot copy the cached source ({_last_line(clone.stderr)})", f"remove {mirror} and fetch again")
         co = git(["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit], cwd=dest)

@@ -5,6 +5,7 @@ Each is read once per build and recorded in the manifest, so a build says what i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -80,10 +81,8 @@ def nvml_archs() -> ArchList | None:
     except Exception:
         return None
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
     if not found:
         return None
     seen = ", ".join(f"{n} x {names[a]}" for a, n in found.items())
@@ -121,7 +120,7 @@ def resolve_archs(given: str | None, deploy: Path | None, environ: dict[str, str
             return declared
     if environ.get("TORCH_CUDA_ARCH_LIST"):
         return parse_archs(environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST")
-    return ArchList((), "none (no GPU found by NVML, no --arch, no deploy file env.TORCH_CUDA_ARCH_LIST)")
+    return ArchList((), "no GPU found by NVML, no --arch, no deploy file env.TORCH_CUDA_ARCH_LIST")
 
 
 # ---- cores and memory -------------------------------------------------------------------------------------

@@ -148,6 +148,8 @@ class Profile:
     components: tuple[Component, ...] = ()
     toolchain: dict[str, str] = field(default_factory=dict)
     """conda-forge packages of the build toolchain and the network stack, with their version specs."""
+    torch_index: str = ""
+    """An extra PyPI index torch comes from (PyTorch's per-CUDA index), where PyPI's build is not the one."""
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.components]
@@ -185,6 +187,7 @@ SEED = Profile(
     torch="2.7.1",
     python="3.12",
     cuda="12.8",
+    torch_index="https://download.pytorch.org/whl/cu128",
     description="the guide's stack: vLLM 0.10.1.1, NVSHMEM 3.3.9, DeepEP c18eabd, pplx-kernels 12cecfd, DeepGEMM ea9c5d9, NCCL 2.27.7",
     toolchain={
         "cuda-nvcc": "*",
@@ -358,9 +361,10 @@ CURRENT = Profile(
             submodules=True,
             archs=("9.0", "10.0", "12.0"),
             module="deep_gemm",
-            note="vLLM wheels bundle DeepGEMM (vllm/third_party/deep_gemm), so nothing is built by default. Inference: "
-            "PR #52035 pinned deepseek-ai 8b1392b, #56876 moved it to this fork commit and #57218 to a6bbb800 (full hash "
-            "not found), all before v0.30.0; v0.33.0's exact pin could not be read",
+            note="the vllm 0.33.0 wheel bundles DeepGEMM 2.8.1 (vllm/third_party/deep_gemm/__init__.py, read from the "
+            "wheel), so nothing is built by default. Inference: this source pin is older than that: PR #52035 pinned "
+            "deepseek-ai 8b1392b (2.6.1), #56876 this fork commit (2.8.0), #57218 a6bbb800 (full hash not found), all "
+            "before v0.30.0; the wheel does not record its commit",
         ),
         Component(
             name="nccl",
@@ -390,7 +394,8 @@ CURRENT = Profile(
         ),
     ),
 )
-# pplx-kernels is absent from `current` on purpose: vLLM removed the pplx backend in PR #33724 (early 2026).
+# pplx-kernels is absent from `current` on purpose: vLLM removed the pplx backend in PR #33724 (early 2026);
+# vLLM 0.33.0's vllm/config/parallel.py turns `pplx` into allgather_reducescatter with a warning.
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (SEED, CURRENT)}
 

@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from env.paths import joined, stack_paths
-from env.pins import DEFAULT_PROFILE
+from env.pins import active_profile
 from launch import netif, plan as planning, render
 from launch.config import ConfigError, DeployConfig, Network, Node, load_deploy
 from launch.layout import NodeLayout, layouts
@@ -318,7 +318,7 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
             if backend:
                 with _naming(in_file if backend == cfg.all2all_backend and not args.all2all_backend else None):
                     target.check_backend(backend)
-    stack = stack_paths(DEFAULT_PROFILE)
+    stack = stack_paths(active_profile())
     plans = []
     for gname, cfg, lay in pairs:
         p = planning.build(cfg, lay, target, stack, all2all_backend=backends[gname], passthrough=passthrough)

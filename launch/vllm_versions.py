@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from packaging.version import InvalidVersion, Version
 
-from env.pins import PINNED_VLLM
+from env.pins import PROFILES, active_profile
 from launch.config import ConfigError
 
 ALL2ALL_FLAG_SINCE = Version("0.11.1")
@@ -112,4 +112,5 @@ def resolve_target(given: str | None, from_deploy: str | None) -> Target:
     if installed:
         # Local builds carry suffixes (0.26.0+cu130, 0.27.0.dev12); compare on the release part.
         return Target(Version(Version(installed).base_version), "installed")
-    return Target(Version(PINNED_VLLM), "pinned")
+    profile = active_profile()
+    return Target(Version(PROFILES[profile].vllm), f"pinned, profile {profile}")

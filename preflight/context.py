@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from env.paths import stack_paths
-from env.pins import DEFAULT_PROFILE
+from env.pins import active_profile
 from launch import netif, plan as planning
 from launch.config import ConfigError, DeployConfig, load_deploy
 from launch.layout import NodeLayout, layouts
@@ -128,7 +128,7 @@ def build(deploy: str | None, node_rank: int | None, ifname: str | None, transpo
     if not 0 <= node_rank < len(all_layouts):
         raise ConfigError(f"--node-rank: {node_rank} is not a node of {deploy} (expected 0..{len(all_layouts) - 1})")
     target = resolve_target(None, config.vllm_version)
-    plan = planning.build(config, all_layouts[node_rank], target, stack_paths(DEFAULT_PROFILE))
+    plan = planning.build(config, all_layouts[node_rank], target, stack_paths(active_profile()))
     thresholds = Thresholds.defaults().override(config.preflight, deploy)
     chosen = plan.env[planning.IFNAME_VARS[0]]
     found, problem = (chosen, "") if isinstance(chosen, str) else (netif.find(chosen), "")

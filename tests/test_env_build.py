@@ -94,6 +94,8 @@ class Repo:
     url: str
     commits: dict[str, str]
     """A, B (good), C (does not compile)."""
+    work: Path
+    """The clone the commits were made in."""
 
 
 def make_repo(root: Path) -> Repo:
@@ -116,23 +118,27 @@ def make_repo(root: Path) -> Repo:
     (ext / "setup.py").write_text(SETUP_PY)
     git("submodule", "--quiet", "add", "../tinyhdr.git", "third-party/tinyhdr", cwd=ext)
     commits = {}
-    versions = {"A": ("", "x.mul(kScale)"), "B": ("", "x.mul(kScale).add(1)"), "C": ('#error "this commit does not compile"\n', "x")}
+    versions = {"A": ("", "x.mul(kScale)"), "B": ("", "x.mul(kScale).add(1)"), "C": ('#include "this_commit_does_not_compile.h"\n', "x")}
     for version, (prologue, body) in versions.items():
         (ext / "tinyext" / "__init__.py").write_text(INIT_PY.format(version=version))
         (ext / "csrc" / "ext.cpp").write_text(EXT_CPP.format(prologue=prologue, body=body))
         git("add", "-A", cwd=ext)
         git("commit", "--quiet", "-m", f"version {version}", cwd=ext)
         commits[version] = git("rev-parse", "HEAD", cwd=ext)
-    git("push", "--quiet", "origin", "HEAD:main", cwd=ext)
-    shutil.rmtree(work)
-    return Repo(remote, str(remote / "tinyext.git"), commits)
+    # Only A is published for now: B and C appear upstream after the cache was filled (publish()).
+    git("push", "--quiet", "origin", f"{commits['A']}:refs/heads/main", cwd=ext)
+    return Repo(remote, str(remote / "tinyext.git"), commits, ext)
+
+
+def publish(repo: Repo) -> None:
+    git("push", "--quiet", "origin", "HEAD:main", cwd=repo.work)
 
 
 def write_pins(path: Path, url: str, commit: str, archs: tuple[str, ...] = ("9.0", "10.0")) -> Path:
     """A pins file with one profile, `test`, holding the extension as a DeepEP-like component."""
     path.write_text(
         "[profiles.test]\n"
-        'vllm = "0.33.0"\ntorch = "2.13.0"\npython = "3.11"\ndescription = "a CPU torch extension built as DeepEP is"\n'
+        'python = "3.11"\ndescription = "a CPU torch extension built as DeepEP is"\n'
         "[[profiles.test.components]]\n"
         f'name = "tinyext"\nkind = "git"\nurl = "{url}"\nref = "{commit}"\nsource = "made by tests/test_env_build.py"\n'
         'build = "pip"\ncuda = false\nneeds_torch = true\nsubmodules = true\nmodule = "tinyext"\n'
@@ -174,7 +180,7 @@ def story(root: Path) -> dict:
     repo = make_repo(root / "repo")
     cache, prefix, pins = root / "cache", root / "stack", root / "pins.toml"
     base = ["--pins", str(pins), "--profile", "test", "--prefix", str(prefix), "--cache", str(cache), "--arch", "9.0"]
-    steps: dict = {"repo": asdict(repo)}
+    steps: dict = {"repo": {**asdict(repo), "remote": str(repo.remote), "work": str(repo.work)}}
 
     # 1. fetch with the repositories reachable; then they go away; build from the cache only.
     write_pins(pins, repo.url, repo.commits["A"])
@@ -193,6 +199,7 @@ def story(root: Path) -> dict:
     steps["unreachable"] = run_env("build", *base)
     steps["offline_missing"] = run_env("build", *base, "--offline")
     hidden.rename(repo.remote)
+    publish(repo)
 
     # 3. a commit that exists nowhere.
     write_pins(pins, repo.url, "0123456789abcdef0123456789abcdef01234567")
@@ -363,7 +370,7 @@ def test_failed_build_names_its_log_and_keeps_the_previous_build(steps):
     line = one_line_error(result)
     assert result["code"] == 1
     assert line.startswith("error: component tinyext: build failed (exit 1):")
-    assert "this commit does not compile" in line
+    assert "this_commit_does_not_compile.h: No such file or directory" in line  # the compiler's own words
     assert f"full log: {steps['prefix']}/logs/tinyext-" in line and "the previous build, if any, is kept" in line
     assert steps["manifest_c"] == steps["manifest_b"]
     imported = steps["import_after_c"]

@@ -43,3 +43,61 @@ def test_profile_pins_agree_with_env_pins(manifest, profile):
     assert deps["vllm"] == f"=={pins.vllm}"
     assert deps["torch"] == f"=={pins.torch}"
     assert manifest["dependencies"]["python"] == f"{pins.python}.*"
+
+
+# ---- one source of truth: every pin pixi.toml holds is env/pins.py's, and the other way round ------------
+
+ENVIRONMENT_OF = {"current": "default", "seed": "seed"}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_pypi_pin_of_the_profile_is_in_its_feature_and_nothing_else(manifest, profile):
+    assert manifest["feature"][profile]["pypi-dependencies"] == PROFILES[profile].pypi_pins()
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_conda_pin_of_the_profile_is_in_its_feature_and_nothing_else(manifest, profile):
+    feature = manifest["feature"][profile]
+    assert feature["dependencies"] == PROFILES[profile].conda_pins()
+    for tool in ("cuda-nvcc", "cmake", "ninja", "gxx", "rdma-core", "libfabric", "ucx", "cuda-version"):
+        assert tool in feature["dependencies"], f"{profile} lacks the toolchain package {tool}"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_cuda_torch_index_and_profile_variable_agree(manifest, profile):
+    pins, feature = PROFILES[profile], manifest["feature"][profile]
+    assert feature["system-requirements"]["cuda"] == pins.cuda
+    assert feature["activation"]["env"]["EP_STACK_PROFILE"] == profile
+    assert feature.get("pypi-options", {}).get("extra-index-urls", []) == ([pins.torch_index] if pins.torch_index else [])
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_each_profile_has_its_environment(manifest, profile):
+    env = manifest["environments"][ENVIRONMENT_OF[profile]]
+    assert env["features"] == [profile] and env["solve-group"] == profile
+
+
+def test_no_pin_outside_the_profile_features(manifest):
+    """vLLM, torch and the stack's packages are pinned in the profile features only."""
+    stack = {n for p in PROFILES.values() for n in (*p.pypi_pins(), *p.conda_pins())}
+    assert not stack & set(manifest["pypi-dependencies"]), "pin stack packages in a profile feature"
+    assert not stack & set(manifest["dependencies"]) - {"python"}
+    for name, feature in manifest["feature"].items():
+        if name not in PROFILES:
+            assert not stack & set(feature.get("pypi-dependencies", {})) | (stack & set(feature.get("dependencies", {}))), name
+
+
+def test_stack_tasks_call_python_m_env(manifest):
+    tasks = manifest["tasks"]
+    assert tasks["build-ep-kernels"]["cmd"] == "python -m env build"
+    assert tasks["fetch-sources"]["cmd"] == "python -m env fetch"
+    assert tasks["stack-paths"]["cmd"] == "python -m env paths"
+    assert tasks["stack-status"]["cmd"] == "python -m env status"
+    for kept in ("serve-primary", "serve-secondary", "serve", "plan", "check", "preflight", "preflight-bench", "bench-plan"):
+        assert kept in tasks
+
+
+def test_pinned_vllm_is_the_default_profiles():
+    from env.pins import DEFAULT_PROFILE, PINNED_VLLM
+
+    assert PINNED_VLLM == PROFILES[DEFAULT_PROFILE].vllm == "0.33.0"
