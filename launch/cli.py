@@ -367,9 +367,7 @@ def cmd_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         return 0
     argv = list(plan.argv)
     env = child_environment(plan)
-    exe = args.vllm_bin or shutil.which(argv[0], path=env.get("PATH"))
-    if not exe:
-        raise UsageError("vllm: not found on PATH (install the stack with `pixi install`, or pass --vllm-bin)")
+    exe = _executable(args.vllm_bin, argv[0], VLLM_FIX, path=env.get("PATH"))
     argv[0] = exe
     for line in render.summary(plan):
         print(f"[launch] {line}", file=sys.stderr)
@@ -393,6 +391,16 @@ def cmd_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
                          health_url=health, health_timeout=args.health_timeout)
 
 
+VLLM_FIX = "install the stack with `pixi install`, or pass --vllm-bin"
+
+
+def _executable(given: str | None, name: str, fix: str, path: str | None = None) -> str:
+    exe = given or shutil.which(name, path=path)
+    if not exe:
+        raise UsageError(f"{name}: not found on PATH ({fix})")
+    return exe
+
+
 def _say(message: str) -> None:
     print(f"[launch] {message}", file=sys.stderr, flush=True)
 
@@ -410,9 +418,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    exe = args.router_bin or shutil.which("vllm-router")
-    if not exe:
-        raise UsageError("vllm-router: not found on PATH (pip install vllm-router, or pass --router-bin)")
+    exe = _executable(args.router_bin, "vllm-router", "pip install vllm-router, or pass --router-bin")
     deadline = time.monotonic() + args.wait_for_groups
     for name, url in router.health_urls(config).items():
         what = f"the {name} group's API at {url}"
@@ -508,9 +514,7 @@ def cmd_bench(args: argparse.Namespace, passthrough: list[str]) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    exe = args.vllm_bin or shutil.which("vllm")
-    if not exe:
-        raise UsageError("vllm: not found on PATH (install the stack with `pixi install`, or pass --vllm-bin)")
+    exe = _executable(args.vllm_bin, "vllm", VLLM_FIX)
     benchmark.record(out, command, [_plan_json(p) for p in make_plans(args, [])])
     _say(f"benchmark run folder: {out}")
     code = supervise.run([exe, *command[1:]], os.environ, stop_timeout=10)
