@@ -17,7 +17,6 @@ is what vLLM will import.
 from __future__ import annotations
 
 import os
-import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +98,3 @@ def joined(prepend: list[str], inherited: str | None) -> str:
     parts = list(prepend) + ([inherited] if inherited else [])
     return os.pathsep.join(parts)
 
-
-def interpreter() -> str:
-    return sys.executable

@@ -69,10 +69,9 @@ def build(
     stack: StackPaths,
     *,
     all2all_backend: str | None = None,
-    ifname: str | None = None,
     passthrough: list[str] | None = None,
 ) -> NodePlan:
-    """The plan for one node. ``all2all_backend`` and ``ifname`` override the deploy file's."""
+    """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND)."""
     notes: list[str] = [f"target {target.describe()}"]
     backend = all2all_backend or config.all2all_backend
     if backend:
@@ -80,7 +79,7 @@ def build(
 
     env: dict[str, EnvValue] = {}
     env.update(stack.env)
-    chosen = ifname or (config.ifname(layout.node_rank) if layout.node_rank < len(config.nodes) else config.network.socket_ifname)
+    chosen = config.ifname(layout.node_rank) if layout.node_rank < len(config.nodes) else config.network.socket_ifname
     iface: EnvValue
     if chosen == "auto":
         iface = AutoIfname(layout.node_address, towards=False) if layout.node_address else AutoIfname(layout.primary_address, towards=True)

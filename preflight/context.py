@@ -14,7 +14,7 @@ from env.paths import stack_paths
 from env.pins import active_profile
 from launch import netif, plan as planning
 from launch.config import ConfigError, DeployConfig, load_deploy
-from launch.layout import NodeLayout, layouts
+from launch.layout import layouts
 from launch.netif import AutoIfname
 from launch.plan import NodePlan
 from launch.vllm_versions import resolve_target
@@ -42,10 +42,6 @@ class NodeContext:
     @property
     def nodes(self) -> int:
         return len(self.config.nodes) if self.config else 1
-
-    @property
-    def layouts(self) -> list[NodeLayout]:
-        return layouts(self.config) if self.config else []
 
     @property
     def transport(self) -> str:

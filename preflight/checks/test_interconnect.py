@@ -130,14 +130,19 @@ def test_nvidia_peermem_loaded(node, check):
     transport = node.transport
     if transport == "tcp":
         check.skip("transport is tcp: no GPUDirect RDMA")
+    _require_module(check, "nvidia_peermem",
+                    fix=("modprobe nvidia_peermem (it ships with the NVIDIA driver); to load it at boot: "
+                         "echo nvidia_peermem > /etc/modules-load.d/nvidia-peermem.conf"),
+                    why=f"without it NCCL over {transport} copies GPU buffers through host memory")
+
+
+def _require_module(check, name: str, fix: str, why: str) -> None:
+    """The kernel module ``name`` is in /proc/modules."""
     proc = rdma.proc_dir()
     modules = rdma.loaded_modules(proc)
-    fix = ("modprobe nvidia_peermem (it ships with the NVIDIA driver); to load it at boot: "
-           "echo nvidia_peermem > /etc/modules-load.d/nvidia-peermem.conf")
     check.require(modules is not None, "unknown", "loaded", fix=fix, why=f"cannot read {proc / 'modules'}")
-    loaded = "nvidia_peermem" in modules
-    check.require(loaded, "loaded" if loaded else "not loaded", "loaded", fix=fix,
-                  why=f"without it NCCL over {transport} copies GPU buffers through host memory")
+    loaded = name in modules
+    check.require(loaded, "loaded" if loaded else "not loaded", "loaded", fix=fix, why=why)
 
 
 def _deepep_multinode(node, check) -> str:
@@ -156,14 +161,10 @@ def test_gdrdrv_loaded(node, check):
     backend = _deepep_multinode(node, check)
     if node.transport == "tcp":
         check.skip("transport is tcp: GDRCopy serves NVSHMEM's RDMA transports")
-    proc = rdma.proc_dir()
-    modules = rdma.loaded_modules(proc)
-    fix = ("build GDRCopy and load its driver (gdrcopy's insmod.sh, or the gdrdrv-dkms package: modprobe gdrdrv); "
-           "vLLM's tools/ep_kernels/install_system_drivers.sh does both")
-    check.require(modules is not None, "unknown", "loaded", fix=fix, why=f"cannot read {proc / 'modules'}")
-    loaded = "gdrdrv" in modules
-    check.require(loaded, "loaded" if loaded else "not loaded", "loaded", fix=fix,
-                  why=f"{backend} across nodes needs GDRCopy")
+    _require_module(check, "gdrdrv",
+                    fix=("build GDRCopy and load its driver (gdrcopy's insmod.sh, or the gdrdrv-dkms package: modprobe gdrdrv); "
+                         "vLLM's tools/ep_kernels/install_system_drivers.sh does both"),
+                    why=f"{backend} across nodes needs GDRCopy")
 
 
 def test_nvidia_driver_set_up_for_ibgda(node, check):
