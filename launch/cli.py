@@ -38,7 +38,7 @@ from pathlib import Path
 from env.paths import joined, stack_paths
 from env.pins import active_profile
 from launch import netif, plan as planning, render
-from launch.config import ConfigError, DeployConfig, Network, Node, load_deploy
+from launch.config import ConfigError, DeployConfig, Network, Node, dump_deploy, load_deploy, parse_deploy_text
 from launch.layout import NodeLayout, layouts
 from launch.netif import AutoIfname
 from launch.plan import NodePlan
@@ -90,10 +90,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print every node's environment and command without running")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
-    p.add_argument("--format", choices=("text", "shell", "json"), default="text",
-                   help="text: exports + command per node; shell: one runnable script per node in --out; json")
-    p.add_argument("--out", help="folder for --format shell scripts (node-RANK.sh)")
-    p.add_argument("--force", action="store_true", help="overwrite scripts in --out that differ")
+    p.add_argument("--format", choices=("text", "shell", "json", "slurm", "k8s"), default="text",
+                   help="text: exports + command per node; shell: one runnable script per node in --out; json; "
+                        "slurm: one sbatch script for the whole job; k8s: LeaderWorkerSet manifests")
+    p.add_argument("--out", help="folder for --format shell scripts (node-RANK.sh); file for slurm / k8s (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite files in --out that differ")
     _vllm_options(p)
 
     p = sub.add_parser("bench", help="`vllm bench serve` against the deploy file's API (the guide's defaults), recorded")
@@ -112,11 +113,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--all2all-backend", help="the backend that was asked for (default: the deploy file's, else vLLM's default)")
     p.add_argument("--ep-size", type=int, help="expected EP ranks (default: the deploy file's DP x TP)")
 
+    p = sub.add_parser("slurm-step", help="inside a Slurm job (the script `plan --format slurm` writes): place the "
+                                         "deploy file on the allocation, then run STEP as this node")
+    p.add_argument("step", choices=("allocation", "preflight", "serve", "plan", "check", "proxy"),
+                   help="allocation: check and print where the nodes are (batch host); proxy: the P/D router")
+    p.add_argument("--group", choices=("prefill", "decode"), help="this component's group (heterogeneous P/D job)")
+    p.add_argument("--deploy", help="deploy file (default: the copy the job script carries, $EP_DEPLOY_TEXT)")
+
+    p = sub.add_parser("lws-step", help="inside a LeaderWorkerSet pod (`plan --format k8s`): place the deploy file on "
+                                       "the group, then run STEP as this pod")
+    p.add_argument("step", choices=("preflight", "serve"))
+    p.add_argument("--deploy", help="deploy file (default: $EP_DEPLOY)")
+    p.add_argument("--resolve-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for the leader's DNS name to resolve (default 300)")
+
     p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds vLLM's parser may take (default 120)")
-    p.add_argument("--python", default=sys.executable, help="the Python whose vLLM parses (default: this one)")
+    p.add_argument("--python", default=os.environ.get("EP_VLLM_PYTHON") or sys.executable,
+                   help="the Python whose vLLM parses (default: $EP_VLLM_PYTHON, else this one)")
     _vllm_options(p)
     return parser
 
@@ -267,6 +283,10 @@ def node_rank(config: DeployConfig, given: int | None, source: str) -> int:
         if not 0 <= given < len(config.nodes):
             raise UsageError(f"--node-rank: {given} is not a node of {source} (expected 0..{len(config.nodes) - 1})")
         return given
+    missing = [r for r, n in enumerate(config.nodes) if n.address is None]
+    if missing:
+        raise UsageError(f"{source}: nodes[{missing[0]}].address: missing (pass --node-rank N; a file without addresses "
+                         f"is placed by a scheduler: plan --format slurm or k8s)")
     mine = netif.own_rank([n.address for n in config.nodes])
     if len(mine) == 1:
         return mine[0]
@@ -275,7 +295,8 @@ def node_rank(config: DeployConfig, given: int | None, source: str) -> int:
     raise UsageError(f"{source}: nodes {mine} all belong to this machine (pass --node-rank N)")
 
 
-def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | None = None) -> list[NodePlan]:
+def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | None = None,
+               loaded: DeployConfig | None = None) -> list[NodePlan]:
     """Parses everything the user gave into node plans (all nodes, or the one asked for)."""
     path = _deploy_path(args)
     guide = getattr(args, "guide", None) or []
@@ -291,7 +312,7 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
     else:
         if not path:
             raise UsageError("deploy file: none given (pass FILE, --deploy FILE, or set EP_DEPLOY)")
-        config = _with_overrides(load_deploy(path), args)
+        config = _with_overrides(loaded or load_deploy(path), args)
         source = path
         groups = _groups(config, role, path)
         pairs = []
@@ -306,6 +327,12 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
             elif wanted is not None:
                 node_rank(cfg, wanted, path)
             pairs += [(gname, cfg, lay) for lay in all_layouts if wanted is None or lay.node_rank == wanted]
+        for gname, cfg, lay in pairs:
+            for rank in sorted({0, lay.node_rank}):
+                if cfg.nodes[rank].address is None:
+                    where = f"disaggregation.{gname}." if gname else ""
+                    raise UsageError(f"{path}: {where}nodes[{rank}].address: missing (needed to plan or run nodes directly; "
+                                     f"a file without addresses is placed by a scheduler: plan --format slurm or k8s)")
     # Errors about values that came from the deploy file name the file.
     in_file = source if source != "arguments" else None
     with _naming(in_file if not args.vllm_version else None):
@@ -432,6 +459,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.format in ("slurm", "k8s"):
+        return cmd_plan_scheduler(args)
     plans = make_plans(args, [])
     config = load_deploy(_deploy_path(args)) if _deploy_path(args) else None
     if args.format == "text":
@@ -458,6 +487,123 @@ def cmd_plan(args: argparse.Namespace) -> int:
             file.chmod(0o755)
             print(file)
     return 0
+
+
+def cmd_plan_scheduler(args: argparse.Namespace) -> int:
+    """--format slurm / k8s: what the scheduler runs, carrying the deploy file itself."""
+    path = _deploy_path(args)
+    if not path:
+        raise UsageError("deploy file: none given (pass FILE or set EP_DEPLOY)")
+    given = [f"--{name.replace('_', '-')}" for name in ("port", "host", "tensor_parallel_size", "transport", "socket_ifname", "node_rank")
+             if getattr(args, name, None) is not None]
+    if given:
+        raise UsageError(f"{given[0]}: not taken with --format {args.format} (expected the value in {path}: the job carries the deploy file)")
+    config = load_deploy(path)
+    text = Path(path).read_text(encoding="utf-8")
+    # Every node's plan must build before the job is submitted: plan it on stand-in addresses.
+    make_plans(args, [], loaded=_stand_in_addresses(config))
+    if args.format == "slurm":
+        from launch import slurm
+
+        out = slurm.script(config, text, Path(path).name)
+    else:
+        import yaml
+
+        from launch import k8s
+
+        out = yaml.safe_dump_all(k8s.manifests(config, text, Path(path).name), sort_keys=False)
+    if not args.out:
+        sys.stdout.write(out)
+        return 0
+    target = Path(args.out)
+    if target.is_dir():
+        raise UsageError(f"--out: {target} is a folder (expected a file name for --format {args.format})")
+    if target.exists() and target.read_text() != out and not args.force:
+        raise UsageError(f"--out: {target} exists and differs (expected a new file, or --force to overwrite)")
+    target.write_text(out)
+    print(target)
+    return 0
+
+
+def _stand_in_addresses(config: DeployConfig) -> DeployConfig:
+    """Documentation-range addresses (RFC 5737) where the scheduler will put real ones."""
+    from launch.placement import with_addresses
+
+    if config.disaggregation is None:
+        return with_addresses(config, {None: {r: f"192.0.2.{r + 1}" for r in range(len(config.nodes))}})
+    d = config.disaggregation
+    return with_addresses(config, {"prefill": {r: f"198.51.100.{r + 1}" for r in range(len(d.prefill.nodes))},
+                                   "decode": {r: f"203.0.113.{r + 1}" for r in range(len(d.decode.nodes))}})
+
+
+def _scheduled_deploy(args: argparse.Namespace) -> tuple[DeployConfig, str]:
+    """The deploy file a scheduled step runs: --deploy, else the copy the job script carries."""
+    path = args.deploy or (None if os.environ.get("EP_DEPLOY_TEXT") else os.environ.get("EP_DEPLOY"))
+    if path:
+        return load_deploy(path), path
+    text = os.environ.get("EP_DEPLOY_TEXT")
+    if not text:
+        raise UsageError("deploy file: none given (pass --deploy FILE; in a job from `plan --format slurm`, EP_DEPLOY_TEXT carries it)")
+    source = os.environ.get("EP_DEPLOY_NAME") or "EP_DEPLOY_TEXT"
+    return parse_deploy_text(text, source), source
+
+
+def _placed_file(config: DeployConfig, name: str) -> str:
+    """The placed deploy file, node-local (steps are separate processes that read a file)."""
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "vllm-ep"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(dump_deploy(config))
+    return str(path)
+
+
+def _run_step(step: str, placed: str, rank: int, group: str | None, extra: list[str]) -> int:
+    """Replaces this process with the step, so the scheduler's signals reach it directly."""
+    where = ["--node-rank", str(rank)]
+    argv = {
+        "preflight": ["-m", "preflight", "--deploy", placed, *where, *(["--group", group] if group else []), *extra],
+        "serve": ["-m", "launch", group or "serve", "--deploy", placed, *where, *extra],
+        "plan": ["-m", "launch", "plan", placed, *where, *extra],
+        "check": ["-m", "launch", "check", placed, *where, *extra],
+        "proxy": ["-m", "launch", "proxy", "--deploy", placed, *extra],
+    }[step]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
+    return 1  # not reached
+
+
+def cmd_slurm_step(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from launch import placement
+
+    config, source = _scheduled_deploy(args)
+    job = os.environ.get("SLURM_JOB_ID", "?")
+    if args.step in ("allocation", "proxy"):
+        placed, hosts = placement.slurm_allocation(config, source)
+        if args.step == "proxy":
+            return _run_step("proxy", _placed_file(placed, f"slurm-{job}-router"), 0, None, passthrough)
+        for group, names in hosts.items():
+            for rank, (host, node) in enumerate(zip(names, placement.group_nodes(placed, group), strict=True)):
+                role = "primary" if rank == 0 else "secondary"
+                print(f"[launch] slurm job {job}: {group + ' ' if group else ''}node {rank} ({role}) = {host} {node.address}")
+        return 0
+    p = placement.slurm(config, source, args.group)
+    _say(f"slurm job {job}: {p.describe()}")
+    placed = _placed_file(p.config, f"slurm-{job}-{args.group or 'node'}-{p.node_rank}")
+    extra = [*(config.slurm.preflight_args if args.step == "preflight" else []), *passthrough]
+    return _run_step(args.step, placed, p.node_rank, args.group, extra)
+
+
+def cmd_lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from launch import placement
+
+    config, source = _scheduled_deploy(args)
+    p = placement.lws(config, source, resolve_timeout=args.resolve_timeout, say=_say)
+    _say(f"LeaderWorkerSet pod: {p.describe()}")
+    placed = _placed_file(p.config, f"lws-{p.node_rank}-{args.step}")
+    return _run_step(args.step, placed, p.node_rank, None, passthrough)
 
 
 def _plan_json(p: NodePlan) -> dict:
@@ -554,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args, passthrough)
         if args.command == "proxy":
             return cmd_proxy(args)
+        if args.command == "slurm-step":
+            return cmd_slurm_step(args, passthrough)
+        if args.command == "lws-step":
+            return cmd_lws_step(args, passthrough)
         return cmd_serve(args, passthrough)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

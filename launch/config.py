@@ -34,8 +34,9 @@ class _Strict(BaseModel):
 class Node(_Strict):
     """One machine of the cluster."""
 
-    address: str
-    """The address the other nodes reach this node at (IPv4/IPv6 or a host name)."""
+    address: str | None = None
+    """The address the other nodes reach this node at (IPv4/IPv6 or a host name). Left out when a scheduler
+    places the nodes (`plan --format slurm` / `k8s`): the allocation's addresses are filled in at run time."""
     gpus: int = Field(default=8, ge=1, le=64)
     """GPUs this node has."""
     data_parallel_size_local: int | None = Field(default=None, ge=1)
@@ -49,7 +50,9 @@ class Node(_Strict):
 
     @field_validator("address")
     @classmethod
-    def _address(cls, value: str) -> str:
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         value = value.strip()
         if not value or any(c.isspace() for c in value) or "/" in value:
             raise ValueError("expected an IP address or host name")
@@ -127,6 +130,59 @@ class Disaggregation(_Strict):
     router: Router = Router()
 
 
+SlurmStep = Literal["preflight", "serve", "plan", "check"]
+
+
+class Slurm(_Strict):
+    """What `plan --format slurm` writes into the sbatch script."""
+
+    job_name: str = Field(default="vllm-ep", pattern=r"^[A-Za-z0-9._-]+$")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    """sbatch --time (e.g. 12:00:00 or 2-00:00:00); default: the partition's."""
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    """sbatch --gpus-per-node; default: the most GPUs any node lists; 0: ask for none (CPU-only test clusters)."""
+    exclusive: bool = True
+    """Whole nodes: EP needs every GPU, NIC and the shared memory of the node."""
+    output: str = "%x-%j.out"
+    sbatch: list[str] = []
+    """More sbatch options, one per entry (e.g. --constraint=h200, --reservation=ep)."""
+    steps: list[SlurmStep] = Field(default=["preflight", "serve"], min_length=1)
+    """What every node runs, in order; a step that fails on any node ends the job."""
+    preflight_args: list[str] = []
+    """Extra `python -m preflight` arguments for the preflight step (e.g. -m "not model")."""
+    python: str = "python"
+    """How nodes run the toolkit's Python, e.g. `pixi run --frozen --manifest-path /shared/ep/pixi.toml python`."""
+
+
+class Kubernetes(_Strict):
+    """What `plan --format k8s` writes: a LeaderWorkerSet (leader = primary, workers = secondaries)."""
+
+    name: str = Field(default="vllm-ep", pattern=r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+    """Name of the LeaderWorkerSet, its ConfigMap and Service (a DNS label, at most 40 characters)."""
+    namespace: str | None = None
+    image: str | None = None
+    """Container image holding the toolkit and its stack (required for --format k8s)."""
+    python: str = "python"
+    """How the container runs the toolkit's Python."""
+    host_network: bool = True
+    """Use the node's network (NICs, RDMA, EFA) directly, as EP needs; False needs an RDMA CNI."""
+    rdma_resources: dict[str, int] = {}
+    """Extended resources per pod, e.g. {rdma/ib: 1} or {vpc.amazonaws.com/efa: 32}."""
+    shm_size: str = Field(default="64Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$")
+    """Size of /dev/shm (a memory-backed emptyDir)."""
+    model_cache: str | None = None
+    """A host path mounted at the same path and used as HF_HOME (model weights stay on the node)."""
+    node_selector: dict[str, str] = {}
+    service_account: str | None = None
+    preflight: bool = True
+    """Run the node checks (cross-node ones included) in an init container before vLLM starts."""
+    restart_policy: Literal["RecreateGroupOnPodRestart", "Default"] = "RecreateGroupOnPodRestart"
+    """RecreateGroupOnPodRestart: one failed pod restarts its whole group (an EP group cannot lose a rank)."""
+
+
 class DeployConfig(_Strict):
     """The whole cluster: model, nodes and how vLLM runs on them."""
 
@@ -164,6 +220,13 @@ class DeployConfig(_Strict):
     """Where serve writes each node's log (node-RANK.log); default: the terminal only."""
     disaggregation: Disaggregation | None = None
     """Prefill and decode as two groups joined by a KV connector, behind vllm-router."""
+    data_parallel_backend: Literal["mp", "ray"] = "mp"
+    """mp: vLLM on every node (secondaries --headless); ray: vLLM on the primary only, the other nodes join its
+    Ray cluster (`ray start`), and vLLM places the data parallel engines through Ray."""
+    ray_port: int = Field(default=6379, ge=1, le=65535)
+    """The Ray head's port on the primary (data_parallel_backend: ray)."""
+    slurm: Slurm = Slurm()
+    kubernetes: Kubernetes = Kubernetes()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DeployConfig:
@@ -176,9 +239,12 @@ class DeployConfig(_Strict):
             raise _FieldError("nodes", "missing (required: at least one node, or a disaggregation section)")
         seen: dict[str, int] = {}
         for rank, node in enumerate(self.nodes):
-            if node.address in seen:
+            if node.address is None:
+                pass
+            elif node.address in seen:
                 raise _FieldError(f"nodes[{rank}].address", f"{node.address!r} is already nodes[{seen[node.address]}]'s address (expected one entry per node)")
-            seen[node.address] = rank
+            else:
+                seen[node.address] = rank
             if node.gpus % self.tensor_parallel_size:
                 raise _FieldError(f"nodes[{rank}].gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {self.tensor_parallel_size}")
             most = node.gpus // self.tensor_parallel_size
@@ -193,6 +259,8 @@ class DeployConfig(_Strict):
             raise _FieldError("data_parallel_size", f"{self.data_parallel_size} but the nodes add up to {total} ranks (expected {total}, or leave it out)")
         if self.port == self.rpc_port:
             raise _FieldError("port", f"{self.port} is also rpc_port (expected two different ports)")
+        if self.data_parallel_backend == "ray" and self.ray_port in (self.port, self.rpc_port):
+            raise _FieldError("ray_port", f"{self.ray_port} is also port or rpc_port (expected a third port)")
         for key in [*self.env, *(k for n in self.nodes for k in n.env)]:
             if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
                 raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -213,7 +281,7 @@ class DeployConfig(_Strict):
             nixl_env["UCX_TLS"] = connector.ucx_tls
         nodes = []
         for node in group.nodes:
-            node_env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": node.address, **node.env}
+            node_env = {**({"VLLM_NIXL_SIDE_CHANNEL_HOST": node.address} if node.address else {}), **node.env}
             if node.gpu_ids is not None:
                 node_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, node.gpu_ids))
             nodes.append(node.model_copy(update={"env": node_env}))
@@ -248,27 +316,29 @@ def _check_disaggregation(d: Disaggregation) -> None:
         seen: set[str] = set()
         for i, node in enumerate(group.nodes):
             field = f"{where}.{gname}.nodes[{i}]"
-            if node.address in seen:
+            if node.address is not None and node.address in seen:
                 raise _FieldError(f"{field}.address", f"{node.address!r} twice in the {gname} group (expected one entry per node)")
             seen.add(node.address)
             if node.gpu_ids is not None and len(set(node.gpu_ids)) != node.gpus:
                 raise _FieldError(f"{field}.gpu_ids", f"{len(set(node.gpu_ids))} distinct GPUs for gpus: {node.gpus} (expected {node.gpus})")
             if node.gpus % group.tensor_parallel_size:
                 raise _FieldError(f"{field}.gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {group.tensor_parallel_size}")
+            if node.address is None:  # placed by a scheduler: a node of its own
+                continue
             for other, ids in used.get(node.address, []):
                 clash = sorted(ids & _gpus_of(node))
                 if clash:
                     raise _FieldError(f"{field}.gpu_ids", f"GPUs {clash} of {node.address} are also used by {other} (expected disjoint gpu_ids per node)")
             used.setdefault(node.address, []).append((field, _gpus_of(node)))
     p, q = d.prefill, d.decode
-    shared = p.nodes[0].address == q.nodes[0].address
+    shared = p.nodes[0].address is not None and p.nodes[0].address == q.nodes[0].address
     if shared and p.port == q.port:
         raise _FieldError(f"{where}.decode.port", f"{q.port} is also the prefill API port on {p.nodes[0].address} (expected another port)")
-    if {n.address for n in p.nodes} & {n.address for n in q.nodes} and p.rpc_port == q.rpc_port:
+    if ({n.address for n in p.nodes} & {n.address for n in q.nodes}) - {None} and p.rpc_port == q.rpc_port:
         raise _FieldError(f"{where}.decode.rpc_port", f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)")
     router_at = d.router.address or p.nodes[0].address
     for gname, group in groups.items():
-        if group.nodes[0].address == router_at and group.port == d.router.port:
+        if router_at is not None and group.nodes[0].address == router_at and group.port == d.router.port:
             raise _FieldError(f"{where}.router.port", f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)")
 
 
@@ -347,14 +417,24 @@ def load_deploy(path: str | Path) -> DeployConfig:
         raise ConfigError(f"{path}: cannot read the deploy file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: expected UTF-8 text (is this a YAML file?)") from None
+    return parse_deploy_text(text, str(path))
+
+
+def parse_deploy_text(text: str, source: str) -> DeployConfig:
+    """Validates a deploy file's YAML text; ``source`` names it in errors."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from None
-    return parse_deploy(data, str(path))
+        raise ConfigError(f"{source}: {where}not valid YAML ({problem})") from None
+    return parse_deploy(data, source)
+
+
+def dump_deploy(config: DeployConfig) -> str:
+    """A deploy file's YAML for ``config`` (only what differs from the defaults)."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
 
 def is_secret(name: str) -> bool:

@@ -1,0 +1,171 @@
+"""Kubernetes manifests for `plan --format k8s`: a ConfigMap, a LeaderWorkerSet and a Service.
+
+One LeaderWorkerSet group is one deployment: the leader pod is node 0 (the primary: API servers and the data
+parallel coordinator), the worker pods are nodes 1.. (the secondaries). Every pod runs the same command,
+``python -m launch lws-step serve --deploy /etc/vllm-ep/deploy.yaml``; the deploy file travels verbatim in the
+ConfigMap, and the run-time side derives the node's rank and the primary's address from what LWS injects
+(LWS_WORKER_INDEX, LWS_LEADER_ADDRESS, LWS_GROUP_SIZE) plus ``EP_POD_IP`` (the downward API). Node addresses of
+the deploy file are not used: the scheduler places the pods.
+
+Why each expert-parallel setting is there:
+
+- ``hostNetwork`` (default on): the pods use the node's NICs directly, so NCCL, NVSHMEM/DeepEP and EFA reach the
+  RDMA devices without an RDMA CNI; ``dnsPolicy: ClusterFirstWithHostNet`` keeps cluster DNS names (the leader's
+  address) resolvable from the host network. ``rdma_resources`` asks the device plugin for the RDMA devices.
+- ``IPC_LOCK``: RDMA registers (pins) memory; without it the verbs calls fail or are capped by RLIMIT_MEMLOCK.
+- ``/dev/shm`` as a memory-backed emptyDir: the container default (64 MiB) is far too small for NCCL's and the
+  engines' shared-memory transport.
+- ``nvidia.com/gpu``: every GPU of the node (EP needs them all in one pod), in limits and requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from typing import Any
+
+from launch.config import ConfigError, DeployConfig
+
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+CONFIG_DIR = "/etc/vllm-ep"
+DEPLOY_PATH = f"{CONFIG_DIR}/deploy.yaml"
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
+# vLLM loads and compiles for many minutes before /health answers: the startup probe allows an hour
+# (360 x 10 s); no liveness probe, since a restarted pod restarts the whole group.
+STARTUP_FAILURES = 360
+PROBE_PERIOD_S = 10
+
+
+def manifests(config: DeployConfig, deploy_text: str, source: str) -> list[dict[str, Any]]:
+    """The ConfigMap, LeaderWorkerSet and Service for ``config``; ``deploy_text`` is the deploy file as written
+    (it goes into the ConfigMap verbatim), ``source`` names it in errors. Raises ConfigError on what cannot be
+    rendered."""
+    _check(config, source)
+    k = config.kubernetes
+    python = _python(k.python, source)
+    leader = _pod_template(config, python, config.nodes[0].gpus, leader=True)
+    # LWS requires a workerTemplate even when the group is the leader alone (size 1).
+    worker = _pod_template(config, python, config.nodes[1].gpus, leader=False) if len(config.nodes) > 1 else copy.deepcopy(leader)
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(config, f"{k.name}-deploy"),
+        "data": {"deploy.yaml": deploy_text},
+    }
+    lws = {
+        "apiVersion": LWS_API_VERSION,
+        "kind": "LeaderWorkerSet",
+        "metadata": _metadata(config, k.name),
+        "spec": {
+            "replicas": 1,
+            # Workers are created with the leader, not after it is ready: the leader only becomes ready once
+            # every secondary has joined.
+            "startupPolicy": "LeaderCreated",
+            "leaderWorkerTemplate": {
+                "size": len(config.nodes),
+                "restartPolicy": k.restart_policy,
+                "leaderTemplate": leader,
+                "workerTemplate": worker,
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(config, f"{k.name}-api"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LWS_NAME_LABEL: k.name, LWS_INDEX_LABEL: "0"},  # the leader pod: the API servers run there
+            "ports": [{"name": "http", "port": config.port, "targetPort": config.port, "protocol": "TCP"}],
+        },
+    }
+    return [configmap, lws, service]
+
+
+def _check(config: DeployConfig, source: str) -> None:
+    k = config.kubernetes
+    if config.disaggregation is not None:
+        raise ConfigError(
+            f"{source}: disaggregation: not supported by --format k8s yet (it renders one deployment per "
+            "LeaderWorkerSet; prefill/decode groups and the router are not rendered for Kubernetes)"
+        )
+    if not k.image:
+        raise ConfigError(f"{source}: kubernetes.image: missing (required for --format k8s: the image with the toolkit and its stack)")
+    if k.model_cache is not None and not k.model_cache.startswith("/"):
+        raise ConfigError(f"{source}: kubernetes.model_cache: {k.model_cache!r} is not an absolute path (expected a directory on the node, e.g. /mnt/hf)")
+    for rank in range(2, len(config.nodes)):
+        gpus, first = config.nodes[rank].gpus, config.nodes[1].gpus
+        if gpus != first:
+            raise ConfigError(
+                f"{source}: nodes[{rank}].gpus: {gpus} differs from nodes[1].gpus {first} (expected one GPU count "
+                "for all secondaries: LeaderWorkerSet workers share a pod template)"
+            )
+
+
+def _python(python: str, source: str) -> list[str]:
+    try:
+        argv = shlex.split(python)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: kubernetes.python: {python!r} does not split into words ({exc})") from None
+    if not argv:
+        raise ConfigError(f"{source}: kubernetes.python: empty (expected how the container runs Python, e.g. python)")
+    return argv
+
+
+def _labels(config: DeployConfig) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "vllm-ep", "app.kubernetes.io/instance": config.kubernetes.name}
+
+
+def _metadata(config: DeployConfig, name: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if config.kubernetes.namespace:
+        meta["namespace"] = config.kubernetes.namespace
+    meta["labels"] = _labels(config)
+    return meta
+
+
+def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader: bool) -> dict[str, Any]:
+    k = config.kubernetes
+    env: list[dict[str, Any]] = [{"name": "EP_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "deploy", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "deploy", "configMap": {"name": f"{k.name}-deploy"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
+    ]
+    if k.model_cache:
+        # Weights stay on the node between restarts instead of being downloaded by every new pod.
+        env.append({"name": "HF_HOME", "value": k.model_cache})
+        mounts.append({"name": "model-cache", "mountPath": k.model_cache})
+        volumes.append({"name": "model-cache", "hostPath": {"path": k.model_cache, "type": "DirectoryOrCreate"}})
+    amounts = {"nvidia.com/gpu": gpus, **k.rdma_resources}
+    common = {
+        "image": k.image,
+        "env": env,
+        "resources": {"limits": dict(amounts), "requests": dict(amounts)},
+        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+        "volumeMounts": mounts,
+    }
+    step = [*python, "-m", "launch", "lws-step"]
+    vllm: dict[str, Any] = {"name": "vllm", **copy.deepcopy(common), "command": [*step, "serve", "--deploy", DEPLOY_PATH]}
+    if leader:
+        health = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S}
+        vllm["ports"] = [{"name": "http", "containerPort": config.port, "protocol": "TCP"}]
+        vllm["startupProbe"] = {**copy.deepcopy(health), "initialDelaySeconds": 10, "failureThreshold": STARTUP_FAILURES}
+        vllm["readinessProbe"] = {**copy.deepcopy(health), "failureThreshold": 3}
+    spec: dict[str, Any] = {"containers": [vllm], "volumes": volumes, "hostNetwork": k.host_network}
+    if k.preflight:
+        # The node checks (GPUs, NICs, cross-node collectives) run with the same devices before vLLM starts.
+        spec["initContainers"] = [{"name": "preflight", **copy.deepcopy(common), "command": [*step, "preflight", "--deploy", DEPLOY_PATH]}]
+    if k.host_network:
+        spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if k.node_selector:
+        spec["nodeSelector"] = dict(k.node_selector)
+    if k.service_account:
+        spec["serviceAccountName"] = k.service_account
+    labels = {**_labels(config), "app.kubernetes.io/component": "leader" if leader else "worker"}
+    return {"metadata": {"labels": labels}, "spec": spec}
