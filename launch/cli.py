@@ -95,6 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "slurm: one sbatch script for the whole job; k8s: LeaderWorkerSet manifests")
     p.add_argument("--out", help="folder for --format shell scripts (node-RANK.sh); file for slurm / k8s (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite files in --out that differ")
+    p.add_argument("--group", choices=("prefill", "decode"), help="only this group (deploy file with disaggregation)")
     _vllm_options(p)
 
     p = sub.add_parser("bench", help="`vllm bench serve` against the deploy file's API (the guide's defaults), recorded")
@@ -131,6 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds vLLM's parser may take (default 120)")
+    p.add_argument("--group", choices=("prefill", "decode"), help="only this group (deploy file with disaggregation)")
     p.add_argument("--python", default=os.environ.get("EP_VLLM_PYTHON") or sys.executable,
                    help="the Python whose vLLM parses (default: $EP_VLLM_PYTHON, else this one)")
     _vllm_options(p)
@@ -314,7 +316,7 @@ def make_plans(args: argparse.Namespace, passthrough: list[str], *, role: str | 
             raise UsageError("deploy file: none given (pass FILE, --deploy FILE, or set EP_DEPLOY)")
         config = _with_overrides(loaded or load_deploy(path), args)
         source = path
-        groups = _groups(config, role, path)
+        groups = _groups(config, role or getattr(args, "group", None), path)
         pairs = []
         for gname, cfg in groups:
             all_layouts = layouts(cfg)
@@ -565,8 +567,8 @@ def _run_step(step: str, placed: str, rank: int, group: str | None, extra: list[
     argv = {
         "preflight": ["-m", "preflight", "--deploy", placed, *where, *(["--group", group] if group else []), *extra],
         "serve": ["-m", "launch", group or "serve", "--deploy", placed, *where, *extra],
-        "plan": ["-m", "launch", "plan", placed, *where, *extra],
-        "check": ["-m", "launch", "check", placed, *where, *extra],
+        "plan": ["-m", "launch", "plan", placed, *where, *(["--group", group] if group else []), *extra],
+        "check": ["-m", "launch", "check", placed, *where, *(["--group", group] if group else []), *extra],
         "proxy": ["-m", "launch", "proxy", "--deploy", placed, *extra],
     }[step]
     sys.stdout.flush()

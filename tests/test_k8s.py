@@ -1,0 +1,279 @@
+"""`plan --format k8s`: a deploy file becomes a ConfigMap (the deploy file itself), a LeaderWorkerSet (leader =
+the primary, workers = the secondaries) and a Service for the API. Every rendered object is checked against the
+real schemas: Kubernetes' own (strict, from kubernetes-validate) and the LeaderWorkerSet CRD's (tests/fixtures/lws)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+from launch.config import ConfigError, load_deploy, parse_deploy
+from launch.k8s import manifests
+
+K8S_VERSION = "1.37.0"
+SCHEMAS = resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+LWS_SCHEMA = yaml.safe_load((Path(__file__).parent / "fixtures" / "lws" / "leaderworkerset-v1.schema.yaml").read_text())
+
+
+def _schema(name: str) -> dict:
+    return json.loads((SCHEMAS / name).read_text())
+
+
+POD_TEMPLATE_SCHEMA = _schema("podtemplatespec-v1.json")
+# Both schemas name themselves ($id); the pod template's $refs and the LWS fixture's point into these two.
+REGISTRY = Registry().with_resources(
+    (schema["$id"], Resource.from_contents(schema)) for schema in (POD_TEMPLATE_SCHEMA, _schema("_definitions.json"))
+)
+
+TWO_NODES = """\
+model: deepseek-ai/DeepSeek-V3-0324
+nodes:
+  - {gpus: 8}
+  - {gpus: 8}
+kubernetes:
+  image: registry.example.com/vllm-ep:0.26.0
+  rdma_resources: {rdma/ib: 1}
+"""
+
+EP_NODES = TWO_NODES.replace("  - {gpus: 8}\n  - {gpus: 8}\n", "  - {gpus: 4}\n  - {gpus: 8}\n  - {gpus: 8}\n")
+
+
+def render(text: str = TWO_NODES, source: str = "deploy.yaml") -> list[dict]:
+    return manifests(parse_deploy(yaml.safe_load(text), source), text, source)
+
+
+def validate_pod_template(template: dict) -> None:
+    jsonschema.Draft202012Validator(POD_TEMPLATE_SCHEMA, registry=REGISTRY).validate(template)
+
+
+def validate_lws(lws: dict) -> None:
+    jsonschema.Draft202012Validator(LWS_SCHEMA, registry=REGISTRY).validate(lws)
+
+
+def validate_all(objects: list[dict]) -> None:
+    configmap, lws, service = objects
+    kubernetes_validate.validate(configmap, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+    validate_lws(lws)
+    templates = lws["spec"]["leaderWorkerTemplate"]
+    validate_pod_template(templates["leaderTemplate"])
+    validate_pod_template(templates["workerTemplate"])
+
+
+def leader_and_worker(objects: list[dict]) -> tuple[dict, dict]:
+    templates = objects[1]["spec"]["leaderWorkerTemplate"]
+    return templates["leaderTemplate"]["spec"], templates["workerTemplate"]["spec"]
+
+
+def test_the_lws_fixture_is_a_valid_schema():
+    jsonschema.Draft202012Validator.check_schema(LWS_SCHEMA)
+
+
+def test_two_node_deploy_renders_configmap_lws_and_service_that_kubernetes_accepts():
+    objects = render()
+    assert [(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("v1", "ConfigMap", "vllm-ep-deploy"),
+        ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "vllm-ep"),
+        ("v1", "Service", "vllm-ep-api"),
+    ]
+    validate_all(objects)
+    for obj in objects:
+        assert obj["metadata"]["labels"] == {"app.kubernetes.io/name": "vllm-ep", "app.kubernetes.io/instance": "vllm-ep"}
+        assert "namespace" not in obj["metadata"]
+    lws = objects[1]["spec"]
+    assert (lws["replicas"], lws["startupPolicy"]) == (1, "LeaderCreated")
+    assert lws["leaderWorkerTemplate"]["size"] == 2
+    assert lws["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+    # the manifests survive a YAML round trip unchanged (what `kubectl apply -f` reads)
+    assert list(yaml.safe_load_all(yaml.safe_dump_all(objects))) == objects
+
+
+def test_leader_is_the_primary_and_workers_the_secondaries():
+    objects = render(EP_NODES)
+    validate_all(objects)
+    assert objects[1]["spec"]["leaderWorkerTemplate"]["size"] == 3
+    leader, worker = leader_and_worker(objects)
+    assert leader["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4  # nodes[0]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8  # nodes[1] and nodes[2]
+    # the API (port, probes) lives on the leader only; the Service selects the leader pod by LWS' own labels
+    (vllm,) = leader["containers"]
+    assert vllm["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert vllm["startupProbe"]["httpGet"] == vllm["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 3600  # start-up takes minutes
+    assert "livenessProbe" not in vllm
+    assert not {"ports", "startupProbe", "readinessProbe"} & set(worker["containers"][0])
+    service = objects[2]["spec"]
+    assert service["type"] == "ClusterIP"
+    assert service["selector"] == {"leaderworkerset.sigs.k8s.io/name": "vllm-ep", "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+    assert service["ports"] == [{"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+
+
+def test_ep_settings_host_network_ipc_lock_shm_gpus():
+    leader, worker = leader_and_worker(render(TWO_NODES + "  shm_size: 128Gi\n"))
+    for spec in (leader, worker):
+        assert spec["hostNetwork"] is True
+        assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"  # LWS_LEADER_ADDRESS is a cluster DNS name
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}} in spec["volumes"]
+        for container in spec["initContainers"] + spec["containers"]:
+            assert container["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+            assert container["resources"]["limits"] == container["resources"]["requests"] == {"nvidia.com/gpu": 8, "rdma/ib": 1}
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_without_host_network_the_pods_keep_the_cluster_dns_policy():
+    objects = render(TWO_NODES + "  host_network: false\n")
+    validate_all(objects)
+    for spec in leader_and_worker(objects):
+        assert spec["hostNetwork"] is False
+        assert "dnsPolicy" not in spec
+
+
+def test_the_deploy_file_travels_in_the_configmap_verbatim(write_yaml):
+    text = "# comments, order and spacing stay as written\n" + TWO_NODES + "env:   {VLLM_LOGGING_LEVEL: DEBUG}  # kept\n"
+    path = write_yaml(text)
+    objects = manifests(load_deploy(path), path.read_text(), str(path))
+    assert objects[0]["data"] == {"deploy.yaml": text}
+    for spec in leader_and_worker(objects):
+        assert {"name": "deploy", "configMap": {"name": "vllm-ep-deploy"}} in spec["volumes"]
+        for container in spec["initContainers"] + spec["containers"]:
+            assert {"name": "deploy", "mountPath": "/etc/vllm-ep", "readOnly": True} in container["volumeMounts"]
+            assert container["command"][-2:] == ["--deploy", "/etc/vllm-ep/deploy.yaml"]
+
+
+def test_every_pod_runs_lws_step_with_its_pod_ip_and_preflight_first():
+    leader, worker = leader_and_worker(render(TWO_NODES + "  python: pixi run --frozen --manifest-path '/opt/ep dir/pixi.toml' python\n"))
+    python = ["pixi", "run", "--frozen", "--manifest-path", "/opt/ep dir/pixi.toml", "python"]
+    for spec in (leader, worker):
+        (preflight,), (vllm,) = spec["initContainers"], spec["containers"]
+        assert (preflight["name"], vllm["name"]) == ("preflight", "vllm")
+        assert preflight["image"] == vllm["image"] == "registry.example.com/vllm-ep:0.26.0"
+        assert preflight["command"] == [*python, "-m", "launch", "lws-step", "preflight", "--deploy", "/etc/vllm-ep/deploy.yaml"]
+        assert vllm["command"] == [*python, "-m", "launch", "lws-step", "serve", "--deploy", "/etc/vllm-ep/deploy.yaml"]
+        for container in (preflight, vllm):
+            assert container["env"] == [{"name": "EP_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    without = leader_and_worker(render(TWO_NODES + "  preflight: false\n"))
+    assert all("initContainers" not in spec for spec in without)
+
+
+def test_namespace_node_selector_service_account_and_model_cache():
+    text = TWO_NODES + (
+        "  name: ds-v3\n  namespace: inference\n  node_selector: {nvidia.com/gpu.product: NVIDIA-H200}\n"
+        "  service_account: vllm\n  model_cache: /mnt/hf\n  restart_policy: Default\n"
+    )
+    objects = render(text)
+    validate_all(objects)
+    assert [o["metadata"]["name"] for o in objects] == ["ds-v3-deploy", "ds-v3", "ds-v3-api"]
+    assert {o["metadata"]["namespace"] for o in objects} == {"inference"}
+    assert objects[1]["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "Default"
+    assert objects[2]["spec"]["selector"]["leaderworkerset.sigs.k8s.io/name"] == "ds-v3"
+    for spec in leader_and_worker(objects):
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+        assert spec["serviceAccountName"] == "vllm"
+        assert {"name": "deploy", "configMap": {"name": "ds-v3-deploy"}} in spec["volumes"]
+        assert {"name": "model-cache", "hostPath": {"path": "/mnt/hf", "type": "DirectoryOrCreate"}} in spec["volumes"]
+        for container in spec["initContainers"] + spec["containers"]:
+            assert {"name": "model-cache", "mountPath": "/mnt/hf"} in container["volumeMounts"]
+            assert {"name": "HF_HOME", "value": "/mnt/hf"} in container["env"]
+
+
+def test_a_single_node_group_uses_the_leader_template_for_its_workers():
+    objects = render(TWO_NODES.replace("  - {gpus: 8}\n  - {gpus: 8}\n", "  - {gpus: 8}\n"))
+    validate_all(objects)
+    templates = objects[1]["spec"]["leaderWorkerTemplate"]
+    assert templates["size"] == 1
+    assert templates["workerTemplate"] == templates["leaderTemplate"]
+    assert templates["workerTemplate"] is not templates["leaderTemplate"]
+
+
+def test_per_node_env_and_interfaces_are_left_to_run_time():
+    text = TWO_NODES.replace(
+        "  - {gpus: 8}\n  - {gpus: 8}\n",
+        "  - {gpus: 8, socket_ifname: eth0, env: {A: '1'}}\n  - {address: 10.0.0.2, gpus: 8, socket_ifname: ens7}\n",
+    )
+    objects = render(text)
+    validate_all(objects)
+    assert "10.0.0.2" not in json.dumps(objects[1:])  # the scheduler places the pods, not the deploy file
+
+
+def _set(*path, value):
+    """A mutation of the rendered objects: the object's index (0 ConfigMap, 1 LWS, 2 Service), keys, the new value."""
+
+    def mutate(objects: list[dict]) -> None:
+        node = objects
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return mutate
+
+
+LEADER = (1, "spec", "leaderWorkerTemplate", "leaderTemplate")
+WORKER = (1, "spec", "leaderWorkerTemplate", "workerTemplate")
+WRONG = {
+    "unknown LWS field": _set(1, "spec", "leaderWorkerTemplate", "sizee", value=2),
+    "LWS size as a string": _set(1, "spec", "leaderWorkerTemplate", "size", value="2"),
+    "LWS restart policy not in the enum": _set(1, "spec", "leaderWorkerTemplate", "restartPolicy", value="Always"),
+    "LWS startup policy not in the enum": _set(1, "spec", "startupPolicy", value="WhenReady"),
+    "unknown container field in a template": _set(*LEADER, "spec", "containers", 0, "imagePullPolicyy", value="Always"),
+    "unknown template metadata field": _set(*LEADER, "metadata", "uid", value="x"),
+    "host network as a string": _set(*WORKER, "spec", "hostNetwork", value="true"),
+    "command as a string": _set(*WORKER, "spec", "containers", 0, "command", value="python -m launch"),
+    "memory-backed volume with a size that is no quantity": _set(*WORKER, "spec", "volumes", 1, "emptyDir", "sizeLimit", value=[64]),
+    "service port as a string": _set(2, "spec", "ports", 0, "port", value="8000"),
+    "unknown service field": _set(2, "spec", "clusterIPP", value="None"),
+    "configmap value that is no string": _set(0, "data", "deploy.yaml", value=1),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_a_wrong_field_would_be_caught_by_the_schemas(name):
+    objects = render()
+    validate_all(objects)
+    WRONG[name](objects)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_all(objects)
+
+
+BAD = {
+    "missing image": (
+        TWO_NODES.replace("  image: registry.example.com/vllm-ep:0.26.0\n", ""),
+        "deploy.yaml: kubernetes.image: missing (required for --format k8s: the image with the toolkit and its stack)",
+    ),
+    "workers with different GPU counts": (
+        EP_NODES.replace("  - {gpus: 4}\n  - {gpus: 8}\n  - {gpus: 8}\n", "  - {gpus: 8}\n  - {gpus: 8}\n  - {gpus: 4}\n"),
+        "deploy.yaml: nodes[2].gpus: 4 differs from nodes[1].gpus 8 (expected one GPU count for all secondaries: "
+        "LeaderWorkerSet workers share a pod template)",
+    ),
+    "prefill/decode": (
+        """\
+model: deepseek-ai/DeepSeek-V3-0324
+disaggregation:
+  connector: {name: NixlConnector}
+  prefill: {nodes: [{gpus: 8}], port: 8100, rpc_port: 13345}
+  decode: {nodes: [{gpus: 8}], port: 8200, rpc_port: 13445}
+kubernetes: {image: registry.example.com/vllm-ep:0.26.0}
+""",
+        "deploy.yaml: disaggregation: not supported by --format k8s yet (it renders one deployment per LeaderWorkerSet; "
+        "prefill/decode groups and the router are not rendered for Kubernetes)",
+    ),
+    "relative model cache": (TWO_NODES + "  model_cache: hf\n", "deploy.yaml: kubernetes.model_cache: 'hf' is not an absolute path"),
+    "empty python": (TWO_NODES + "  python: ' '\n", "deploy.yaml: kubernetes.python: empty (expected how the container runs Python"),
+    "python that does not split": (TWO_NODES + "  python: \"pixi run 'python\"\n", "deploy.yaml: kubernetes.python: \"pixi run 'python\" does not split"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_refused_in_one_line(name):
+    text, expected = BAD[name]
+    with pytest.raises(ConfigError) as caught:
+        render(text)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(expected), message
