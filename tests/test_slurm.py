@@ -1,0 +1,230 @@
+"""Slurm: `plan --format slurm` writes one sbatch script; on a real two-node Slurm cluster (tests/slurm_cluster.py)
+every node runs preflight's cross-node checks, `launch plan` and `launch check` as the stand-in for serving,
+with its rank from SLURM_NODEID and the primary's address from the allocation. Prefill/decode become a
+heterogeneous job. A short allocation or a missing Slurm variable is one line, before anything starts.
+
+The cluster needs root and Debian's Slurm and munge (.ci/run installs them and sets EP_REQUIRE_SLURM=1, so
+that in CI a missing piece fails instead of skipping)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.config import parse_deploy_text
+from tests import slurm_cluster
+from tests.conftest import ROOT, run_module
+
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster, one worker
+PARSERS = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers"))
+
+TWO_NODES = f"""\
+model: tiny-moe
+nodes:
+  - {{gpus: 2}}
+  - {{gpus: 2}}
+rpc_port: 13345
+vllm_version: 0.26.0
+network: {{transport: tcp, socket_ifname: auto}}
+preflight: {{rendezvous_timeout_s: 30, collective_timeout_s: 60}}
+slurm:
+  gpus_per_node: 0      # the test cluster has no GPUs to hand out
+  steps: [preflight, plan, check]
+  preflight_args: [-m, multinode]
+  python: {sys.executable}
+"""
+
+PREFILL_DECODE = f"""\
+model: tiny-moe
+vllm_version: 0.26.0
+network: {{transport: tcp}}
+disaggregation:
+  connector: {{name: NixlConnector, backend: UCX}}
+  prefill: {{nodes: [{{gpus: 8}}], port: 8100, rpc_port: 13345}}
+  decode: {{nodes: [{{gpus: 4}}], port: 8200, rpc_port: 13355}}
+slurm:
+  gpus_per_node: 0
+  steps: [plan]
+  python: {sys.executable}
+"""
+
+
+def render(tmp_path: Path, text: str, name: str = "deploy.yaml") -> Path:
+    deploy = tmp_path / name
+    deploy.write_text(text)
+    res = run_module("launch", "plan", str(deploy), "--format", "slurm", "--out", str(tmp_path / "job.sbatch"))
+    assert res.code == 0, res.err
+    return tmp_path / "job.sbatch"
+
+
+# ---- the script (no cluster needed) ------------------------------------------------------------------------
+def test_the_script_asks_for_whole_nodes_and_runs_preflight_then_serve(tmp_path):
+    job = render(tmp_path, "model: m\nnodes: [{gpus: 8}, {gpus: 8}, {gpus: 8}]\nslurm: {partition: gpu, time: '04:00:00'}\n")
+    text = job.read_text()
+    header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert header == ["#SBATCH --job-name=vllm-ep", "#SBATCH --output=%x-%j.out", "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1",
+                      "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive", "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00"]
+    steps = [ln for ln in text.splitlines() if ln.startswith("srun ")]
+    assert steps == [
+        'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --label "${run[@]}" -m launch slurm-step preflight',
+        # a dead rank takes the EP group with it: srun stops every node
+        'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=1 --label "${run[@]}" -m launch slurm-step serve',
+    ]
+    assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
+
+
+def test_the_script_carries_the_deploy_file_verbatim(tmp_path):
+    text = "model: m   # a comment survives\nnodes: [{gpus: 8}, {gpus: 8}]\nenv: {X: \"$HOME 'q'\"}\n"
+    job = render(tmp_path, text)
+    out = subprocess.run(["bash", "-c", f"source <(sed -n '/^export EP_DEPLOY_NAME/,/^)\"/p' {job}); printf %s \"$EP_DEPLOY_TEXT\""],
+                         capture_output=True, text=True)
+    assert out.stdout + "\n" == text
+    assert parse_deploy_text(out.stdout, "x").env == {"X": "$HOME 'q'"}
+
+
+def test_prefill_and_decode_become_a_heterogeneous_job(tmp_path):
+    text = render(tmp_path, PREFILL_DECODE.replace("steps: [plan]", "steps: [serve]").replace("gpus_per_node: 0", "")).read_text()
+    header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    cut = header.index("#SBATCH hetjob")
+    assert "#SBATCH --gpus-per-node=8" in header[:cut] and "#SBATCH --gpus-per-node=4" in header[cut:]
+    assert "#SBATCH --nodes=1" in header[:cut] and "#SBATCH --nodes=1" in header[cut:]
+    serve = [ln for ln in text.splitlines() if ln.startswith("srun ")]
+    assert serve == [
+        'srun --het-group=0 --ntasks-per-node=1 --kill-on-bad-exit=1 --label "${run[@]}" -m launch slurm-step serve --group prefill &',
+        'srun --het-group=1 --ntasks-per-node=1 --kill-on-bad-exit=1 --label "${run[@]}" -m launch slurm-step serve --group decode &',
+        'srun --het-group=0 --nodes=1 --ntasks=1 --overlap --label "${run[@]}" -m launch slurm-step proxy &',
+    ]
+    assert "wait -n" in text
+
+
+def test_named_overrides_are_refused_since_the_job_carries_the_file(tmp_path):
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text("model: m\nnodes: [{gpus: 8}]\n")
+    res = run_module("launch", "plan", str(deploy), "--format", "slurm", "--port", "9000")
+    assert res.code == 2 and res.err.strip().splitlines() == [
+        f"error: --port: not taken with --format slurm (expected the value in {deploy}: the job carries the deploy file)"]
+
+
+def test_a_plan_that_cannot_build_is_refused_before_rendering(tmp_path):
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text("model: m\nnodes: [{gpus: 8}, {gpus: 8}]\nvllm_version: 0.33.0\nall2all_backend: pplx\n")
+    res = run_module("launch", "plan", str(deploy), "--format", "slurm")
+    assert res.code == 2 and res.out == ""
+    assert res.err.startswith(f"error: {deploy}: ") and "pplx" in res.err and len(res.err.splitlines()) == 1
+
+
+def test_a_missing_slurm_variable_is_one_line(tmp_path):
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text("model: m\nnodes: [{gpus: 8}, {gpus: 8}]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    res = run_module("launch", "slurm-step", "preflight", "--deploy", str(deploy), env=env)
+    assert res.code == 2 and res.err.strip().splitlines() == [
+        "error: SLURM_NODEID: not set (expected inside a Slurm job step: srun from the script `plan --format slurm` writes)"]
+    res = run_module("launch", "slurm-step", "allocation", "--deploy", str(deploy), env=env)
+    assert res.code == 2 and res.err.strip().splitlines() == [
+        "error: SLURM_JOB_NODELIST: not set (expected inside a Slurm job from `plan --format slurm`)"]
+
+
+# ---- a real cluster --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    why = slurm_cluster.available()
+    if why:
+        if os.environ.get("EP_REQUIRE_SLURM") == "1":
+            pytest.fail(f"the Slurm test cluster cannot be built: {why}")
+        pytest.skip(why)
+    with slurm_cluster.running(f"{os.getpid() % 100000}") as c:
+        yield c
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("EP_", "GLOO_", "SLURM", "PYTEST_"))}
+    return {**keep, "PYTHONPATH": str(ROOT), "EP_PREFLIGHT_BACKEND": "gloo", **extra}
+
+
+def vllm_python(tmp_path: Path, version: str = "0.26.0") -> Path | None:
+    """A Python whose vLLM is the real 0.26.0 parser (tests/vllm/install-parsers.sh), for the check step."""
+    folder, python = PARSERS / f"vllm-{version}", PARSERS / "venv" / "bin" / "python"
+    if not (folder / ".installed").exists() or not python.exists():
+        return None
+    wrapper = tmp_path / "vllm-python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={folder}${{PYTHONPATH:+:$PYTHONPATH}} exec {python} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def by_task(output: str) -> dict[str, list[str]]:
+    """srun --label output split per task ("0: ...", "1: ...")."""
+    tasks: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        task, sep, rest = line.partition(": ")
+        if sep and task.isdigit():
+            tasks.setdefault(task, []).append(rest)
+    return tasks
+
+
+def test_two_nodes_run_preflight_plan_and_check_with_slurms_ranks(cluster, tmp_path):
+    python = vllm_python(tmp_path)
+    if python is None and os.environ.get("EP_REQUIRE_VLLM") == "1":
+        pytest.fail("vLLM 0.26.0's parser is not installed (bash tests/vllm/install-parsers.sh)")
+    steps = "[preflight, plan, check]" if python else "[preflight, plan]"
+    job = render(tmp_path, TWO_NODES.replace("[preflight, plan, check]", steps))
+    jid = cluster.submit(job, env=job_env(**({"EP_VLLM_PYTHON": str(python)} if python else {})), cwd=tmp_path)
+    states = cluster.wait(jid, timeout=240)
+    output = (tmp_path / f"vllm-ep-{jid}.out").read_text()
+    assert states == [("COMPLETED", "0:0")], output
+    n1, n2 = cluster.nodes
+    assert f"[launch] slurm job {jid}: node 0 (primary) = epn1 {n1.address}" in output
+    assert f"[launch] slurm job {jid}: node 1 (secondary) = epn2 {n2.address}" in output
+    tasks = by_task(output)
+    for rank, node in enumerate(cluster.nodes):
+        lines = tasks[str(rank)]
+        role = "primary" if rank == 0 else "secondary"
+        assert f"[launch] slurm job {jid}: node {rank} of 2 ({role}, {node.address}); primary at {n1.address}" in lines
+        # preflight: the two nodes met at the primary and ran collectives across the namespaces' link
+        assert f"# preflight: {node.name}, node {rank} of 2 ({role} {node.address})" in lines
+        allreduce = next(ln for ln in lines if "all-reduce across nodes" in ln)
+        assert allreduce.startswith("PASS") and f"(2 ranks on 2 nodes, gloo, GLOO_SOCKET_IFNAME={node.ifname}, 0 wrong)" in allreduce
+        assert any(ln.startswith("# verdict: READY (10 passed)") for ln in lines), lines
+        # plan: this node's ranks and the allocation's primary
+        assert f"# node {rank} ({role} {node.address}): DP ranks {2 * rank}..{2 * rank + 1} of 4" in lines
+        command = next(ln for ln in lines if ln.startswith("vllm serve"))
+        assert f"--data-parallel-address {n1.address} --data-parallel-rpc-port 13345" in command
+        assert ("--headless" in command) == (rank == 1) and ("--data-parallel-start-rank 2" in command) == (rank == 1)
+        if python:
+            assert "# vLLM 0.26.0 parsed 1 node argv(s); plans target vLLM 0.26.0 (deploy file)" in lines
+            assert f"OK       node {rank} ({role})" in lines
+    print(f"\nslurm job {jid}: " + ", ".join(ln for ln in tasks["0"] if ln.startswith("# verdict")))
+
+
+def test_prefill_and_decode_run_on_their_own_components(cluster, tmp_path):
+    job = render(tmp_path, PREFILL_DECODE)
+    jid = cluster.submit(job, env=job_env(), cwd=tmp_path)
+    states = cluster.wait(jid, timeout=120)
+    output = (tmp_path / f"vllm-ep-{jid}.out").read_text()
+    assert states == [("COMPLETED", "0:0"), ("COMPLETED", "0:0")], output
+    n1, n2 = cluster.nodes
+    assert f"[launch] slurm job {jid}: prefill node 0 (primary) = epn1 {n1.address}" in output
+    assert f"[launch] slurm job {jid}: decode node 0 (primary) = epn2 {n2.address}" in output
+    lines = output.splitlines()
+    assert f"0: [launch] slurm job {jid}: prefill node 0 of 1 (primary, {n1.address}); primary at {n1.address}" in lines
+    assert f"0: [launch] slurm job {jid}: decode node 0 of 1 (primary, {n2.address}); primary at {n2.address}" in lines
+    assert f"0: export VLLM_NIXL_SIDE_CHANNEL_HOST={n1.address}" in lines and f"0: export VLLM_NIXL_SIDE_CHANNEL_HOST={n2.address}" in lines
+    assert f"0: # prefill node 0 (primary {n1.address}): DP ranks 0..7 of 8" in lines
+    assert f"0: # decode node 0 (primary {n2.address}): DP ranks 0..3 of 4" in lines
+
+
+def test_an_allocation_short_of_nodes_fails_in_one_line_before_any_step(cluster, tmp_path):
+    three = TWO_NODES.replace("  - {gpus: 2}\n  - {gpus: 2}\n", "  - {gpus: 2}\n  - {gpus: 2}\n  - {gpus: 2}\n")
+    job = render(tmp_path, three)
+    jid = cluster.submit(job, "--nodes=2", env=job_env(), cwd=tmp_path)  # the command line wins over #SBATCH
+    states = cluster.wait(jid, timeout=60)
+    output = (tmp_path / f"vllm-ep-{jid}.out").read_text()
+    assert states == [("FAILED", "2:0")], output
+    assert output.splitlines() == [
+        "error: deploy.yaml: nodes: 3 nodes but the allocation has 2 (SLURM_JOB_NODELIST=epn[1-2]) (expected an allocation "
+        "of 3 nodes: sbatch the script `plan --format slurm` writes, without -N)"]
