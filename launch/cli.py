@@ -156,6 +156,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
                    help="secondaries: wait this long for the primary's coordination port before starting (0: do not wait)")
     g.add_argument("--health-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="primary: report when the API answers /health, or that it did not within this bound")
+    g.add_argument("--wait-for-nodes", type=float, default=600.0, metavar="SECONDS",
+                   help="primary with data_parallel_backend ray: wait this long for every node to join the Ray cluster")
 
 
 def _vllm_options(p: argparse.ArgumentParser) -> None:
@@ -396,31 +398,48 @@ def cmd_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         return 0
     argv = list(plan.argv)
     env = child_environment(plan)
-    exe = _executable(args.vllm_bin, argv[0], VLLM_FIX, path=env.get("PATH"))
-    argv[0] = exe
+    if argv[0] == "ray":  # a Ray worker of data_parallel_backend ray
+        argv[0] = _executable(None, "ray", RAY_FIX, path=env.get("PATH"))
+    else:
+        argv[0] = _executable(args.vllm_bin, argv[0], VLLM_FIX, path=env.get("PATH"))
     for line in render.summary(plan):
         print(f"[launch] {line}", file=sys.stderr)
     from launch import supervise, wait
 
     lay = plan.layout
     if lay.role == "secondary" and args.wait_for_primary > 0:
-        what = f"the primary's coordination port {lay.primary_address}:{lay.rpc_port}"
+        port = int(argv[argv.index("--address") + 1].rsplit(":", 1)[1]) if "--address" in argv else lay.rpc_port
+        what = f"the primary's {'Ray head' if '--address' in argv else 'coordination port'} {lay.primary_address}:{port}"
         try:
-            took = wait.until(lambda: wait.port_open(lay.primary_address, lay.rpc_port), what, args.wait_for_primary, say=_say)
+            took = wait.until(lambda: wait.port_open(lay.primary_address, port), what, args.wait_for_primary, say=_say)
         except wait.WaitTimeout as exc:
             raise NodeDown(f"primary: {exc} (start serve-primary on {lay.primary_address} first; check the address and "
                            f"firewall; --wait-for-primary 0 starts without waiting)") from None
-        _say(f"{what} accepts connections (after {took:.1f} s): starting vLLM")
+        _say(f"{what} accepts connections (after {took:.1f} s): starting {'the Ray worker' if '--address' in argv else 'vLLM'}")
     health = None
     if lay.role == "primary":
         port = next((int(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--port"), 8000)
         host = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--host"), None)
         health = f"http://{'127.0.0.1' if host in (None, '0.0.0.0', '::', '') else host}:{port}/health"
-    return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
-                         health_url=health, health_timeout=args.health_timeout)
+    if not plan.ray_head:
+        return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
+                             health_url=health, health_timeout=args.health_timeout)
+    from launch import ray_cluster
+
+    head = [_executable(None, "ray", RAY_FIX, path=env.get("PATH")), *plan.ray_head[1:]]
+    try:
+        with ray_cluster.head(head, env, plan.ray_nodes, args.wait_for_nodes, say=_say):
+            return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
+                                 health_url=health, health_timeout=args.health_timeout)
+    except wait.WaitTimeout as exc:
+        raise NodeDown(f"ray: {exc} (start serve on every secondary; they join with `ray start --address`)") from None
+    except ray_cluster.Stopped as exc:
+        _say(f"{exc}: stopped before vLLM started")
+        return 143 if str(exc) == "SIGTERM" else 130
 
 
 VLLM_FIX = "install the stack with `pixi install`, or pass --vllm-bin"
+RAY_FIX = "data_parallel_backend ray needs Ray in the stack's environment (pip install 'ray[default]')"
 
 
 def _executable(given: str | None, name: str, fix: str, path: str | None = None) -> str:

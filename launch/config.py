@@ -23,6 +23,10 @@ SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIAL")
 """An environment variable whose name contains one of these is shown as ``***`` in plans and logs."""
 
 
+RAY_WORKER_PORTS = (10002, 19999)
+"""Ray's default --min-worker-port / --max-worker-port: its head refuses a port of its own in there."""
+
+
 class ConfigError(ValueError):
     """Bad input, with a one-line message that names the file, the field and what was expected."""
 
@@ -261,6 +265,9 @@ class DeployConfig(_Strict):
             raise _FieldError("port", f"{self.port} is also rpc_port (expected two different ports)")
         if self.data_parallel_backend == "ray" and self.ray_port in (self.port, self.rpc_port):
             raise _FieldError("ray_port", f"{self.ray_port} is also port or rpc_port (expected a third port)")
+        if self.data_parallel_backend == "ray" and RAY_WORKER_PORTS[0] <= self.ray_port <= RAY_WORKER_PORTS[1]:
+            low, high = RAY_WORKER_PORTS
+            raise _FieldError("ray_port", f"{self.ray_port} is inside Ray's worker port range {low}-{high} (expected a port outside it, e.g. 6379)")
         for key in [*self.env, *(k for n in self.nodes for k in n.env)]:
             if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
                 raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")

@@ -52,6 +52,10 @@ class NodePlan:
     log_file: str | None = None
     group: str | None = None
     """prefill / decode in a disaggregated deployment."""
+    ray_head: list[str] | None = None
+    """data_parallel_backend ray, primary: the Ray head started before vLLM (vLLM waits for every node)."""
+    ray_nodes: int = 0
+    """data_parallel_backend ray, primary: how many nodes the Ray cluster must have before vLLM starts."""
 
     @property
     def title(self) -> str:
@@ -101,6 +105,15 @@ def build(
     if layout.node_rank < len(config.nodes):
         env.update(config.nodes[layout.node_rank].env)
 
+    ray = config.data_parallel_backend == "ray"
+    if ray and layout.role == "secondary":
+        # With Ray, vLLM runs on the primary only; this node lends its GPUs to the primary's Ray cluster.
+        argv = ["ray", "start", "--address", f"{layout.primary_address}:{config.ray_port}", "--block"]
+        if layout.node_address:
+            argv[-1:-1] = ["--node-ip-address", layout.node_address]
+        log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
+        notes.append("Ray worker: vLLM's data parallel engines are placed here by the primary's Ray cluster")
+        return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file)
     argv = ["vllm", "serve", config.model, *_parallel_args(config, layout)]
     if backend and target.all2all_as_flag:
         argv += ["--all2all-backend", backend]
@@ -114,7 +127,11 @@ def build(
     argv += list(config.vllm_args) + list(passthrough or [])
 
     log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
-    return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file)
+    head = None
+    if ray:
+        head = ["ray", "start", "--head", "--port", str(config.ray_port), "--node-ip-address", layout.primary_address, "--block"]
+    return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file,
+                    ray_head=head, ray_nodes=len(config.nodes) if ray else 0)
 
 
 def _parallel_args(config: DeployConfig, layout: NodeLayout) -> list[str]:
@@ -124,6 +141,8 @@ def _parallel_args(config: DeployConfig, layout: NodeLayout) -> list[str]:
         args.append("--enable-expert-parallel")
     args += ["--data-parallel-size", str(layout.data_parallel_size),
              "--data-parallel-size-local", str(layout.data_parallel_size_local)]
+    if config.data_parallel_backend == "ray":
+        args += ["--data-parallel-backend", "ray"]
     if layout.role == "secondary":
         # Only headless secondaries get a start rank: on a node with API servers it would switch on
         # vLLM's hybrid load balancing instead.

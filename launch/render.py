@@ -44,6 +44,8 @@ def shell(plan: NodePlan) -> str:
     lines = [f"# {plan.title}"]
     lines += [f"# {note}" for note in plan.notes]
     lines += env_lines(plan)
+    if plan.ray_head:
+        lines.append(f"{shlex.join(plan.ray_head)} &   # then wait until the Ray cluster has {plan.ray_nodes} nodes")
     cmd = command_line(plan)
     if plan.log_file:
         cmd += f" 2>&1 | tee -a {shlex.quote(plan.log_file)}"
@@ -57,12 +59,33 @@ def script(plan: NodePlan) -> str:
     lines += [f"# {note}" for note in plan.notes]
     lines += ["set -euo pipefail"]
     lines += env_lines(plan, script=True)
+    # With a Ray head the script stays alive after vLLM to stop the head (no exec).
+    run = "" if plan.ray_head else "exec "
+    if plan.ray_head:
+        lines += _ray_head_lines(plan)
     if plan.log_file:
         lines.append(f"mkdir -p {shlex.quote(plan.log_file.rsplit('/', 1)[0])}")
-        lines.append(f"exec {command_line(plan)} > >(tee -a {shlex.quote(plan.log_file)}) 2>&1")
+        lines.append(f"{run}{command_line(plan)} > >(tee -a {shlex.quote(plan.log_file)}) 2>&1")
     else:
-        lines.append(f"exec {command_line(plan)}")
+        lines.append(f"{run}{command_line(plan)}")
     return "\n".join(lines) + "\n"
+
+
+def _ray_head_lines(plan: NodePlan, bound_s: int = 600) -> list[str]:
+    """Start the Ray head, stop it on exit, and wait (bounded) until every node joined before vLLM starts."""
+    from launch.ray_cluster import head_address
+
+    address, nodes = head_address(plan.ray_head), plan.ray_nodes
+    awk = "awk '/^Active:/{a=1;next} /:$/{a=0} a && / node_/{n+=$1} END{print n+0}'"
+    return [
+        f"{shlex.join(plan.ray_head)} &",
+        "ray_head=$!",
+        'trap \'kill "$ray_head" 2>/dev/null; wait "$ray_head"\' EXIT',
+        f"ray_nodes() {{ ray status --address {address} 2>/dev/null | {awk}; }}",
+        f"echo \"waiting up to {bound_s} s for {nodes} nodes in the Ray cluster at {address}\" >&2",
+        f'for _ in $(seq {bound_s // 2}); do [ "$(ray_nodes)" -ge {nodes} ] && break; sleep 2; done',
+        f'[ "$(ray_nodes)" -ge {nodes} ] || {{ echo "error: ray: fewer than {nodes} nodes joined {address} within {bound_s} s" >&2; exit 3; }}',
+    ]
 
 
 def summary(plan: NodePlan) -> list[str]:

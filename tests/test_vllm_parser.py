@@ -100,3 +100,17 @@ def test_launch_check_command_reports_each_node(launch, write_yaml):
     res = launch("check", str(bad), "--python", str(PYTHON), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{folder}"}, timeout=300)
     assert res.code == 1
     assert "REJECTED node 0 (primary):" in res.out and "--enable-expert-paralel" in res.out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_ray_backends_primary_argv_is_accepted(version):
+    """data_parallel_backend: ray puts `--data-parallel-backend ray` on the primary (the only node running vLLM)."""
+    folder = parser_of(version)
+    config = parse_deploy({"model": "m", "nodes": [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}],
+                           "data_parallel_backend": "ray"}, "generated")
+    target = Target(Version(version), "given")
+    primary = planning.build(config, layouts(config)[0], target, StackPaths(prefix=ROOT))
+    assert "--data-parallel-backend" in primary.argv
+    answer = check.parse([primary.argv[1:]], python=str(PYTHON), pythonpath=[str(folder)], timeout=300)
+    assert not answer.problem, answer.problem
+    assert answer.results[0].ok, answer.results[0].error
