@@ -621,7 +621,10 @@ def cmd_lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
     from launch import placement
 
     config, source = _scheduled_deploy(args)
-    p = placement.lws(config, source, resolve_timeout=args.resolve_timeout, say=_say)
+    try:
+        p = placement.lws(config, source, resolve_timeout=args.resolve_timeout, say=_say)
+    except placement.LeaderNotFound as exc:
+        raise NodeDown(str(exc)) from None
     _say(f"LeaderWorkerSet pod: {p.describe()}")
     placed = _placed_file(p.config, f"lws-{p.node_rank}-{args.step}")
     return _run_step(args.step, placed, p.node_rank, None, passthrough)

@@ -34,6 +34,10 @@ class SchedulerError(ConfigError):
     """The scheduler's variables or allocation do not fit the deploy file (one line, exit 2)."""
 
 
+class LeaderNotFound(Exception):
+    """The LeaderWorkerSet leader's name did not resolve within the bound (a node down: exit 3)."""
+
+
 @dataclass(frozen=True)
 class Placement:
     config: DeployConfig
@@ -225,6 +229,6 @@ def _resolve_within(name: str, timeout: float, say: Callable[[str], None]) -> st
     try:
         wait.until(resolved, f"the leader's address {name} (LWS_LEADER_ADDRESS) to resolve", timeout, say=say)
     except wait.WaitTimeout as exc:
-        raise SchedulerError(f"LWS_LEADER_ADDRESS: {exc} (expected the LeaderWorkerSet's headless service in cluster DNS; "
+        raise LeaderNotFound(f"LWS_LEADER_ADDRESS: {exc} (expected the LeaderWorkerSet's headless service in cluster DNS; "
                              f"with hostNetwork the pod needs dnsPolicy: ClusterFirstWithHostNet)") from None
     return found[-1]
