@@ -532,7 +532,11 @@ def cmd_plan_scheduler(args: argparse.Namespace) -> int:
 
         from launch import k8s
 
-        out = yaml.safe_dump_all(k8s.manifests(config, text, Path(path).name), sort_keys=False)
+        class Literal(yaml.SafeDumper):
+            """Multi-line strings (the deploy file in the ConfigMap) as readable | blocks."""
+
+        Literal.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+        out = yaml.dump_all(k8s.manifests(config, text, Path(path).name), Dumper=Literal, sort_keys=False)
     if not args.out:
         sys.stdout.write(out)
         return 0

@@ -277,3 +277,18 @@ def test_bad_input_is_refused_in_one_line(name):
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(expected), message
+
+
+def test_the_example_renders_through_the_cli_into_manifests_kubernetes_accepts(tmp_path):
+    """docs/examples/k8s-2node.yaml as users run it: `plan --format k8s --out FILE`, then read back as kubectl would."""
+    from tests.conftest import EXAMPLES, run_module
+
+    out = tmp_path / "vllm-ep.yaml"
+    res = run_module("launch", "plan", str(EXAMPLES / "k8s-2node.yaml"), "--format", "k8s", "--out", str(out))
+    assert res.code == 0, res.err
+    objects = list(yaml.safe_load_all(out.read_text()))
+    validate_all(objects)
+    assert [o["kind"] for o in objects] == ["ConfigMap", "LeaderWorkerSet", "Service"]
+    assert objects[0]["data"]["deploy.yaml"] == (EXAMPLES / "k8s-2node.yaml").read_text()
+    assert "  deploy.yaml: |\n" in out.read_text()  # the deploy file stays readable in the manifest
+    assert objects[1]["spec"]["leaderWorkerTemplate"]["size"] == 2

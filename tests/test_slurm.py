@@ -228,3 +228,14 @@ def test_an_allocation_short_of_nodes_fails_in_one_line_before_any_step(cluster,
     assert output.splitlines() == [
         "error: deploy.yaml: nodes: 3 nodes but the allocation has 2 (SLURM_JOB_NODELIST=epn[1-2]) (expected an allocation "
         "of 3 nodes: sbatch the script `plan --format slurm` writes, without -N)"]
+
+
+def test_the_example_renders_a_script_that_runs_the_toolkit_through_pixi(tmp_path):
+    from tests.conftest import EXAMPLES
+
+    res = run_module("launch", "plan", str(EXAMPLES / "slurm-4node-ib.yaml"), "--format", "slurm", "--out", str(tmp_path / "job.sbatch"))
+    assert res.code == 0, res.err
+    text = (tmp_path / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=4\n" in text and "#SBATCH --gpus-per-node=8\n" in text and "#SBATCH --constraint=h200\n" in text
+    assert "run=(pixi run --frozen --manifest-path /shared/vllm-ep/pixi.toml python)\n" in text
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
