@@ -263,3 +263,37 @@ def test_hand_written_vllm_serve_side_by_side(deploy, tiny_model, results):
         "hand_healthy_after_s": round(healthy_after, 1)}, indent=2))
     assert all(r["completed"] == 200 for r in hands)
     assert 0.8 < ratio < 1.25  # one run each: noise, not a slowdown, is what this bound allows
+
+
+# ---- 3. data_parallel_backend: ray ---------------------------------------------------------------------
+def test_serve_dp2_ep_with_ray_as_the_data_parallel_backend(tiny_model, tmp_path, results):
+    """vLLM on node 0 only; node 1's GPU joins through `ray start`; the launcher starts vLLM once both Ray
+    nodes are there, and stops vLLM and the Ray head on SIGTERM."""
+    if not shutil.which("ray"):
+        pytest.skip("needs ray on PATH")
+    deploy = tmp_path / "ray.yaml"
+    deploy.write_text(deploy_text(tiny_model, data_parallel_backend="ray", ray_port="6379"))
+    logs = [results / "ray-node0.log", results / "ray-node1.log"]
+    t0 = time.monotonic()
+    procs = []
+    for rank in (1, 0):  # the worker may start first: it waits for the head's port
+        out = open(results / f"ray-launcher{rank}.txt", "w")  # noqa: SIM115
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch", "serve", "--deploy", str(deploy), "--node-rank", str(rank),
+                                       "--log-file", str(logs[rank])], env=env_with(RAY_USAGE_STATS_ENABLED="0"),
+                                      stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+    try:
+        healthy_after = wait_healthy(f"http://127.0.0.1:{API_PORT}/health", procs, HEALTH_TIMEOUT_S)
+        result = bench(tiny_model, results, "bench-ray", seed=7)
+    finally:
+        stopped_after = stop(procs[::-1])
+    summary = {"healthy_after_s": round(healthy_after, 1), "stop_s": round(stopped_after, 1),
+               "exit_codes": [p.returncode for p in procs[::-1]], "gpu_processes_after_stop": gpu_processes(),
+               "completed": result.get("completed"), "failed": result.get("failed"),
+               "output_throughput": result.get("output_throughput"), "total_s": round(time.monotonic() - t0, 1)}
+    (results / "serve-ray-summary.json").write_text(json.dumps(summary, indent=2))
+    assert result["completed"] == 200 and not result.get("failed")
+    assert summary["gpu_processes_after_stop"] == []
+    launcher0 = (results / "ray-launcher0.txt").read_text()
+    assert "2 nodes in the Ray cluster at" in launcher0, launcher0[-3000:]
+    primary = logs[0].read_text()
+    assert "EP Rank 0/2" in primary and "EP Rank 1/2" in primary  # both engines report through the primary's log
