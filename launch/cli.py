@@ -423,7 +423,8 @@ def cmd_serve(args: argparse.Namespace, passthrough: list[str]) -> int:
         health = f"http://{'127.0.0.1' if host in (None, '0.0.0.0', '::', '') else host}:{port}/health"
     if not plan.ray_head:
         return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
-                             health_url=health, health_timeout=args.health_timeout)
+                             health_url=health, health_timeout=args.health_timeout,
+                             what="the Ray worker" if plan.argv[0] == "ray" else "vLLM")
     from launch import ray_cluster
 
     head = [_executable(None, "ray", RAY_FIX, path=env.get("PATH")), *plan.ray_head[1:]]

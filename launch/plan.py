@@ -129,6 +129,9 @@ def build(
     log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
     head = None
     if ray:
+        # vLLM hands its own NCCL_*, UCX_*, VLLM_*, HF_* variables to every engine it places through Ray (its
+        # ray_env carry-over, logged at start): those must suit every node, interface names included.
+        notes.append("Ray: vLLM copies this node's NCCL_*, UCX_*, VLLM_* and HF_* variables to every engine it places")
         head = ["ray", "start", "--head", "--port", str(config.ray_port), "--node-ip-address", layout.primary_address, "--block"]
     return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file,
                     ray_head=head, ray_nodes=len(config.nodes) if ray else 0)

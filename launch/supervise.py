@@ -88,6 +88,7 @@ def run(
     health_url: str | None = None,
     health_timeout: float = 1800.0,
     say=lambda msg: print(f"[launch] {msg}", file=sys.stderr, flush=True),
+    what: str = "vLLM",
 ) -> int:
     """Starts ``argv`` and supervises it until it and everything it started have ended. With
     ``health_url``, says when vLLM's API first answers there (or that it did not, within the bound)."""
@@ -108,11 +109,11 @@ def run(
     def on_signal(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if "deadline" in stopping:
-            say(f"{name} again: sending SIGKILL to vLLM's process group {pgid}")
+            say(f"{name} again: sending SIGKILL to {what}'s process group {pgid}")
             _signal_group(pgid, signal.SIGKILL)
             return
         stopping["deadline"] = time.monotonic() + stop_timeout
-        say(f"{name}: stopping vLLM (process group {pgid}), up to {stop_timeout:g} s")
+        say(f"{name}: stopping {what} (process group {pgid}), up to {stop_timeout:g} s")
         _signal_group(pgid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
@@ -132,7 +133,7 @@ def run(
             except subprocess.TimeoutExpired:
                 deadline = stopping.get("deadline")
                 if deadline is not None and time.monotonic() >= deadline:
-                    say(f"vLLM did not stop within {stop_timeout:g} s: sending SIGKILL to process group {pgid}")
+                    say(f"{what} did not stop within {stop_timeout:g} s: sending SIGKILL to process group {pgid}")
                     _signal_group(pgid, signal.SIGKILL)
                     stopping["deadline"] = float("inf")
         # vLLM is gone; its helpers may not be. Stop them within the same bound.

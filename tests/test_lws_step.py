@@ -16,7 +16,6 @@ import pytest
 from launch import placement
 from launch.config import parse_deploy
 from tests.conftest import ROOT, run_module
-from tests.netns import two_hosts  # noqa: F401 - fixture
 
 LEADER = "vllm-ep-0.vllm-ep.default"
 TWO = {"model": "m", "nodes": [{"gpus": 2}, {"gpus": 2}], "vllm_version": "0.26.0"}
@@ -75,7 +74,7 @@ def hosts_file(ns: str, text: str) -> Path:
 
 
 @pytest.mark.netns
-def test_two_pods_place_themselves_run_cross_node_preflight_and_plan(two_hosts, tmp_path):  # noqa: F811
+def test_two_pods_place_themselves_run_cross_node_preflight_and_plan(two_hosts, tmp_path):
     deploy = tmp_path / "deploy.yaml"
     deploy.write_text("model: tiny-moe\nnodes: [{gpus: 2}, {gpus: 2}]\nrpc_port: 13345\nvllm_version: 0.26.0\n"
                       "network: {transport: tcp, socket_ifname: auto}\npreflight: {rendezvous_timeout_s: 30, collective_timeout_s: 60}\n")

@@ -24,7 +24,6 @@ from launch.layout import layouts
 from launch.vllm_versions import Target
 from packaging.version import Version
 from tests.conftest import ROOT, run_module
-from tests.netns import two_hosts  # noqa: F401 - fixture
 
 DEPLOY = {"model": "m", "nodes": [{"address": "10.0.0.1", "gpus": 8}, {"address": "10.0.0.2", "gpus": 8}],
           "data_parallel_backend": "ray", "vllm_version": "0.26.0"}
@@ -90,7 +89,7 @@ def in_ns(host, *args: str, env: dict[str, str]) -> subprocess.Popen:
 
 
 @pytest.mark.netns
-def test_two_nodes_form_a_ray_cluster_before_vllm_starts(two_hosts, tmp_path):  # noqa: F811
+def test_two_nodes_form_a_ray_cluster_before_vllm_starts(two_hosts, tmp_path):
     ray = ray_bin()
     primary, secondary = two_hosts
     deploy = tmp_path / "d.yaml"
