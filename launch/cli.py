@@ -614,6 +614,13 @@ def cmd_slurm_step(args: argparse.Namespace, passthrough: list[str]) -> int:
             for rank, (host, node) in enumerate(zip(names, placement.group_nodes(placed, group), strict=True)):
                 role = "primary" if rank == 0 else "secondary"
                 print(f"[launch] slurm job {job}: {group + ' ' if group else ''}node {rank} ({role}) = {host} {node.address}")
+        if placed.disaggregation is not None:
+            from launch import router
+
+            api = f"{router.address(placed)}:{placed.disaggregation.router.port} (vllm-router)"
+        else:
+            api = f"{placed.nodes[0].address}:{placed.port}"
+        print(f"[launch] slurm job {job}: the API will answer at http://{api} once every node is up")
         return 0
     p = placement.slurm(config, source, args.group)
     _say(f"slurm job {job}: {p.describe()}")

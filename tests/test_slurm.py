@@ -180,6 +180,7 @@ def test_two_nodes_run_preflight_plan_and_check_with_slurms_ranks(cluster, tmp_p
     n1, n2 = cluster.nodes
     assert f"[launch] slurm job {jid}: node 0 (primary) = epn1 {n1.address}" in output
     assert f"[launch] slurm job {jid}: node 1 (secondary) = epn2 {n2.address}" in output
+    assert f"[launch] slurm job {jid}: the API will answer at http://{n1.address}:8000 once every node is up" in output
     tasks = by_task(output)
     for rank, node in enumerate(cluster.nodes):
         lines = tasks[str(rank)]
@@ -210,6 +211,7 @@ def test_prefill_and_decode_run_on_their_own_components(cluster, tmp_path):
     n1, n2 = cluster.nodes
     assert f"[launch] slurm job {jid}: prefill node 0 (primary) = epn1 {n1.address}" in output
     assert f"[launch] slurm job {jid}: decode node 0 (primary) = epn2 {n2.address}" in output
+    assert f"[launch] slurm job {jid}: the API will answer at http://{n1.address}:8000 (vllm-router) once every node is up" in output
     lines = output.splitlines()
     assert f"0: [launch] slurm job {jid}: prefill node 0 of 1 (primary, {n1.address}); primary at {n1.address}" in lines
     assert f"0: [launch] slurm job {jid}: decode node 0 of 1 (primary, {n2.address}); primary at {n2.address}" in lines
