@@ -522,6 +522,12 @@ def cmd_plan_scheduler(args: argparse.Namespace) -> int:
         raise UsageError(f"{given[0]}: not taken with --format {args.format} (expected the value in {path}: the job carries the deploy file)")
     config = load_deploy(path)
     text = Path(path).read_text(encoding="utf-8")
+    from launch.placement import GROUPS, group_nodes
+
+    listed = [n for g in (GROUPS if config.disaggregation else (None,)) for n in group_nodes(config, g) if n.address]
+    if listed:
+        where = "the allocation's" if args.format == "slurm" else "the pods'"
+        _say(f"note: {path} lists node addresses; with --format {args.format} they are replaced by {where} at run time")
     # Every node's plan must build before the job is submitted: plan it on stand-in addresses.
     make_plans(args, [], loaded=_stand_in_addresses(config))
     if args.format == "slurm":
