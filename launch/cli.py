@@ -477,7 +477,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             raise NodeDown(f"{name}: {what} not ready within {args.wait_for_groups:g} s "
                            f"(start serve-{name} on its nodes first)") from None
         _say(f"{name} is healthy at {url} (after {took:.1f} s)")
-    return supervise.run([exe, *command[1:]], os.environ, stop_timeout=10)
+    return supervise.run([exe, *command[1:]], os.environ, stop_timeout=10, what="vllm-router")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -516,7 +516,8 @@ def cmd_plan_scheduler(args: argparse.Namespace) -> int:
     path = _deploy_path(args)
     if not path:
         raise UsageError("deploy file: none given (pass FILE or set EP_DEPLOY)")
-    given = [f"--{name.replace('_', '-')}" for name in ("port", "host", "tensor_parallel_size", "transport", "socket_ifname", "node_rank")
+    given = [f"--{name.replace('_', '-')}" for name in ("port", "host", "tensor_parallel_size", "transport", "socket_ifname",
+                                                         "node_rank", "all2all_backend", "vllm_version", "group")
              if getattr(args, name, None) is not None]
     if given:
         raise UsageError(f"{given[0]}: not taken with --format {args.format} (expected the value in {path}: the job carries the deploy file)")
@@ -524,6 +525,7 @@ def cmd_plan_scheduler(args: argparse.Namespace) -> int:
     text = Path(path).read_text(encoding="utf-8")
     from launch.placement import GROUPS, group_nodes
 
+    _refuse_for_scheduler(config, path, args.format)
     listed = [n for g in (GROUPS if config.disaggregation else (None,)) for n in group_nodes(config, g) if n.address]
     if listed:
         where = "the allocation's" if args.format == "slurm" else "the pods'"
@@ -550,11 +552,38 @@ def cmd_plan_scheduler(args: argparse.Namespace) -> int:
     target = Path(args.out)
     if target.is_dir():
         raise UsageError(f"--out: {target} is a folder (expected a file name for --format {args.format})")
+    if not target.parent.is_dir():
+        raise UsageError(f"--out: folder {target.parent} does not exist (expected a file in an existing folder)")
     if target.exists() and target.read_text() != out and not args.force:
         raise UsageError(f"--out: {target} exists and differs (expected a new file, or --force to overwrite)")
     target.write_text(out)
     print(target)
     return 0
+
+
+def _refuse_for_scheduler(config: DeployConfig, path: str, fmt: str) -> None:
+    """What a scheduler-placed file cannot carry: fixed GPU ids (the scheduler assigns GPUs) and secrets
+    (the file travels in the job script or a ConfigMap)."""
+    from launch.config import is_secret
+    from launch.placement import GROUPS, group_nodes
+
+    prefixes = [("", None)] if config.disaggregation is None else [(f"disaggregation.{g}.", g) for g in GROUPS]
+    for prefix, group in prefixes:
+        for rank, node in enumerate(group_nodes(config, group)):
+            if node.gpu_ids is not None:
+                raise UsageError(f"{path}: {prefix}nodes[{rank}].gpu_ids: not taken with --format {fmt} (expected none: "
+                                 f"the scheduler assigns each node's GPUs and sets CUDA_VISIBLE_DEVICES)")
+    envs = [("env", config.env)] + [(f"{p}nodes[{r}].env", n.env) for p, g in prefixes for r, n in enumerate(group_nodes(config, g))]
+    if config.disaggregation is not None:
+        envs += [(f"disaggregation.{g}.env", getattr(config.disaggregation, g).env) for g in GROUPS]
+    for field, env in envs:
+        for name in env:
+            if is_secret(name):
+                fix = (f"export {name} before sbatch: the job passes your environment to every node" if fmt == "slurm"
+                       else "a Kubernetes Secret named in kubernetes.env_from_secret")
+                where = "the job script" if fmt == "slurm" else "a ConfigMap"
+                raise UsageError(f"{path}: {field}.{name}: a secret would be written into {where} (expected it out of the "
+                                 f"deploy file: {fix})")
 
 
 def _stand_in_addresses(config: DeployConfig) -> DeployConfig:
@@ -584,10 +613,14 @@ def _placed_file(config: DeployConfig, name: str) -> str:
     """The placed deploy file, node-local (steps are separate processes that read a file)."""
     import tempfile
 
-    folder = Path(tempfile.gettempdir()) / "vllm-ep"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.gettempdir()) / f"vllm-ep-{os.getuid()}"
     path = folder / f"{name}.yaml"
-    path.write_text(dump_deploy(config))
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(dump_deploy(config))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the placed deploy file ({exc.strerror or exc}; expected a writable "
+                         f"temporary folder: set TMPDIR)") from None
     return str(path)
 
 
@@ -697,6 +730,9 @@ def cmd_bench(args: argparse.Namespace, passthrough: list[str]) -> int:
     if not path:
         raise UsageError("deploy file: none given (pass FILE or set EP_DEPLOY)")
     config = _with_overrides(load_deploy(path), args)
+    if config.disaggregation is None and config.nodes[0].address is None and config.host in (None, "", "0.0.0.0", "::"):
+        raise UsageError(f"{path}: nodes[0].address: missing (expected the primary's address to reach its API; "
+                         f"a scheduler-placed deployment prints it: slurm-step allocation)")
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     command = benchmark.argv(config, out, passthrough)
     if args.dry_run:

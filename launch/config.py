@@ -9,6 +9,7 @@ is one line: ``FILE: FIELD: what was expected``.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +135,16 @@ class Disaggregation(_Strict):
     router: Router = Router()
 
 
+def _command_line(value: str) -> str:
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} does not split into words ({exc})") from None
+    if not words:
+        raise ValueError("empty (expected how to run Python, e.g. python)")
+    return value
+
+
 SlurmStep = Literal["preflight", "serve", "plan", "check"]
 
 
@@ -160,6 +171,8 @@ class Slurm(_Strict):
     python: str = "python"
     """How nodes run the toolkit's Python, e.g. `pixi run --frozen --manifest-path /shared/ep/pixi.toml python`."""
 
+    _python = field_validator("python")(lambda cls, value: _command_line(value))
+
 
 class Kubernetes(_Strict):
     """What `plan --format k8s` writes: a LeaderWorkerSet (leader = primary, workers = secondaries)."""
@@ -171,6 +184,8 @@ class Kubernetes(_Strict):
     """Container image holding the toolkit and its stack (required for --format k8s)."""
     python: str = "python"
     """How the container runs the toolkit's Python."""
+
+    _python = field_validator("python")(lambda cls, value: _command_line(value))
     host_network: bool = True
     """Use the node's network (NICs, RDMA, EFA) directly, as EP needs; False needs an RDMA CNI."""
     rdma_resources: dict[str, int] = {}
@@ -185,6 +200,28 @@ class Kubernetes(_Strict):
     """Run the node checks (cross-node ones included) in an init container before vLLM starts."""
     restart_policy: Literal["RecreateGroupOnPodRestart", "Default"] = "RecreateGroupOnPodRestart"
     """RecreateGroupOnPodRestart: one failed pod restarts its whole group (an EP group cannot lose a rank)."""
+    preflight_args: list[str] = []
+    """Extra `python -m preflight` arguments for the init container (e.g. -k "not model")."""
+    cpu: str | None = None
+    """CPU request and limit per pod (e.g. "96"); with memory, the pod is Guaranteed instead of BestEffort."""
+    memory: str | None = None
+    """Memory request and limit per pod (e.g. 1500Gi); the memory-backed /dev/shm counts against it."""
+    env_from_secret: str | None = None
+    """A Secret whose keys become environment variables (HF_TOKEN, ...): secrets stay out of the ConfigMap."""
+    pod_annotations: dict[str, str] = {}
+    """E.g. k8s.v1.cni.cncf.io/networks for an RDMA network through Multus (host_network: false)."""
+    tolerations: list[dict[str, str | int]] = []
+    """E.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}] for tainted GPU nodes."""
+    termination_grace_s: int = Field(default=120, ge=30)
+    """Seconds between SIGTERM and SIGKILL: vLLM's stop (30 s) and, with Ray, the head's drain (up to 45 s)."""
+
+    @field_validator("rdma_resources")
+    @classmethod
+    def _positive(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, n in value.items() if n < 1]
+        if bad:
+            raise ValueError(f"{bad[0]}: {value[bad[0]]} (expected a count of at least 1)")
+        return value
 
 
 class DeployConfig(_Strict):

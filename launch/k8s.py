@@ -44,7 +44,7 @@ def manifests(config: DeployConfig, deploy_text: str, source: str) -> list[dict[
     rendered."""
     _check(config, source)
     k = config.kubernetes
-    python = _python(k.python, source)
+    python = shlex.split(k.python)  # checked when the deploy file was read
     leader = _pod_template(config, python, config.nodes[0].gpus, leader=True)
     # LWS requires a workerTemplate even when the group is the leader alone (size 1).
     worker = _pod_template(config, python, config.nodes[1].gpus, leader=False) if len(config.nodes) > 1 else copy.deepcopy(leader)
@@ -104,16 +104,6 @@ def _check(config: DeployConfig, source: str) -> None:
             )
 
 
-def _python(python: str, source: str) -> list[str]:
-    try:
-        argv = shlex.split(python)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: kubernetes.python: {python!r} does not split into words ({exc})") from None
-    if not argv:
-        raise ConfigError(f"{source}: kubernetes.python: empty (expected how the container runs Python, e.g. python)")
-    return argv
-
-
 def _labels(config: DeployConfig) -> dict[str, str]:
     return {"app.kubernetes.io/name": "vllm-ep", "app.kubernetes.io/instance": config.kubernetes.name}
 
@@ -142,7 +132,11 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         env.append({"name": "HF_HOME", "value": k.model_cache})
         mounts.append({"name": "model-cache", "mountPath": k.model_cache})
         volumes.append({"name": "model-cache", "hostPath": {"path": k.model_cache, "type": "DirectoryOrCreate"}})
-    amounts = {"nvidia.com/gpu": gpus, **k.rdma_resources}
+    amounts: dict[str, Any] = {"nvidia.com/gpu": gpus, **k.rdma_resources}
+    if k.cpu:
+        amounts["cpu"] = k.cpu
+    if k.memory:
+        amounts["memory"] = k.memory
     common = {
         "image": k.image,
         "env": env,
@@ -150,6 +144,8 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
         "volumeMounts": mounts,
     }
+    if k.env_from_secret:
+        common["envFrom"] = [{"secretRef": {"name": k.env_from_secret}}]
     step = [*python, "-m", "launch", "lws-step"]
     vllm: dict[str, Any] = {"name": "vllm", **copy.deepcopy(common), "command": [*step, "serve", "--deploy", DEPLOY_PATH]}
     if leader:
@@ -157,15 +153,23 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         vllm["ports"] = [{"name": "http", "containerPort": config.port, "protocol": "TCP"}]
         vllm["startupProbe"] = {**copy.deepcopy(health), "initialDelaySeconds": 10, "failureThreshold": STARTUP_FAILURES}
         vllm["readinessProbe"] = {**copy.deepcopy(health), "failureThreshold": 3}
-    spec: dict[str, Any] = {"containers": [vllm], "volumes": volumes, "hostNetwork": k.host_network}
+    spec: dict[str, Any] = {"containers": [vllm], "volumes": volumes, "hostNetwork": k.host_network,
+                            "terminationGracePeriodSeconds": k.termination_grace_s}
     if k.preflight:
         # The node checks (GPUs, NICs, cross-node collectives) run with the same devices before vLLM starts.
-        spec["initContainers"] = [{"name": "preflight", **copy.deepcopy(common), "command": [*step, "preflight", "--deploy", DEPLOY_PATH]}]
+        more = ["--", *k.preflight_args] if k.preflight_args else []
+        spec["initContainers"] = [{"name": "preflight", **copy.deepcopy(common),
+                                   "command": [*step, "preflight", "--deploy", DEPLOY_PATH, *more]}]
     if k.host_network:
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     if k.node_selector:
         spec["nodeSelector"] = dict(k.node_selector)
     if k.service_account:
         spec["serviceAccountName"] = k.service_account
+    if k.tolerations:
+        spec["tolerations"] = [dict(t) for t in k.tolerations]
     labels = {**_labels(config), "app.kubernetes.io/component": "leader" if leader else "worker"}
-    return {"metadata": {"labels": labels}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": labels}
+    if k.pod_annotations:
+        metadata["annotations"] = dict(k.pod_annotations)
+    return {"metadata": metadata, "spec": spec}

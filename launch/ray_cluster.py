@@ -65,13 +65,22 @@ def head(argv: Sequence[str], env: Mapping[str, str], nodes: int, timeout: float
         took = wait.until(lambda: (active_nodes(argv[0], address, env) or 0) >= nodes, what, timeout, say=say,
                           interval=2.0, stop=gone)
         say(f"{what} (after {took:.1f} s): starting vLLM")
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        yield
+        yield  # vLLM's supervision installs its own handlers meanwhile and puts these back after
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _stop(proc, say)
+        # A signal while the head stops must not end the launcher before the head (its own session): escalate.
+        def escalate(_signum, _frame) -> None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        for sig in previous:
+            signal.signal(sig, escalate)
+        try:
+            _stop(proc, say)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _stop(proc: subprocess.Popen, say, bound: float = 45.0) -> None:

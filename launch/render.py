@@ -63,12 +63,23 @@ def script(plan: NodePlan) -> str:
     run = "" if plan.ray_head else "exec "
     if plan.ray_head:
         lines += _ray_head_lines(plan)
+    elif plan.argv[0] == "ray":
+        lines += _ray_worker_wait(plan)
     if plan.log_file:
         lines.append(f"mkdir -p {shlex.quote(plan.log_file.rsplit('/', 1)[0])}")
         lines.append(f"{run}{command_line(plan)} > >(tee -a {shlex.quote(plan.log_file)}) 2>&1")
     else:
         lines.append(f"{run}{command_line(plan)}")
     return "\n".join(lines) + "\n"
+
+
+def _ray_worker_wait(plan: NodePlan, bound_s: int = 600) -> list[str]:
+    """`ray start --address` gives up after ~20 s: wait (bounded) for the head's port first."""
+    host, port = plan.argv[plan.argv.index("--address") + 1].rsplit(":", 1)
+    return [
+        f"echo \"waiting up to {bound_s} s for the Ray head at {host}:{port}\" >&2",
+        f"until (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null || [ \"$SECONDS\" -ge {bound_s} ]; do sleep 2; done",
+    ]
 
 
 def _ray_head_lines(plan: NodePlan, bound_s: int = 600) -> list[str]:
@@ -83,7 +94,7 @@ def _ray_head_lines(plan: NodePlan, bound_s: int = 600) -> list[str]:
         'trap \'kill "$ray_head" 2>/dev/null; wait "$ray_head"\' EXIT',
         f"ray_nodes() {{ ray status --address {address} 2>/dev/null | {awk}; }}",
         f"echo \"waiting up to {bound_s} s for {nodes} nodes in the Ray cluster at {address}\" >&2",
-        f'for _ in $(seq {bound_s // 2}); do [ "$(ray_nodes)" -ge {nodes} ] && break; sleep 2; done',
+        f'until [ "$(ray_nodes)" -ge {nodes} ] || [ "$SECONDS" -ge {bound_s} ]; do sleep 2; done',
         f'[ "$(ray_nodes)" -ge {nodes} ] || {{ echo "error: ray: fewer than {nodes} nodes joined {address} within {bound_s} s" >&2; exit 3; }}',
     ]
 

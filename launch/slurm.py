@@ -25,11 +25,15 @@ def _sbatch_options(s: Slurm, nodes: list[Node], *, first: bool) -> list[str]:
     gpus = s.gpus_per_node if s.gpus_per_node is not None else max(n.gpus for n in nodes)
     options = [f"--nodes={len(nodes)}", "--ntasks-per-node=1"]
     if first:
-        options = [f"--job-name={s.job_name}", f"--output={s.output}", *options]
+        # 120 s before the time limit every task gets SIGTERM: vLLM stops cleanly instead of being killed.
+        options = [f"--job-name={s.job_name}", f"--output={s.output}", "--signal=TERM@120", *options]
     if gpus:
         options.append(f"--gpus-per-node={gpus}")
     if s.exclusive:
-        options.append("--exclusive")
+        # --exclusive alone gives all CPUs but only the default memory per CPU; --mem=0 is the node's memory.
+        options += ["--exclusive", "--mem=0"]
+    # The compute nodes' own limits (memlock unlimited for RDMA), not the submitting shell's.
+    options.append("--propagate=NONE")
     for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("time", s.time)):
         if value:
             options.append(f"--{flag}={value}")
@@ -63,7 +67,7 @@ def script(config: DeployConfig, deploy_text: str, source: str) -> str:
              "# node count is the deploy file's). Every node runs the same steps; its rank is SLURM_NODEID, the",
              "# primary is the allocation's first node; a step that fails on any node ends the job.",
              "set -euo pipefail",
-             f"run=({s.python})",
+             f"run=({shlex.join(shlex.split(s.python))})",
              f"export EP_DEPLOY_NAME={shlex.quote(source)}",
              f"export EP_DEPLOY_TEXT=\"$(cat <<'{HEREDOC}'", text + f"{HEREDOC}", ')"',
              "",
@@ -77,7 +81,8 @@ def script(config: DeployConfig, deploy_text: str, source: str) -> str:
 
 
 def _srun(*options: str) -> str:
-    return " ".join(["srun", *options, "--label", '"${run[@]}"', "-m", "launch", "slurm-step"])
+    # --export=ALL: the steps need EP_DEPLOY_TEXT even where the site exports nothing by default.
+    return " ".join(["srun", *options, "--export=ALL", "--label", '"${run[@]}"', "-m", "launch", "slurm-step"])
 
 
 def _homogeneous(step: str, nodes: int) -> list[str]:
@@ -92,11 +97,15 @@ def _heterogeneous(step: str) -> list[str]:
                  f"{step} --group {g}" for i, g in enumerate(GROUPS)]
     if step != "serve":
         return per_group
-    # Both groups and the router run together; the first to end stops the others.
-    router = f"{_srun('--het-group=0', '--nodes=1', '--ntasks=1', '--overlap')} proxy"
-    return [f"{line} &" for line in (*per_group, router)] + [
-        "set +e; wait -n; code=$?",
-        'echo "[job] a serving step ended with exit code $code; stopping the others"',
-        "kill $(jobs -p) 2>/dev/null; wait",
-        "exit $code",
-    ]
+    # Both groups and the router run together; the first to end stops the others. The router sits beside the
+    # prefill primary (the address `allocation` printed) and waits as long as the groups may take to load.
+    beside = '--nodelist="$prefill_primary"'
+    router = f"{_srun('--het-group=0', '--nodes=1', '--ntasks=1', '--overlap', beside)} proxy -- --wait-for-groups 14400"
+    return ['prefill_primary=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | head -n 1)',
+            *[f"{line} &" for line in (*per_group, router)],
+            "set +e; wait -n; code=$?",
+            'echo "[job] a serving step ended with exit code $code; stopping the others"',
+            # SIGTERM to the steps' tasks (the launchers stop vLLM in order); a SIGTERM to srun itself would
+            # make it SIGKILL its tasks.
+            'scancel --signal=TERM "$SLURM_JOB_ID"; wait',
+            "exit $code"]

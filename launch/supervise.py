@@ -2,7 +2,8 @@
 
 vLLM forks API servers, engine cores and workers. The launcher starts it in a session of its own, turns
 SIGTERM / SIGINT / SIGHUP into a SIGTERM to that whole process group, waits up to ``stop_timeout``
-seconds, then SIGKILLs what is left (saying so). When vLLM exits by itself, stragglers in its group are
+seconds, then SIGKILLs what is left (saying so); a second Ctrl-C SIGKILLs at once, a repeated SIGTERM (schedulers
+repeat themselves) changes nothing. When vLLM exits by itself, stragglers in its group are
 stopped the same way, so no orphan keeps holding GPU memory. The exit code is vLLM's (128 + signal
 number when it died of a signal, as shells report it).
 """
@@ -109,8 +110,11 @@ def run(
     def on_signal(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if "deadline" in stopping:
-            say(f"{name} again: sending SIGKILL to {what}'s process group {pgid}")
-            _signal_group(pgid, signal.SIGKILL)
+            # A second Ctrl-C means "now"; a second SIGTERM is a scheduler repeating itself (Slurm signals every
+            # task, then the job script may too): the deadline already bounds the stop.
+            if signum == signal.SIGINT:
+                say(f"{name} again: sending SIGKILL to {what}'s process group {pgid}")
+                _signal_group(pgid, signal.SIGKILL)
             return
         stopping["deadline"] = time.monotonic() + stop_timeout
         say(f"{name}: stopping {what} (process group {pgid}), up to {stop_timeout:g} s")

@@ -116,6 +116,10 @@ def build(deploy: str | None, node_rank: int | None, ifname: str | None, transpo
     elif group:
         raise ConfigError(f"--group: {deploy} has no disaggregation section (expected no --group)")
     all_layouts = layouts(config)
+    missing = [r for r, n in enumerate(config.nodes) if n.address is None and (r == 0 or node_rank in (None, r))]
+    if missing:
+        raise ConfigError(f"{deploy}: nodes[{missing[0]}].address: missing (a file without addresses is placed by a "
+                          f"scheduler: run preflight through `launch slurm-step preflight` or `lws-step preflight`)")
     if node_rank is None:
         mine = netif.own_rank([n.address for n in config.nodes])
         if len(mine) != 1:

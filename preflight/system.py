@@ -22,6 +22,22 @@ def memlock_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
 
 
+CAP_IPC_LOCK = 14
+
+
+def has_ipc_lock() -> bool:
+    """CAP_IPC_LOCK in this process's effective set: locked memory is then not limited by RLIMIT_MEMLOCK
+    (how Kubernetes pods, which cannot raise ulimits, register RDMA memory)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def port_in_use(port: int, host: str = "0.0.0.0") -> str | None:
     """None if ``port`` can be bound on ``host`` now, else why not (listeners in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

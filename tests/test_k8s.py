@@ -264,7 +264,7 @@ kubernetes: {image: registry.example.com/vllm-ep:0.26.0}
         "prefill/decode groups and the router are not rendered for Kubernetes)",
     ),
     "relative model cache": (TWO_NODES + "  model_cache: hf\n", "deploy.yaml: kubernetes.model_cache: 'hf' is not an absolute path"),
-    "empty python": (TWO_NODES + "  python: ' '\n", "deploy.yaml: kubernetes.python: empty (expected how the container runs Python"),
+    "empty python": (TWO_NODES + "  python: ' '\n", "deploy.yaml: kubernetes.python: empty (expected how to run Python"),
     "python that does not split": (TWO_NODES + "  python: \"pixi run 'python\"\n", "deploy.yaml: kubernetes.python: \"pixi run 'python\" does not split"),
 }
 
@@ -292,3 +292,38 @@ def test_the_example_renders_through_the_cli_into_manifests_kubernetes_accepts(t
     assert objects[0]["data"]["deploy.yaml"] == (EXAMPLES / "k8s-2node.yaml").read_text()
     assert "  deploy.yaml: |\n" in out.read_text()  # the deploy file stays readable in the manifest
     assert objects[1]["spec"]["leaderWorkerTemplate"]["size"] == 2
+
+
+def test_guaranteed_resources_secrets_annotations_tolerations_and_grace_pass_the_schemas():
+    text = TWO_NODES + """\
+  cpu: "96"
+  memory: 1500Gi
+  env_from_secret: hf-token
+  pod_annotations: {k8s.v1.cni.cncf.io/networks: rdma-net}
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  preflight_args: [-k, "not model"]
+  termination_grace_s: 180
+"""
+    objects = render(text)
+    validate_all(objects)
+    template = objects[1]["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+    spec, (vllm,), (preflight,) = template["spec"], template["spec"]["containers"], template["spec"]["initContainers"]
+    # requests == limits for cpu and memory: the pod is Guaranteed, not the first to be evicted
+    assert vllm["resources"]["requests"] == vllm["resources"]["limits"] == {
+        "nvidia.com/gpu": 8, "rdma/ib": 1, "cpu": "96", "memory": "1500Gi"}
+    assert vllm["envFrom"] == preflight["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+    assert template["metadata"]["annotations"] == {"k8s.v1.cni.cncf.io/networks": "rdma-net"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["terminationGracePeriodSeconds"] == 180
+    assert preflight["command"][-4:] == ["/etc/vllm-ep/deploy.yaml", "--", "-k", "not model"]
+
+
+def test_a_secret_in_the_deploy_file_stays_out_of_the_configmap(tmp_path):
+    from tests.conftest import run_module
+
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text(TWO_NODES + "env: {HF_TOKEN: hf_x}\n")
+    res = run_module("launch", "plan", str(deploy), "--format", "k8s")
+    assert res.code == 2 and res.out == "" and res.err.strip().splitlines() == [
+        f"error: {deploy}: env.HF_TOKEN: a secret would be written into a ConfigMap (expected it out of the deploy file: "
+        "a Kubernetes Secret named in kubernetes.env_from_secret)"]

@@ -9,8 +9,10 @@ that in CI a missing piece fails instead of skipping)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,13 +68,18 @@ def test_the_script_asks_for_whole_nodes_and_runs_preflight_then_serve(tmp_path)
     job = render(tmp_path, "model: m\nnodes: [{gpus: 8}, {gpus: 8}, {gpus: 8}]\nslurm: {partition: gpu, time: '04:00:00'}\n")
     text = job.read_text()
     header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
-    assert header == ["#SBATCH --job-name=vllm-ep", "#SBATCH --output=%x-%j.out", "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1",
-                      "#SBATCH --gpus-per-node=8", "#SBATCH --exclusive", "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00"]
+    assert header == [
+        "#SBATCH --job-name=vllm-ep", "#SBATCH --output=%x-%j.out",
+        "#SBATCH --signal=TERM@120",  # vLLM stops cleanly before the time limit
+        "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+        "#SBATCH --exclusive", "#SBATCH --mem=0",  # whole nodes, their memory included
+        "#SBATCH --propagate=NONE",  # the nodes' own limits (memlock), not the login shell's
+        "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00"]
     steps = [ln for ln in text.splitlines() if ln.startswith("srun ")]
     assert steps == [
-        'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --label "${run[@]}" -m launch slurm-step preflight',
+        'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --export=ALL --label "${run[@]}" -m launch slurm-step preflight',
         # a dead rank takes the EP group with it: srun stops every node
-        'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=1 --label "${run[@]}" -m launch slurm-step serve',
+        'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL --label "${run[@]}" -m launch slurm-step serve',
     ]
     assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
 
@@ -94,11 +101,14 @@ def test_prefill_and_decode_become_a_heterogeneous_job(tmp_path):
     assert "#SBATCH --nodes=1" in header[:cut] and "#SBATCH --nodes=1" in header[cut:]
     serve = [ln for ln in text.splitlines() if ln.startswith("srun ")]
     assert serve == [
-        'srun --het-group=0 --ntasks-per-node=1 --kill-on-bad-exit=1 --label "${run[@]}" -m launch slurm-step serve --group prefill &',
-        'srun --het-group=1 --ntasks-per-node=1 --kill-on-bad-exit=1 --label "${run[@]}" -m launch slurm-step serve --group decode &',
-        'srun --het-group=0 --nodes=1 --ntasks=1 --overlap --label "${run[@]}" -m launch slurm-step proxy &',
+        'srun --het-group=0 --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL --label "${run[@]}" -m launch slurm-step serve --group prefill &',
+        'srun --het-group=1 --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL --label "${run[@]}" -m launch slurm-step serve --group decode &',
+        # the router beside the prefill primary, waiting as long as a big model may take to load
+        'srun --het-group=0 --nodes=1 --ntasks=1 --overlap --nodelist="$prefill_primary" --export=ALL --label "${run[@]}" -m launch '
+        'slurm-step proxy -- --wait-for-groups 14400 &',
     ]
-    assert "wait -n" in text
+    # the first step to end stops the others through their launchers (SIGTERM to the tasks, not to srun)
+    assert "wait -n" in text and 'scancel --signal=TERM "$SLURM_JOB_ID"; wait' in text
 
 
 def test_named_overrides_are_refused_since_the_job_carries_the_file(tmp_path):
@@ -115,6 +125,19 @@ def test_a_plan_that_cannot_build_is_refused_before_rendering(tmp_path):
     res = run_module("launch", "plan", str(deploy), "--format", "slurm")
     assert res.code == 2 and res.out == ""
     assert res.err.startswith(f"error: {deploy}: ") and "pplx" in res.err and len(res.err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("env: {HF_TOKEN: hf_x}\n", "env.HF_TOKEN: a secret would be written into the job script (expected it out of the deploy "
+                                 "file: export HF_TOKEN before sbatch: the job passes your environment to every node)"),
+    ("", "nodes[1].gpu_ids: not taken with --format slurm (expected none: the scheduler assigns each node's GPUs and sets "
+         "CUDA_VISIBLE_DEVICES)"),
+])
+def test_what_a_job_cannot_carry_is_refused_in_one_line(tmp_path, extra, message):
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text("model: m\nnodes: [{gpus: 8}, {gpus: 4, " + ("" if extra else "gpu_ids: [0, 1, 2, 3]") + "}]\n" + extra)
+    res = run_module("launch", "plan", str(deploy), "--format", "slurm")
+    assert res.code == 2 and res.out == "" and res.err.strip().splitlines() == [f"error: {deploy}: {message}"]
 
 
 def test_a_missing_slurm_variable_is_one_line(tmp_path):
@@ -241,3 +264,51 @@ def test_the_example_renders_a_script_that_runs_the_toolkit_through_pixi(tmp_pat
     assert "#SBATCH --nodes=4\n" in text and "#SBATCH --gpus-per-node=8\n" in text and "#SBATCH --constraint=h200\n" in text
     assert "run=(pixi run --frozen --manifest-path /shared/vllm-ep/pixi.toml python)\n" in text
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+
+
+def test_a_heterogeneous_job_serves_prefill_decode_and_the_router_then_stops_on_scancel_term(cluster, tmp_path):
+    """Serving for real on the cluster, with a stand-in for `vllm serve` (it answers /health on its --port) and the
+    real vllm-router: both groups come up on their components, the router starts once both answer, and
+    `scancel --signal=TERM` stops every launcher cleanly (no process left on either node)."""
+    router = shutil.which("vllm-router")
+    if not router:
+        if os.environ.get("EP_REQUIRE_VLLM") == "1":
+            pytest.fail("vllm-router is not installed (pip install vllm-router)")
+        pytest.skip("vllm-router is not installed (pip install vllm-router)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vllm").write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests" / "fixtures" / "fake_vllm_http.py"} "$@"\n')
+    (bin_dir / "vllm").chmod(0o755)
+    job = render(tmp_path, PREFILL_DECODE.replace("steps: [plan]", "steps: [serve]"))
+    path = os.pathsep.join([str(bin_dir), str(Path(router).parent), os.environ["PATH"]])
+    jid = cluster.submit(job, env=job_env(PATH=path, FAKE_VLLM_HOST="0.0.0.0", FAKE_VLLM_DELAY="1"), cwd=tmp_path)
+    output_file = tmp_path / f"vllm-ep-{jid}.out"
+    n1, n2 = cluster.nodes
+    deadline = time.monotonic() + 120
+    while not (output_file.exists() and "[launch] decode is healthy" in output_file.read_text() and router_port_open(n1.address)):
+        assert time.monotonic() < deadline, output_file.read_text() if output_file.exists() else "no output"
+        time.sleep(0.5)
+    stop = time.monotonic()
+    cluster.run("scancel", "--signal=TERM", jid)
+    cluster.wait(jid, timeout=90)
+    stopped_after = time.monotonic() - stop
+    output = output_file.read_text()
+    assert f"[launch] prefill is healthy at http://{n1.address}:8100/health" in output
+    assert f"[launch] decode is healthy at http://{n2.address}:8200/health" in output
+    # Slurm signals every process of every step; the launchers stop what they started (the ones whose last words
+    # srun still collected say so) and the job script ends the rest
+    assert "[launch] SIGTERM: stopping" in output and "[job] a serving step ended with exit code" in output, output
+    for node in cluster.nodes:
+        left = subprocess.run(["ip", "netns", "pids", node.ns], capture_output=True, text=True).stdout.split()
+        assert not [pid for pid in left if "slurm" not in Path(f"/proc/{pid}/comm").read_text(errors="replace")], output
+    print(f"\nslurm job {jid}: 1P+1D + vllm-router up, scancel --signal=TERM to job end: {stopped_after:.1f} s")
+
+
+def router_port_open(address: str, port: int = 8000) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
