@@ -45,8 +45,6 @@ class Placement:
     node_rank: int
     """This node's index in its group's node list."""
     group: str | None
-    hosts: dict[str | None, list[str]]
-    """Host names per group, in rank order (Slurm); empty for Kubernetes."""
 
     def describe(self) -> str:
         nodes = group_nodes(self.config, self.group)
@@ -180,7 +178,7 @@ def slurm(config: DeployConfig, source: str, group: str | None, environ: Mapping
     if names[node_id] != me:
         raise SchedulerError(f"SLURM_NODEID: {node_id} is {names[node_id]} in the allocation, but this is {me} "
                              f"(expected one task per node: srun --ntasks-per-node=1)")
-    return Placement(placed, node_id, group, hosts)
+    return Placement(placed, node_id, group)
 
 
 def _check_group(config: DeployConfig, source: str, group: str | None) -> None:
@@ -210,7 +208,7 @@ def lws(config: DeployConfig, source: str, environ: Mapping[str, str] = os.envir
         raise SchedulerError(f"LWS_WORKER_INDEX: {index} is outside the group of {size} (expected 0..{size - 1})")
     primary = own if index == 0 else _resolve_within(leader, resolve_timeout, say)
     placed = with_addresses(config, {None: {0: primary, index: own}})
-    return Placement(placed, index, None, {})
+    return Placement(placed, index, None)
 
 
 def _resolve_within(name: str, timeout: float, say: Callable[[str], None]) -> str:

@@ -105,13 +105,13 @@ def build(
     if layout.node_rank < len(config.nodes):
         env.update(config.nodes[layout.node_rank].env)
 
+    log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
     ray = config.data_parallel_backend == "ray"
     if ray and layout.role == "secondary":
         # With Ray, vLLM runs on the primary only; this node lends its GPUs to the primary's Ray cluster.
         argv = ["ray", "start", "--address", f"{layout.primary_address}:{config.ray_port}", "--block"]
         if layout.node_address:
             argv[-1:-1] = ["--node-ip-address", layout.node_address]
-        log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
         notes.append("Ray worker: vLLM's data parallel engines are placed here by the primary's Ray cluster")
         return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file)
     argv = ["vllm", "serve", config.model, *_parallel_args(config, layout)]
@@ -126,7 +126,6 @@ def build(
         argv.append("--trust-remote-code")
     argv += list(config.vllm_args) + list(passthrough or [])
 
-    log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
     head = None
     if ray:
         # vLLM hands its own NCCL_*, UCX_*, VLLM_*, HF_* variables to every engine it places through Ray (its
