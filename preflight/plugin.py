@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError
+from launch.errors import LaunchError
 from preflight import context, report
 from preflight.report import Record
 
@@ -83,7 +83,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         ctx = context.build(deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport,
                             config.option.group)
-    except ConfigError as exc:
+    except LaunchError as exc:  # one line: the deploy file, an option or the environment
         raise pytest.UsageError(str(exc)) from None
     config.stash[CONTEXT_KEY] = ctx
     config.pluginmanager.register(Reporter(config, ctx), "preflight-reporter")
