@@ -34,6 +34,11 @@ class NodeContext:
     """Why ``ifname`` is None."""
     primary_address: str | None = None
     extra: dict = field(default_factory=dict)
+    lone: bool = False
+    """A node of a multi-node deploy file checked alone (the cross-node checks skipped)."""
+
+    def alone(self, lone: bool) -> NodeContext:
+        return replace(self, lone=lone)
 
     @property
     def rank(self) -> int:
@@ -82,7 +87,8 @@ class NodeContext:
             return "single node (no deploy file)"
         lay = self.plan.layout
         where = f" {lay.node_address}" if lay.node_address else ""
-        return f"node {lay.node_rank} of {self.nodes} ({lay.role}{where})"
+        scope = ", this node only (cross-node checks: --cross-node)" if self.lone else ""
+        return f"node {lay.node_rank} of {self.nodes} ({lay.role}{where}){scope}"
 
 
 def request(deploy: str | None, node_rank: int | None, ifname: str | None, transport: str | None,
