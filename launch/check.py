@@ -36,14 +36,27 @@ class Answer:
     """Why no answer came (vLLM missing, the parser crashed, the bound passed)."""
 
 
-def parse(argvs: Sequence[Sequence[str]], *, python: str = sys.executable, pythonpath: Sequence[str] = (),
-          timeout: float = 120.0) -> Answer:
+def parse(
+    argvs: Sequence[Sequence[str]],
+    *,
+    python: str = sys.executable,
+    pythonpath: Sequence[str] = (),
+    timeout: float = 120.0,
+) -> Answer:
     """Parses each argv (starting at `serve`) with the vLLM importable by ``python``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+    )
     try:
-        proc = subprocess.run([python, "-m", "launch.vllm_parse"], input=json.dumps([list(a) for a in argvs]),
-                              capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            [python, "-m", "launch.vllm_parse"],
+            input=json.dumps([list(a) for a in argvs]),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return Answer(None, [], f"vLLM's parser did not answer within {timeout:g} s")
     except OSError as exc:
@@ -71,7 +84,9 @@ def report(plans: list[NodePlan], *, timeout: float, python: str = sys.executabl
     """Prints one line per node; exit code 1 if vLLM rejects any argv, 2 if vLLM cannot be asked."""
     answer = parse([p.argv[1:] for p in plans], python=python, timeout=timeout)
     if answer.problem:
-        print(f"error: check: {answer.problem} (is vLLM installed in this environment? `pixi install`)", file=sys.stderr)
+        print(
+            f"error: check: {answer.problem} (is vLLM installed in this environment? `pixi install`)", file=sys.stderr
+        )
         return 2
     target = plans[0].target
     print(f"# vLLM {answer.version} parsed {len(plans)} node argv(s); plans target {target.describe()}", file=out)

@@ -40,6 +40,7 @@ import sys
 from launch.errors import Interrupted, LaunchError
 from launch.request import GUIDE_ARGS
 
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch", description="vLLM expert-parallel launcher")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,22 +66,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("proxy", help="run vllm-router in front of prefill and decode, once both are healthy")
     _deploy_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the router's command instead of running it")
-    p.add_argument("--wait-for-groups", type=float, default=1800.0, metavar="SECONDS",
-                   help="how long to wait for both groups' /health before giving up (default 1800)")
+    p.add_argument(
+        "--wait-for-groups",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long to wait for both groups' /health before giving up (default 1800)",
+    )
     p.add_argument("--router-bin", default=None, help="the vllm-router executable (default: vllm-router on PATH)")
 
     p = sub.add_parser("plan", help="print every node's environment and command without running")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
-    p.add_argument("--format", choices=("text", "shell", "json", "slurm", "k8s"), default="text",
-                   help="text: exports + command per node; shell: one runnable script per node in --out; json; "
-                        "slurm: one sbatch script for the whole job; k8s: LeaderWorkerSet manifests")
-    p.add_argument("--out", help="folder for --format shell scripts (node-RANK.sh); file for slurm / k8s (default: stdout)")
+    p.add_argument(
+        "--format",
+        choices=("text", "shell", "json", "slurm", "k8s"),
+        default="text",
+        help="text: exports + command per node; shell: one runnable script per node in --out; json; "
+        "slurm: one sbatch script for the whole job; k8s: LeaderWorkerSet manifests",
+    )
+    p.add_argument(
+        "--out", help="folder for --format shell scripts (node-RANK.sh); file for slurm / k8s (default: stdout)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite files in --out that differ")
     p.add_argument("--group", choices=("prefill", "decode"), help="only this group (deploy file with disaggregation)")
     _vllm_options(p)
 
-    p = sub.add_parser("bench", help="`vllm bench serve` against the deploy file's API (the guide's defaults), recorded")
+    p = sub.add_parser(
+        "bench", help="`vllm bench serve` against the deploy file's API (the guide's defaults), recorded"
+    )
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--out", help="run folder (default: bench-results/UTC-TIME)")
     p.add_argument("--logs", nargs="+", help="the servers' vLLM logs: verified and kept with the result")
@@ -93,29 +107,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="read vLLM logs: what ran (all2all, MoE, attention, EP ranks) vs what was asked")
     p.add_argument("logs", nargs="+", help="vLLM log files (primary and secondaries)")
     p.add_argument("--deploy", help="deploy file whose backend, EP size and DeepGEMM setting are expected")
-    p.add_argument("--all2all-backend", help="the backend that was asked for (default: the deploy file's, else vLLM's default)")
+    p.add_argument(
+        "--all2all-backend", help="the backend that was asked for (default: the deploy file's, else vLLM's default)"
+    )
     p.add_argument("--ep-size", type=int, help="expected EP ranks (default: the deploy file's DP x TP)")
 
-    p = sub.add_parser("slurm-step", help="inside a Slurm job (the script `plan --format slurm` writes): place the "
-                                         "deploy file on the allocation, then run STEP as this node")
-    p.add_argument("step", choices=("allocation", "preflight", "serve", "plan", "check", "proxy"),
-                   help="allocation: check and print where the nodes are (batch host); proxy: the P/D router")
+    p = sub.add_parser(
+        "slurm-step",
+        help="inside a Slurm job (the script `plan --format slurm` writes): place the "
+        "deploy file on the allocation, then run STEP as this node",
+    )
+    p.add_argument(
+        "step",
+        choices=("allocation", "preflight", "serve", "plan", "check", "proxy"),
+        help="allocation: check and print where the nodes are (batch host); proxy: the P/D router",
+    )
     p.add_argument("--group", choices=("prefill", "decode"), help="this component's group (heterogeneous P/D job)")
     p.add_argument("--deploy", help="deploy file (default: the copy the job script carries, $EP_DEPLOY_TEXT)")
 
-    p = sub.add_parser("lws-step", help="inside a LeaderWorkerSet pod (`plan --format k8s`): place the deploy file on "
-                                       "the group, then run STEP as this pod")
+    p = sub.add_parser(
+        "lws-step",
+        help="inside a LeaderWorkerSet pod (`plan --format k8s`): place the deploy file on "
+        "the group, then run STEP as this pod",
+    )
     p.add_argument("step", choices=("preflight", "serve"))
     p.add_argument("--deploy", help="deploy file (default: $EP_DEPLOY)")
-    p.add_argument("--resolve-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="how long to wait for the leader's DNS name to resolve (default 300)")
+    p.add_argument(
+        "--resolve-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the leader's DNS name to resolve (default 300)",
+    )
 
     p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds vLLM's parser may take (default 120)")
     p.add_argument("--group", choices=("prefill", "decode"), help="only this group (deploy file with disaggregation)")
-    p.add_argument("--python", default=None, help="the Python whose vLLM parses (default: $EP_VLLM_PYTHON, else this one)")
+    p.add_argument(
+        "--python", default=None, help="the Python whose vLLM parses (default: $EP_VLLM_PYTHON, else this one)"
+    )
     _vllm_options(p)
 
     # What rendered scripts ask of the toolkit on their node (launch/commands/node.py).
@@ -138,21 +170,44 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _deploy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("deploy file")
     g.add_argument("--deploy", help="deploy file (YAML) describing the whole cluster; default: $EP_DEPLOY")
-    g.add_argument("--node-rank", type=int, help="this node's index in the deploy file (default: found from this machine's addresses)")
+    g.add_argument(
+        "--node-rank",
+        type=int,
+        help="this node's index in the deploy file (default: found from this machine's addresses)",
+    )
 
 
 def _serve_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
-    g.add_argument("--dry-run", action="store_true", help="print this node's environment and command instead of running it")
+    g.add_argument(
+        "--dry-run", action="store_true", help="print this node's environment and command instead of running it"
+    )
     g.add_argument("--log-file", help="also write vLLM's output to this file")
-    g.add_argument("--stop-timeout", type=float, default=30.0, help="seconds vLLM gets to stop after SIGTERM before SIGKILL")
+    g.add_argument(
+        "--stop-timeout", type=float, default=30.0, help="seconds vLLM gets to stop after SIGTERM before SIGKILL"
+    )
     g.add_argument("--vllm-bin", default=None, help="the vllm executable (default: vllm on PATH)")
-    g.add_argument("--wait-for-primary", type=float, default=600.0, metavar="SECONDS",
-                   help="secondaries: wait this long for the primary's coordination port before starting (0: do not wait)")
-    g.add_argument("--health-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="primary: report when the API answers /health, or that it did not within this bound")
-    g.add_argument("--wait-for-nodes", type=float, default=600.0, metavar="SECONDS",
-                   help="primary with data_parallel_backend ray: wait this long for every node to join the Ray cluster")
+    g.add_argument(
+        "--wait-for-primary",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="secondaries: wait this long for the primary's coordination port before starting (0: do not wait)",
+    )
+    g.add_argument(
+        "--health-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="primary: report when the API answers /health, or that it did not within this bound",
+    )
+    g.add_argument(
+        "--wait-for-nodes",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="primary with data_parallel_backend ray: wait this long for every node to join the Ray cluster",
+    )
 
 
 def _vllm_options(p: argparse.ArgumentParser) -> None:
@@ -165,7 +220,6 @@ def _vllm_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--transport", choices=("ib", "roce", "efa", "tcp"))
     g.add_argument("--socket-ifname", help="interface for NCCL/Gloo/NVSHMEM bootstrap, or auto")
-
 
 
 # ---- the command registry: name -> module in launch/commands/ (imported when run) --------------------------

@@ -21,7 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from launch import vllm_flags
 from launch.errors import ConfigError
 
-__all__ = ["ConfigError", "DeployConfig", "Network", "Node", "dump_deploy", "load_deploy", "parse_deploy", "parse_deploy_text"]
+__all__ = [
+    "ConfigError",
+    "DeployConfig",
+    "Network",
+    "Node",
+    "dump_deploy",
+    "load_deploy",
+    "parse_deploy",
+    "parse_deploy_text",
+]
 
 Transport = Literal["ib", "roce", "efa", "tcp"]
 """How the nodes reach each other: InfiniBand, RoCE, AWS EFA, or plain TCP sockets."""
@@ -76,7 +85,9 @@ class Node(_Strict):
         if value is None:
             return None
         if not _is_address(value):
-            raise ValueError(f"{value!r} is neither an IP address nor a host name (expected e.g. 10.0.0.1 or gpu-01.cluster)")
+            raise ValueError(
+                f"{value!r} is neither an IP address nor a host name (expected e.g. 10.0.0.1 or gpu-01.cluster)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -331,12 +342,18 @@ class DeployConfig(_Strict):
         _check_vllm_args(self.vllm_args, "vllm_args")
         if self.disaggregation is not None:
             if self.nodes:
-                raise _FieldError("nodes", "given together with disaggregation (expected the nodes under disaggregation.prefill / .decode)")
+                raise _FieldError(
+                    "nodes",
+                    "given together with disaggregation (expected the nodes under disaggregation.prefill / .decode)",
+                )
             # Each group has its own sizes, ports and backend: a top-level one would be read by neither.
             # (compared with the defaults, not "was it typed": a placed or overridden copy is dumped in full)
             for name in sorted(n for n in GROUP_OWNED if getattr(self, n) != DeployConfig.model_fields[n].default):
-                raise _FieldError(name, f"set at the top of a file with disaggregation, where no group reads it (expected "
-                                        f"disaggregation.prefill.{name} and disaggregation.decode.{name})")
+                raise _FieldError(
+                    name,
+                    f"set at the top of a file with disaggregation, where no group reads it (expected "
+                    f"disaggregation.prefill.{name} and disaggregation.decode.{name})",
+                )
             _check_disaggregation(self.disaggregation)
             return self
         if not self.nodes:
@@ -346,11 +363,17 @@ class DeployConfig(_Strict):
             if node.address is None:
                 pass
             elif node.address in seen:
-                raise _FieldError(f"nodes[{rank}].address", f"{node.address!r} is already nodes[{seen[node.address]}]'s address (expected one entry per node)")
+                raise _FieldError(
+                    f"nodes[{rank}].address",
+                    f"{node.address!r} is already nodes[{seen[node.address]}]'s address (expected one entry per node)",
+                )
             else:
                 seen[node.address] = rank
             if node.gpus % self.tensor_parallel_size:
-                raise _FieldError(f"nodes[{rank}].gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {self.tensor_parallel_size}")
+                raise _FieldError(
+                    f"nodes[{rank}].gpus",
+                    f"{node.gpus} GPUs do not divide by tensor_parallel_size {self.tensor_parallel_size}",
+                )
             most = node.gpus // self.tensor_parallel_size
             if node.data_parallel_size_local is not None and node.data_parallel_size_local > most:
                 raise _FieldError(
@@ -360,14 +383,20 @@ class DeployConfig(_Strict):
                 )
         total = sum(self.local_dp(rank) for rank in range(len(self.nodes)))
         if self.data_parallel_size is not None and self.data_parallel_size != total:
-            raise _FieldError("data_parallel_size", f"{self.data_parallel_size} but the nodes add up to {total} ranks (expected {total}, or leave it out)")
+            raise _FieldError(
+                "data_parallel_size",
+                f"{self.data_parallel_size} but the nodes add up to {total} ranks (expected {total}, or leave it out)",
+            )
         if self.port == self.rpc_port:
             raise _FieldError("port", f"{self.port} is also rpc_port (expected two different ports)")
         if self.data_parallel_backend == "ray" and self.ray_port in (self.port, self.rpc_port):
             raise _FieldError("ray_port", f"{self.ray_port} is also port or rpc_port (expected a third port)")
         if self.data_parallel_backend == "ray" and RAY_WORKER_PORTS[0] <= self.ray_port <= RAY_WORKER_PORTS[1]:
             low, high = RAY_WORKER_PORTS
-            raise _FieldError("ray_port", f"{self.ray_port} is inside Ray's worker port range {low}-{high} (expected a port outside it, e.g. 6379)")
+            raise _FieldError(
+                "ray_port",
+                f"{self.ray_port} is inside Ray's worker port range {low}-{high} (expected a port outside it, e.g. 6379)",
+            )
         for key in [*self.env, *(k for n in self.nodes for k in n.env)]:
             if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
                 raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -391,22 +420,30 @@ class DeployConfig(_Strict):
             if node.gpu_ids is not None:
                 node_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, node.gpu_ids))
             nodes.append(node.model_copy(update={"env": node_env}))
-        return DeployConfig.model_validate({
-            **self.model_dump(exclude={"disaggregation", "nodes"}),
-            "nodes": [n.model_dump() for n in nodes],
-            "tensor_parallel_size": group.tensor_parallel_size, "api_server_count": group.api_server_count,
-            "all2all_backend": group.all2all_backend, "port": group.port, "rpc_port": group.rpc_port,
-            "vllm_args": [*group.vllm_args, *self.vllm_args],
-            "env": {**self.env, **nixl_env, **group.env},
-        })
+        return DeployConfig.model_validate(
+            {
+                **self.model_dump(exclude={"disaggregation", "nodes"}),
+                "nodes": [n.model_dump() for n in nodes],
+                "tensor_parallel_size": group.tensor_parallel_size,
+                "api_server_count": group.api_server_count,
+                "all2all_backend": group.all2all_backend,
+                "port": group.port,
+                "rpc_port": group.rpc_port,
+                "vllm_args": [*group.vllm_args, *self.vllm_args],
+                "env": {**self.env, **nixl_env, **group.env},
+            }
+        )
 
     def kv_transfer(self) -> dict | None:
         """vLLM's --kv-transfer-config for either group (both sides send and receive: kv_both)."""
         d = self.disaggregation
         if d is None or d.connector is None:
             return None
-        return {"kv_connector": d.connector.name, "kv_role": "kv_both",
-                "kv_connector_extra_config": {"backends": [d.connector.backend]}}
+        return {
+            "kv_connector": d.connector.name,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"backends": [d.connector.backend]},
+        }
 
     def local_dp(self, rank: int) -> int:
         node = self.nodes[rank]
@@ -416,7 +453,9 @@ class DeployConfig(_Strict):
         return self.nodes[rank].socket_ifname or self.network.socket_ifname
 
 
-GROUP_OWNED = frozenset({"tensor_parallel_size", "api_server_count", "all2all_backend", "port", "rpc_port", "data_parallel_size"})
+GROUP_OWNED = frozenset(
+    {"tensor_parallel_size", "api_server_count", "all2all_backend", "port", "rpc_port", "data_parallel_size"}
+)
 """Top-level fields that a prefill / decode group sets for itself (disaggregation.GROUP.FIELD)."""
 
 
@@ -439,7 +478,10 @@ def _gpus_of(node: Node) -> set[int]:
 def _check_disaggregation(d: Disaggregation) -> None:
     where = "disaggregation"
     if d.connector is None:
-        raise _FieldError(f"{where}.connector", "missing (expected {name: NixlConnector, backend: UCX or LIBFABRIC}: decode needs the prefill's KV cache)")
+        raise _FieldError(
+            f"{where}.connector",
+            "missing (expected {name: NixlConnector, backend: UCX or LIBFABRIC}: decode needs the prefill's KV cache)",
+        )
     groups = {"prefill": d.prefill, "decode": d.decode}
     used: dict[str, list[tuple[str, set[int]]]] = {}
     for gname, group in groups.items():
@@ -448,27 +490,44 @@ def _check_disaggregation(d: Disaggregation) -> None:
         for i, node in enumerate(group.nodes):
             field = f"{where}.{gname}.nodes[{i}]"
             if node.address is not None and node.address in seen:
-                raise _FieldError(f"{field}.address", f"{node.address!r} twice in the {gname} group (expected one entry per node)")
+                raise _FieldError(
+                    f"{field}.address", f"{node.address!r} twice in the {gname} group (expected one entry per node)"
+                )
             seen.add(node.address)
             if node.gpus % group.tensor_parallel_size:
-                raise _FieldError(f"{field}.gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {group.tensor_parallel_size}")
+                raise _FieldError(
+                    f"{field}.gpus",
+                    f"{node.gpus} GPUs do not divide by tensor_parallel_size {group.tensor_parallel_size}",
+                )
             if node.address is None:  # placed by a scheduler: a node of its own
                 continue
             for other, ids in used.get(node.address, []):
                 clash = sorted(ids & _gpus_of(node))
                 if clash:
-                    raise _FieldError(f"{field}.gpu_ids", f"GPUs {clash} of {node.address} are also used by {other} (expected disjoint gpu_ids per node)")
+                    raise _FieldError(
+                        f"{field}.gpu_ids",
+                        f"GPUs {clash} of {node.address} are also used by {other} (expected disjoint gpu_ids per node)",
+                    )
             used.setdefault(node.address, []).append((field, _gpus_of(node)))
     p, q = d.prefill, d.decode
     shared = p.nodes[0].address is not None and p.nodes[0].address == q.nodes[0].address
     if shared and p.port == q.port:
-        raise _FieldError(f"{where}.decode.port", f"{q.port} is also the prefill API port on {p.nodes[0].address} (expected another port)")
+        raise _FieldError(
+            f"{where}.decode.port",
+            f"{q.port} is also the prefill API port on {p.nodes[0].address} (expected another port)",
+        )
     if ({n.address for n in p.nodes} & {n.address for n in q.nodes}) - {None} and p.rpc_port == q.rpc_port:
-        raise _FieldError(f"{where}.decode.rpc_port", f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)")
+        raise _FieldError(
+            f"{where}.decode.rpc_port",
+            f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)",
+        )
     router_at = d.router.address or p.nodes[0].address
     for gname, group in groups.items():
         if router_at is not None and group.nodes[0].address == router_at and group.port == d.router.port:
-            raise _FieldError(f"{where}.router.port", f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)")
+            raise _FieldError(
+                f"{where}.router.port",
+                f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)",
+            )
 
 
 class _FieldError(ValueError):
@@ -575,4 +634,3 @@ def dump_deploy(config: DeployConfig) -> str:
 def is_secret(name: str) -> bool:
     upper = name.upper()
     return any(marker in upper for marker in SECRET_MARKERS)
-

@@ -157,7 +157,12 @@ class NodePlan:
         args = ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.expert_parallel:
             args.append("--enable-expert-parallel")
-        args += ["--data-parallel-size", str(lay.data_parallel_size), "--data-parallel-size-local", str(lay.data_parallel_size_local)]
+        args += [
+            "--data-parallel-size",
+            str(lay.data_parallel_size),
+            "--data-parallel-size-local",
+            str(lay.data_parallel_size_local),
+        ]
         if self.data_parallel_backend == "ray":
             args += ["--data-parallel-backend", "ray"]
         if lay.role == "secondary":
@@ -221,13 +226,23 @@ def build(
         env.update(config.nodes[layout.node_rank].env)
 
     log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
-    common = dict(layout=layout, target=target, model=config.model, env=env, stack=stack,
-                  log_file=log_file, node_address=layout.node_address, all2all_backend=backend)
+    common = dict(
+        layout=layout,
+        target=target,
+        model=config.model,
+        env=env,
+        stack=stack,
+        log_file=log_file,
+        node_address=layout.node_address,
+        all2all_backend=backend,
+    )
     ray = config.data_parallel_backend == "ray"
     if ray and layout.role == "secondary":
         # With Ray, vLLM runs on the primary only; this node lends its GPUs to the primary's Ray cluster.
         notes.append("Ray worker: vLLM's data parallel engines are placed here by the primary's Ray cluster")
-        return NodePlan(kind="ray-worker", notes=notes, coordinator=Endpoint(layout.primary_address, config.ray_port), **common)
+        return NodePlan(
+            kind="ray-worker", notes=notes, coordinator=Endpoint(layout.primary_address, config.ray_port), **common
+        )
     api = bind = None
     if layout.role == "primary":
         bind = config.host
@@ -239,8 +254,17 @@ def build(
         notes.append("Ray: vLLM copies this node's NCCL_*, UCX_*, VLLM_* and HF_* variables to every engine it places")
         head = RayHead(layout.primary_address, config.ray_port, len(config.nodes))
     return NodePlan(
-        kind="vllm", notes=notes, api=api, api_bind=bind, coordinator=Endpoint(layout.primary_address, layout.rpc_port),
-        kv_transfer=kv_transfer, ray_head=head, tensor_parallel_size=config.tensor_parallel_size,
-        expert_parallel=config.enable_expert_parallel, trust_remote_code=config.trust_remote_code,
-        data_parallel_backend=config.data_parallel_backend, vllm_args=(*config.vllm_args, *(passthrough or ())), **common,
+        kind="vllm",
+        notes=notes,
+        api=api,
+        api_bind=bind,
+        coordinator=Endpoint(layout.primary_address, layout.rpc_port),
+        kv_transfer=kv_transfer,
+        ray_head=head,
+        tensor_parallel_size=config.tensor_parallel_size,
+        expert_parallel=config.enable_expert_parallel,
+        trust_remote_code=config.trust_remote_code,
+        data_parallel_backend=config.data_parallel_backend,
+        vllm_args=(*config.vllm_args, *(passthrough or ())),
+        **common,
     )

@@ -53,7 +53,9 @@ def shell(plan: NodePlan) -> str:
     lines += [f"# {note}" for note in plan.notes]
     lines += env_lines(plan)
     if plan.ray_head:
-        lines.append(f"{shlex.join(plan.ray_head.argv)} &   # then wait until the Ray cluster has {plan.ray_nodes} nodes")
+        lines.append(
+            f"{shlex.join(plan.ray_head.argv)} &   # then wait until the Ray cluster has {plan.ray_nodes} nodes"
+        )
     cmd = command_line(plan)
     if plan.log_file:
         cmd += f" 2>&1 | tee -a {shlex.quote(plan.log_file)}"
@@ -84,7 +86,9 @@ def script(plan: NodePlan) -> str:
 def _ray_worker_wait(plan: NodePlan, bound_s: int = 600) -> list[str]:
     """`ray start --address` gives up after ~20 s: wait (bounded) for the head's port first."""
     head = plan.coordinator
-    return [f"{PYTHON} -m launch wait-port {shlex.quote(head.host)} {head.port} --timeout {bound_s} --what 'the Ray head'"]
+    return [
+        f"{PYTHON} -m launch wait-port {shlex.quote(head.host)} {head.port} --timeout {bound_s} --what 'the Ray head'"
+    ]
 
 
 def _ray_head_lines(plan: NodePlan, bound_s: int = 600) -> list[str]:
@@ -105,7 +109,10 @@ def summary(plan: NodePlan) -> list[str]:
         ("role", lay.role),
         ("node rank", str(lay.node_rank)),
         ("target", plan.target.describe()),
-        ("data parallel", f"size {lay.data_parallel_size}, local {lay.data_parallel_size_local}, start rank {lay.start_rank}"),
+        (
+            "data parallel",
+            f"size {lay.data_parallel_size}, local {lay.data_parallel_size_local}, start rank {lay.start_rank}",
+        ),
         ("coordinator", f"{plan.coordinator}{' (Ray head)' if plan.kind == 'ray-worker' else ''}"),
     ]
     if lay.api_server_count is not None:

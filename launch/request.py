@@ -53,7 +53,11 @@ class Overrides:
     """Field -> how the user gave it (``--port``, ``-- --port``), for error messages."""
 
     def given(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "options" and getattr(self, f.name) is not None
+        }
 
 
 @dataclass(frozen=True)

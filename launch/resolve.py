@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from env.paths import StackPaths, stack_paths
-from launch import netif, plan as planning
+from launch import netif
+from launch import plan as planning
 from launch.config import DeployConfig, load_deploy, parse_deploy, parse_deploy_text
 from launch.errors import ConfigError
 from launch.layout import NodeLayout, layouts
@@ -101,8 +102,15 @@ def resolve(request: Request, *, loaded: DeployConfig | None = None, stack: Stac
     origin = [f"from {source}"] if source != "arguments" else []
     for d in resolved:
         for lay in d.layouts:
-            p = planning.build(d.config, lay, target, stack, all2all_backend=d.backend,
-                               passthrough=list(request.vllm_args), kv_transfer=d.kv_transfer)
+            p = planning.build(
+                d.config,
+                lay,
+                target,
+                stack,
+                all2all_backend=d.backend,
+                passthrough=list(request.vllm_args),
+                kv_transfer=d.kv_transfer,
+            )
             plans.append(replace(p, group=d.group, profile=request.profile, notes=[*p.notes, *notes, *origin]))
     return Resolution(config, source, tuple(resolved), target, tuple(plans))
 
@@ -124,7 +132,9 @@ def config_from_guide(request: Request) -> tuple[DeployConfig, NodeLayout]:
     role, values = request.role, request.guide
     names = GUIDE_ARGS[role]
     if len(values) != len(names):
-        raise ConfigError(f"{role}: expected {len(names)} arguments {' '.join(names)} (or --deploy FILE), got {len(values)}")
+        raise ConfigError(
+            f"{role}: expected {len(names)} arguments {' '.join(names)} (or --deploy FILE), got {len(values)}"
+        )
     node1_ip, rpc_port, model, total_dp, local_dp, last = values
     rpc = _int("RPC_PORT", rpc_port, 1, 65535)
     total = _int("TOTAL_DP", total_dp, 1)
@@ -149,8 +159,10 @@ def config_from_guide(request: Request) -> tuple[DeployConfig, NodeLayout]:
     else:
         start = _int("START_RANK", last, 0)
         if start + local > total or start == 0:
-            raise ConfigError(f"START_RANK: {start} with LOCAL_DP {local} is outside TOTAL_DP {total} "
-                              f"(expected 1..{total - local} for a secondary)")
+            raise ConfigError(
+                f"START_RANK: {start} with LOCAL_DP {local} is outside TOTAL_DP {total} "
+                f"(expected 1..{total - local} for a secondary)"
+            )
         layout = NodeLayout("secondary", 1, node1_ip, rpc, total, local, start, None, None)
     return config, layout
 
@@ -173,8 +185,10 @@ def with_overrides(config: DeployConfig, o: Overrides, source: str, group: str |
             options[f"network.{name}"] = flag
         elif config.disaggregation is not None and name in _GROUP_FIELDS:
             if name == "port" and group is None:
-                raise ConfigError(f"{flag}: {source} has prefill and decode groups, each with its own API port "
-                                  f"(expected --group prefill or --group decode, or disaggregation.GROUP.port in the file)")
+                raise ConfigError(
+                    f"{flag}: {source} has prefill and decode groups, each with its own API port "
+                    f"(expected --group prefill or --group decode, or disaggregation.GROUP.port in the file)"
+                )
             for g in (group,) if group else GROUPS:
                 data["disaggregation"][g][name] = value
                 options[f"disaggregation.{g}.{name}"] = flag
@@ -194,12 +208,16 @@ def deployments_of(config: DeployConfig, request: Request, source: str) -> list[
     role, group = request.role, _group_asked(request)
     if config.disaggregation is None:
         if role in GROUPS:
-            raise ConfigError(f"{source}: disaggregation: missing (serve-{role} needs prefill and decode groups in the deploy file)")
+            raise ConfigError(
+                f"{source}: disaggregation: missing (serve-{role} needs prefill and decode groups in the deploy file)"
+            )
         if group:
             raise ConfigError(f"--group: {source} has no disaggregation section (expected no --group)")
         return [Deployment(None, config, layouts=tuple(layouts(config)))]
     if role is not None and role not in GROUPS:
-        raise ConfigError(f"{source}: has prefill and decode groups (expected serve-prefill / serve-decode / serve-proxy, not {role})")
+        raise ConfigError(
+            f"{source}: has prefill and decode groups (expected serve-prefill / serve-decode / serve-proxy, not {role})"
+        )
     if request.one_node and group is None:
         raise ConfigError(f"{source}: has prefill and decode groups (expected --group prefill or --group decode)")
     out = []
@@ -216,8 +234,10 @@ def _pick_nodes(d: Deployment, request: Request, source: str) -> Deployment:
         wanted = this_node(cfg, request.node_rank, source, d.group)
         actual = d.layouts[wanted].role
         if request.role in GUIDE_ARGS and actual != request.role:
-            raise ConfigError(f"--node-rank: node {wanted} of {source} is the {actual}, not a {request.role} "
-                              f"(expected {'0' if request.role == 'primary' else '1..'})")
+            raise ConfigError(
+                f"--node-rank: node {wanted} of {source} is the {actual}, not a {request.role} "
+                f"(expected {'0' if request.role == 'primary' else '1..'})"
+            )
     elif wanted is not None:
         this_node(cfg, wanted, source, d.group)
     chosen = tuple(lay for lay in d.layouts if wanted is None or lay.node_rank == wanted)
@@ -225,8 +245,10 @@ def _pick_nodes(d: Deployment, request: Request, source: str) -> Deployment:
         for rank in sorted({0, lay.node_rank}):
             if cfg.nodes[rank].address is None:
                 where = f"disaggregation.{d.group}." if d.group else ""
-                raise ConfigError(f"{source}: {where}nodes[{rank}].address: missing (needed to plan or run nodes directly; "
-                                  f"a file without addresses is placed by a scheduler: plan --format slurm or k8s)")
+                raise ConfigError(
+                    f"{source}: {where}nodes[{rank}].address: missing (needed to plan or run nodes directly; "
+                    f"a file without addresses is placed by a scheduler: plan --format slurm or k8s)"
+                )
     return replace(d, layouts=chosen)
 
 
@@ -239,8 +261,10 @@ def this_node(config: DeployConfig, given: int | None, source: str, group: str |
     where = f"disaggregation.{group}." if group else ""
     missing = [r for r, n in enumerate(config.nodes) if n.address is None]
     if missing:
-        raise ConfigError(f"{source}: {where}nodes[{missing[0]}].address: missing (pass --node-rank N; a file without "
-                          f"addresses is placed by a scheduler: plan --format slurm or k8s)")
+        raise ConfigError(
+            f"{source}: {where}nodes[{missing[0]}].address: missing (pass --node-rank N; a file without "
+            f"addresses is placed by a scheduler: plan --format slurm or k8s)"
+        )
     mine = netif.own_rank([n.address for n in config.nodes])
     if len(mine) == 1:
         return mine[0]

@@ -87,8 +87,9 @@ def split(words: list[str], where: str) -> tuple[dict[str, str | bool], list[str
             i += 1
             continue
         if not owned.taken:
-            raise ConfigError(f"{where}: {word.split('=')[0]}: set by the launcher (expected it from {owned.field}; "
-                              f"leave it out)")
+            raise ConfigError(
+                f"{where}: {word.split('=')[0]}: set by the launcher (expected it from {owned.field}; leave it out)"
+            )
         if owned.takes_value:
             value = inline
             if value is None:

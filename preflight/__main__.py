@@ -30,7 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())  # ours first; pytest's full help (ours again, in its group) follows
         sys.stdout.flush()
     # Our own plugin, our checks folder, none of the project's test configuration.
-    args = ["-p", "preflight.plugin", "-p", "no:cacheprovider", "--rootdir", str(CHECKS), "-c", str(CHECKS / "pytest.ini"), *argv]
+    args = [
+        "-p",
+        "preflight.plugin",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(CHECKS),
+        "-c",
+        str(CHECKS / "pytest.ini"),
+        *argv,
+    ]
     # Run the whole checks folder unless the user named checks in it (a deploy file is no check).
     named = [a for a in argv if not a.startswith("-") and _inside(a.split("::")[0], CHECKS)]
     if not named:

@@ -12,7 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from launch import netif, plan as planning
+from launch import netif
+from launch import plan as planning
 from launch.config import DeployConfig
 from launch.netif import AutoIfname
 from launch.plan import NodePlan
@@ -91,27 +92,45 @@ class NodeContext:
         return f"node {lay.node_rank} of {self.nodes} ({lay.role}{where}){scope}"
 
 
-def request(deploy: str | None, node_rank: int | None, ifname: str | None, transport: str | None,
-            group: str | None = None, environ: Mapping[str, str] | None = None) -> Request:
+def request(
+    deploy: str | None,
+    node_rank: int | None,
+    ifname: str | None,
+    transport: str | None,
+    group: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Request:
     """Preflight's options as the launcher's Request, with the same environment fallbacks
     (EP_DEPLOY, VLLM_ALL2ALL_BACKEND, EP_STACK_PROFILE)."""
     import argparse
 
     from launch.request import from_args
 
-    args = argparse.Namespace(command="preflight", deploy=deploy, node_rank=node_rank, group=group,
-                              socket_ifname=ifname, transport=transport)
+    args = argparse.Namespace(
+        command="preflight", deploy=deploy, node_rank=node_rank, group=group, socket_ifname=ifname, transport=transport
+    )
     return from_args(args, [], environ)
 
 
-def build(deploy: str | None, node_rank: int | None, ifname: str | None, transport: str | None,
-          group: str | None = None, environ: Mapping[str, str] | None = None) -> NodeContext:
+def build(
+    deploy: str | None,
+    node_rank: int | None,
+    ifname: str | None,
+    transport: str | None,
+    group: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeContext:
     """Raises ConfigError (one line) for a bad deploy file, rank or environment. ``group`` picks prefill or
     decode in a disaggregated deployment."""
     req = request(deploy, node_rank, ifname, transport, group, environ)
     if not req.deploy:
-        return NodeContext(config=None, plan=None, thresholds=Thresholds.defaults(), ifname=ifname,
-                           extra={"transport": transport or "tcp"})
+        return NodeContext(
+            config=None,
+            plan=None,
+            thresholds=Thresholds.defaults(),
+            ifname=ifname,
+            extra={"transport": transport or "tcp"},
+        )
     resolution = resolve(req)
     (deployment,) = resolution.deployments
     (plan,) = resolution.plans
@@ -123,5 +142,6 @@ def build(deploy: str | None, node_rank: int | None, ifname: str | None, transpo
         problem = f"no {chosen.what()} on this machine"
     return replace(
         NodeContext(config=config, plan=plan, thresholds=thresholds, primary_address=config.nodes[0].address),
-        ifname=found, ifname_problem=problem,
+        ifname=found,
+        ifname_problem=problem,
     )

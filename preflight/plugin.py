@@ -57,13 +57,32 @@ class Check:
 
 OPTIONS: list[tuple[str, dict]] = [
     ("--deploy", dict(default=None, help="deploy file (YAML); default: $EP_DEPLOY; without: check this node alone")),
-    ("--node-rank", dict(type=int, default=None, help="this node's index in the deploy file (default: from its addresses)")),
-    ("--group", dict(default=None, choices=("prefill", "decode"), help="disaggregated deployments: which group this node serves in")),
-    ("--cross-node", dict(action="store_true", default=False,
-                          help="every node of the deploy file runs preflight now: join the rendezvous at the primary and "
-                               "run the cross-node checks (default: this node alone; -m multinode asks for them too)")),
+    (
+        "--node-rank",
+        dict(type=int, default=None, help="this node's index in the deploy file (default: from its addresses)"),
+    ),
+    (
+        "--group",
+        dict(
+            default=None,
+            choices=("prefill", "decode"),
+            help="disaggregated deployments: which group this node serves in",
+        ),
+    ),
+    (
+        "--cross-node",
+        dict(
+            action="store_true",
+            default=False,
+            help="every node of the deploy file runs preflight now: join the rendezvous at the primary and "
+            "run the cross-node checks (default: this node alone; -m multinode asks for them too)",
+        ),
+    ),
     ("--socket-ifname", dict(default=None, help="override the deploy file's socket interface")),
-    ("--transport", dict(default=None, choices=("ib", "roce", "efa", "tcp"), help="override the deploy file's transport")),
+    (
+        "--transport",
+        dict(default=None, choices=("ib", "roce", "efa", "tcp"), help="override the deploy file's transport"),
+    ),
     ("--preflight-json", dict(default=None, help="write the JSON report here (default: none)")),
 ]
 """Our options, one table: pytest's group and `python -m preflight --help`'s first section."""
@@ -82,9 +101,12 @@ def usage() -> str:
     """Our options, as `python -m preflight --help` shows them before pytest's own."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m preflight", add_help=False,
-                                     description="Checks this node before serving; every pytest option works too "
-                                                 "(-k, -m, -n N, --junitxml), listed after ours.")
+    parser = argparse.ArgumentParser(
+        prog="python -m preflight",
+        add_help=False,
+        description="Checks this node before serving; every pytest option works too "
+        "(-k, -m, -n N, --junitxml), listed after ours.",
+    )
     group = parser.add_argument_group(GROUP[1])
     for flag, kwargs in OPTIONS:
         group.add_argument(flag, **{k: v for k, v in kwargs.items() if k != "default"})
@@ -101,8 +123,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ctx = config.stash.get(CONTEXT_KEY, None)
     if ctx is None or ctx.nodes < 2 or cross_node_asked(config):
         return
-    skip = pytest.mark.skip(reason=f"this node alone: the other {ctx.nodes - 1} node(s) are not expected now "
-                                   f"(--cross-node on every node, or -m multinode, runs the cross-node checks)")
+    skip = pytest.mark.skip(
+        reason=f"this node alone: the other {ctx.nodes - 1} node(s) are not expected now "
+        f"(--cross-node on every node, or -m multinode, runs the cross-node checks)"
+    )
     for item in items:
         if item.get_closest_marker("multinode"):
             item.add_marker(skip)
@@ -134,13 +158,16 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "collective: runs collectives across GPUs or nodes (slower)")
-    config.addinivalue_line("markers", "multinode: needs every node of the deploy file to run preflight at the same time")
+    config.addinivalue_line(
+        "markers", "multinode: needs every node of the deploy file to run preflight at the same time"
+    )
     if config.option.collectonly or getattr(config.option, "help", False):
         return
     deploy = config.option.deploy or config.getini("preflight_deploy") or os.environ.get("EP_DEPLOY")
     try:
-        ctx = context.build(deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport,
-                            config.option.group)
+        ctx = context.build(
+            deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport, config.option.group
+        )
     except LaunchError as exc:  # one line: the deploy file, an option or the environment
         raise pytest.UsageError(str(exc)) from None
     if ctx.nodes > 1:
@@ -171,7 +198,9 @@ def check(request: pytest.FixtureRequest) -> Check:
 @pytest.hookimpl(tryfirst=True)  # before the skip marks act: a skipped check still gets its line
 def pytest_runtest_setup(item: pytest.Item) -> None:
     group, name = _check_name(item)
-    item.stash[RECORD_KEY] = Record(group=group, name=name, outcome="PASS", nodeid=item.nodeid, extra={"line": item.location[1] or 0})
+    item.stash[RECORD_KEY] = Record(
+        group=group, name=name, outcome="PASS", nodeid=item.nodeid, extra={"line": item.location[1] or 0}
+    )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -222,10 +251,19 @@ class Reporter:
         # Source order (file, line), whatever order pytest-xdist workers finished in.
         self.records.sort(key=lambda r: (r.nodeid.split("::")[0], r.extra.get("line", 0), r.nodeid))
         for text in report.summary(self.records, seconds, title):
-            terminalreporter.write_line(text, red=text.startswith(("FAIL", "ERROR")), green=text.startswith("PASS"),
-                                        bold=text.startswith("# verdict"))
+            terminalreporter.write_line(
+                text,
+                red=text.startswith(("FAIL", "ERROR")),
+                green=text.startswith("PASS"),
+                bold=text.startswith("# verdict"),
+            )
         path = self.config.option.preflight_json or self.config.getini("preflight_json")
         if path:
-            node = {"host": socket.gethostname(), "rank": self.ctx.rank, "nodes": self.ctx.nodes, "describe": self.ctx.describe()}
+            node = {
+                "host": socket.gethostname(),
+                "rank": self.ctx.rank,
+                "nodes": self.ctx.nodes,
+                "describe": self.ctx.describe(),
+            }
             Path(path).write_text(report.to_json(self.records, seconds, node) + "\n")
             terminalreporter.write_line(f"# JSON report: {path}")

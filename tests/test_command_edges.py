@@ -15,15 +15,22 @@ from launch import check
 from tests.conftest import ROOT
 from tests.test_bad_input import assert_one_line_error
 
-TWO_NODES = "model: m\nnodes:\n  - {address: 127.0.0.1, gpus: 8}\n  - {address: 10.0.0.2, gpus: 8}\nvllm_version: 0.26.0\n"
+TWO_NODES = (
+    "model: m\nnodes:\n  - {address: 127.0.0.1, gpus: 8}\n  - {address: 10.0.0.2, gpus: 8}\nvllm_version: 0.26.0\n"
+)
 
 
 def test_a_reader_that_goes_away_ends_the_plan_quietly(write_yaml):
     """`launch plan FILE | head -1` on a plan larger than a pipe's buffer."""
     nodes = "".join(f"  - {{address: 10.0.{i // 250}.{i % 250 + 1}, gpus: 8}}\n" for i in range(128))
     deploy = write_yaml(f"model: m\nnodes:\n{nodes}")
-    proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -m launch plan {deploy} | head -1'], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -m launch plan {deploy} | head -1'],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert proc.stdout.startswith("# node 0 (primary 10.0.0.1)")
     assert proc.stderr == ""
 
@@ -31,9 +38,28 @@ def test_a_reader_that_goes_away_ends_the_plan_quietly(write_yaml):
 def test_ctrl_c_while_waiting_for_the_primary(write_yaml, tmp_path):
     """A secondary waiting for a primary that is not up stops on Ctrl-C, says so, exits 130."""
     deploy = write_yaml(TWO_NODES.replace("vllm_version", "rpc_port: 1\nvllm_version"))  # port 1: nobody listens
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "secondary", "--deploy", str(deploy), "--node-rank", "1",
-                             "--socket-ifname", "lo", "--vllm-bin", "/bin/true", "--wait-for-primary", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch",
+            "secondary",
+            "--deploy",
+            str(deploy),
+            "--node-rank",
+            "1",
+            "--socket-ifname",
+            "lo",
+            "--vllm-bin",
+            "/bin/true",
+            "--wait-for-primary",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     deadline = time.monotonic() + 60
     line = ""
     while "waiting" not in line and time.monotonic() < deadline:
@@ -61,8 +87,16 @@ def test_bench_refuses_missing_logs_before_running(launch, write_yaml, tmp_path)
     fake = tmp_path / "vllm"
     fake.write_text(f"#!/bin/sh\ntouch {ran}\n")
     fake.chmod(0o755)
-    res = launch("bench", str(write_yaml(TWO_NODES)), "--out", str(tmp_path / "run"), "--vllm-bin", str(fake),
-                 "--logs", str(tmp_path / "missing.log"))
+    res = launch(
+        "bench",
+        str(write_yaml(TWO_NODES)),
+        "--out",
+        str(tmp_path / "run"),
+        "--vllm-bin",
+        str(fake),
+        "--logs",
+        str(tmp_path / "missing.log"),
+    )
     assert_one_line_error(res, "--logs: ", "missing.log: no such log file")
     assert not ran.exists() and not (tmp_path / "run").exists()
 
@@ -71,8 +105,13 @@ def test_check_leaves_no_temporary_folder(launch, write_yaml, tmp_path):
     """The parser probe's CPU platform plugin folder goes away with it (here vLLM is absent: exit 2)."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    res = launch("check", str(write_yaml(TWO_NODES)), "--python", sys.executable,
-                 env={"TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)})
+    res = launch(
+        "check",
+        str(write_yaml(TWO_NODES)),
+        "--python",
+        sys.executable,
+        env={"TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)},
+    )
     assert res.code in (0, 1, 2), res.err
     assert list(scratch.iterdir()) == []
 

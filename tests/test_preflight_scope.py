@@ -8,13 +8,26 @@ import time
 
 from tests.conftest import run_module
 
-TWO_NODES = "model: m\nnodes:\n  - {address: 127.0.0.1, gpus: 1}\n  - {address: 10.0.0.2, gpus: 1}\nnetwork: {transport: tcp}\n"
+TWO_NODES = (
+    "model: m\nnodes:\n  - {address: 127.0.0.1, gpus: 1}\n  - {address: 10.0.0.2, gpus: 1}\nnetwork: {transport: tcp}\n"
+)
 
 
 def test_one_node_alone_skips_the_cross_node_checks_at_once(write_yaml):
     deploy = write_yaml(TWO_NODES)
     start = time.monotonic()
-    res = run_module("preflight", "--deploy", str(deploy), "--node-rank", "0", "--socket-ifname", "lo", "-k", "crossnode", timeout=120)
+    res = run_module(
+        "preflight",
+        "--deploy",
+        str(deploy),
+        "--node-rank",
+        "0",
+        "--socket-ifname",
+        "lo",
+        "-k",
+        "crossnode",
+        timeout=120,
+    )
     took = time.monotonic() - start
     assert res.code == 0, res.out + res.err
     assert "node 0 of 2 (primary 127.0.0.1), this node only (cross-node checks: --cross-node)" in res.out
@@ -27,8 +40,21 @@ def test_cross_node_when_asked_waits_bounded_and_says_so(write_yaml):
     """With --cross-node the primary hosts the rendezvous and waits for node 1 (never started here), with
     progress lines, until its bound (the deploy file's rendezvous_timeout_s)."""
     deploy = write_yaml(TWO_NODES + "preflight: {rendezvous_timeout_s: 12}\n")
-    res = run_module("preflight", "--deploy", str(deploy), "--node-rank", "0", "--socket-ifname", "lo", "--cross-node",
-                     "-k", "every_node_joined", "-p", "no:xdist", timeout=120)
+    res = run_module(
+        "preflight",
+        "--deploy",
+        str(deploy),
+        "--node-rank",
+        "0",
+        "--socket-ifname",
+        "lo",
+        "--cross-node",
+        "-k",
+        "every_node_joined",
+        "-p",
+        "no:xdist",
+        timeout=120,
+    )
     assert res.code == 1, res.out + res.err
     assert "[preflight] waiting for node(s) [1] at 127.0.0.1:13346 ('facts') (1" in res.err
     assert "rank(s) 1 (10.0.0.2) did not join the rendezvous at 127.0.0.1:13346 within 12 s" in res.out

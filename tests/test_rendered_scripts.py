@@ -30,7 +30,7 @@ def render(launch, write_yaml, tmp_path, text=DEPLOY, *extra):
 
 def test_the_script_asks_the_toolkit_on_the_node(launch, write_yaml, tmp_path):
     script = (render(launch, write_yaml, tmp_path) / "node-1.sh").read_text()
-    assert '-m launch ifname gpu-02.cluster.local)' in script  # a host name works as an IP does
+    assert "-m launch ifname gpu-02.cluster.local)" in script  # a host name works as an IP does
     assert '-m env paths --profile current)"' in script
     assert "ip -o" not in script  # no shell copy of the interface lookup
     for folder in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], str(ROOT)}:
@@ -52,7 +52,12 @@ def test_the_script_finds_the_interface_and_runs(launch, write_yaml, tmp_path):
 
 def test_a_script_whose_address_is_not_here_stops_before_vllm(launch, write_yaml, tmp_path):
     out = render(launch, write_yaml, tmp_path, DEPLOY.replace("gpu-02.cluster.local", "192.0.2.7"))
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "EP_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "EP_PYTHON": sys.executable,
+        "PYTHONPATH": str(ROOT),
+    }
     (tmp_path / "vllm").write_text("#!/bin/sh\necho started\n")
     (tmp_path / "vllm").chmod(0o755)
     run = subprocess.run(["bash", str(out / "node-1.sh")], capture_output=True, text=True, env=env, timeout=60)

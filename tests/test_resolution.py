@@ -54,7 +54,9 @@ def test_exported_backend_reaches_the_plan_and_preflight_alike(launch, write_yam
 
 def test_the_deploy_files_backend_wins_over_the_exported_one(launch, write_yaml):
     deploy = write_yaml(TWO_NODES + "all2all_backend: deepep_high_throughput\n")
-    primary, _ = plans(launch("plan", str(deploy), "--format", "json", env={"VLLM_ALL2ALL_BACKEND": "deepep_low_latency"}))
+    primary, _ = plans(
+        launch("plan", str(deploy), "--format", "json", env={"VLLM_ALL2ALL_BACKEND": "deepep_low_latency"})
+    )
     assert primary["all2all_backend"] == "deepep_high_throughput"
 
 
@@ -74,7 +76,9 @@ def test_a_port_after_the_dashes_is_the_port_the_launcher_polls(launch, write_ya
 
 
 def test_a_port_given_twice_with_two_values_is_refused(launch):
-    res = launch("primary", "127.0.0.1", "13345", "m", "2", "1", "1", "--port", "18900", "--dry-run", "--", "--port", "18901")
+    res = launch(
+        "primary", "127.0.0.1", "13345", "m", "2", "1", "1", "--port", "18900", "--dry-run", "--", "--port", "18901"
+    )
     assert_one_line_error(res, "--port: given as 18900 and after -- as 18901 (expected one value)")
 
 
@@ -101,11 +105,21 @@ def test_other_vllm_arguments_go_last_and_unchanged(launch, write_yaml):
 # ---- named options: the deploy file's rules, one line naming the option ---------------------------------
 def test_an_override_out_of_range_names_the_option(launch, write_yaml):
     deploy = str(write_yaml(TWO_NODES))
-    assert_one_line_error(launch("plan", deploy, "--port", "70000"), "--port: input should be less than or equal to 65535, got 70000")
-    assert_one_line_error(launch("plan", deploy, "--tensor-parallel-size", "0"),
-                          "--tensor-parallel-size: input should be greater than or equal to 1, got 0")
-    assert_one_line_error(launch("plan", deploy, "--tensor-parallel-size", "3"), "nodes[0].gpus: 8 GPUs do not divide by tensor_parallel_size 3")
-    assert_one_line_error(launch("plan", deploy, "--", "--port", "13345"), "-- --port: 13345 is also rpc_port (expected two different ports)")
+    assert_one_line_error(
+        launch("plan", deploy, "--port", "70000"), "--port: input should be less than or equal to 65535, got 70000"
+    )
+    assert_one_line_error(
+        launch("plan", deploy, "--tensor-parallel-size", "0"),
+        "--tensor-parallel-size: input should be greater than or equal to 1, got 0",
+    )
+    assert_one_line_error(
+        launch("plan", deploy, "--tensor-parallel-size", "3"),
+        "nodes[0].gpus: 8 GPUs do not divide by tensor_parallel_size 3",
+    )
+    assert_one_line_error(
+        launch("plan", deploy, "--", "--port", "13345"),
+        "-- --port: 13345 is also rpc_port (expected two different ports)",
+    )
 
 
 def test_guide_arguments_refuse_a_tensor_parallel_size_of_zero(launch):
@@ -121,32 +135,56 @@ def test_a_top_level_group_setting_in_a_pd_file_is_refused(launch, write_yaml):
     for setting in ("all2all_backend: deepep_low_latency", "port: 9000", "tensor_parallel_size: 2"):
         name = setting.split(":")[0]
         res = launch("plan", str(write_yaml(PD + setting + "\n")))
-        assert_one_line_error(res, f"{name}: set at the top of a file with disaggregation, where no group reads it "
-                                   f"(expected disaggregation.prefill.{name} and disaggregation.decode.{name})")
+        assert_one_line_error(
+            res,
+            f"{name}: set at the top of a file with disaggregation, where no group reads it "
+            f"(expected disaggregation.prefill.{name} and disaggregation.decode.{name})",
+        )
 
 
 def test_a_backend_override_applies_to_both_groups_or_the_one_asked_for(launch):
-    both = plans(launch("plan", str(EXAMPLES / "pd-1p1d.yaml"), "--format", "json", "--all2all-backend", "deepep_low_latency"))
-    assert [(p["group"], p["all2all_backend"]) for p in both] == [("prefill", "deepep_low_latency"), ("decode", "deepep_low_latency")]
-    (decode,) = plans(launch("plan", str(EXAMPLES / "pd-1p1d.yaml"), "--format", "json", "--group", "decode", "--port", "8300"))
+    both = plans(
+        launch("plan", str(EXAMPLES / "pd-1p1d.yaml"), "--format", "json", "--all2all-backend", "deepep_low_latency")
+    )
+    assert [(p["group"], p["all2all_backend"]) for p in both] == [
+        ("prefill", "deepep_low_latency"),
+        ("decode", "deepep_low_latency"),
+    ]
+    (decode,) = plans(
+        launch("plan", str(EXAMPLES / "pd-1p1d.yaml"), "--format", "json", "--group", "decode", "--port", "8300")
+    )
     assert decode["api"] == "http://127.0.0.1:8300"
     assert decode["kv_transfer"]["kv_connector"] == "NixlConnector"
 
 
 def test_an_api_port_override_needs_a_group(launch):
     res = launch("plan", str(EXAMPLES / "pd-1p1d.yaml"), "--port", "9000")
-    assert_one_line_error(res, "--port: ", "has prefill and decode groups, each with its own API port (expected --group prefill or --group decode")
+    assert_one_line_error(
+        res,
+        "--port: ",
+        "has prefill and decode groups, each with its own API port (expected --group prefill or --group decode",
+    )
 
 
 # ---- the typed plan ------------------------------------------------------------------------------------
 def test_the_plan_says_what_each_node_is(launch, write_yaml):
     primary, secondary = plans(launch("plan", str(write_yaml(TWO_NODES + "port: 8100\n")), "--format", "json"))
-    assert (primary["kind"], primary["api"], primary["coordinator"]) == ("vllm", "http://127.0.0.1:8100", "127.0.0.1:13345")
+    assert (primary["kind"], primary["api"], primary["coordinator"]) == (
+        "vllm",
+        "http://127.0.0.1:8100",
+        "127.0.0.1:13345",
+    )
     assert (secondary["kind"], secondary["api"], secondary["coordinator"]) == ("vllm", None, "127.0.0.1:13345")
     ray = plans(launch("plan", str(write_yaml(TWO_NODES + "data_parallel_backend: ray\n")), "--format", "json"))
-    assert (ray[0]["ray_head"], ray[1]["kind"], ray[1]["coordinator"]) == ("127.0.0.1:6379", "ray-worker", "127.0.0.1:6379")
+    assert (ray[0]["ray_head"], ray[1]["kind"], ray[1]["coordinator"]) == (
+        "127.0.0.1:6379",
+        "ray-worker",
+        "127.0.0.1:6379",
+    )
 
 
 def test_a_host_name_address_plans_like_an_ip(launch, write_yaml):
-    primary, _ = plans(launch("plan", str(write_yaml(TWO_NODES.replace("10.0.0.2", "gpu-02.cluster.local"))), "--format", "json"))
+    primary, _ = plans(
+        launch("plan", str(write_yaml(TWO_NODES.replace("10.0.0.2", "gpu-02.cluster.local"))), "--format", "json")
+    )
     assert primary["node_address"] == "127.0.0.1"

@@ -37,8 +37,10 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
 
     config = with_overrides(load(request)[0], request.overrides, path, request.group)
     if config.disaggregation is None and config.nodes[0].address is None and config.host in (None, "", "0.0.0.0", "::"):
-        raise ConfigError(f"{path}: nodes[0].address: missing (expected the primary's address to reach its API; "
-                          f"a scheduler-placed deployment prints it: slurm-step allocation)")
+        raise ConfigError(
+            f"{path}: nodes[0].address: missing (expected the primary's address to reach its API; "
+            f"a scheduler-placed deployment prints it: slurm-step allocation)"
+        )
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     command = benchmark.argv(config, out, passthrough)
     if args.dry_run:

@@ -1,8 +1,8 @@
 """What a rendered script asks of the toolkit on its node, so that the script holds no second implementation:
 
-    python -m launch ifname ADDRESS [--towards]        the interface holding ADDRESS (or the route towards it)
-    python -m launch wait-port HOST PORT [--timeout S] wait, bounded and saying so, until HOST:PORT accepts
-    python -m launch ray-wait HOST:PORT --nodes N      wait, bounded, until the Ray cluster has N active nodes
+python -m launch ifname ADDRESS [--towards]        the interface holding ADDRESS (or the route towards it)
+python -m launch wait-port HOST PORT [--timeout S] wait, bounded and saying so, until HOST:PORT accepts
+python -m launch ray-wait HOST:PORT --nodes N      wait, bounded, until the Ray cluster has N active nodes
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ def ifname(args: argparse.Namespace) -> int:
     auto = AutoIfname(args.address, towards=args.towards)
     found = netif.find(auto)
     if not found:
-        raise ConfigError(f"socket_ifname: auto found no {auto.what()} on this machine (expected this node's address "
-                          f"on one of: {', '.join(netif.interfaces())}; set network.socket_ifname)")
+        raise ConfigError(
+            f"socket_ifname: auto found no {auto.what()} on this machine (expected this node's address "
+            f"on one of: {', '.join(netif.interfaces())}; set network.socket_ifname)"
+        )
     print(found)
     return 0
 
@@ -42,8 +44,13 @@ def ray_wait(args: argparse.Namespace) -> int:
     ray = executable(None, "ray", RAY_FIX)
     what = f"{args.nodes} nodes in the Ray cluster at {args.address}"
     try:
-        took = wait.until(lambda: (ray_cluster.active_nodes(ray, args.address, os.environ) or 0) >= args.nodes,
-                          what, args.timeout, say=say, interval=2.0)
+        took = wait.until(
+            lambda: (ray_cluster.active_nodes(ray, args.address, os.environ) or 0) >= args.nodes,
+            what,
+            args.timeout,
+            say=say,
+            interval=2.0,
+        )
     except wait.WaitTimeout as exc:
         raise NodeDown(f"ray: {exc}") from None
     say(f"{what} (after {took:.1f} s)")

@@ -32,8 +32,10 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         if config.disaggregation is not None and args.node_rank is None and args.group is None:
             from launch import router
 
-            sys.stdout.write(f"\n# router (on {router.address(config)}), once prefill and decode answer /health\n"
-                             f"{shlex.join(router.argv(config))}\n")
+            sys.stdout.write(
+                f"\n# router (on {router.address(config)}), once prefill and decode answer /health\n"
+                f"{shlex.join(router.argv(config))}\n"
+            )
     elif args.format == "json":
         json.dump([plan_json(p) for p in plans], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -41,10 +43,14 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         if not args.out:
             raise ConfigError("--out: --format shell writes one script per node (expected --out FOLDER)")
         out = Path(args.out)
-        scripts = {out / f"{p.group + '-' if p.group else ''}node-{p.layout.node_rank}.sh": render.script(p) for p in plans}
+        scripts = {
+            out / f"{p.group + '-' if p.group else ''}node-{p.layout.node_rank}.sh": render.script(p) for p in plans
+        }
         clashes = [str(f) for f, text in scripts.items() if f.exists() and f.read_text() != text]
         if clashes and not args.force:
-            raise ConfigError(f"--out: {clashes[0]} exists and differs (expected a new folder, or --force to overwrite)")
+            raise ConfigError(
+                f"--out: {clashes[0]} exists and differs (expected a new folder, or --force to overwrite)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         if args.force and args.node_rank is None and args.group is None:
             # A whole cluster's scripts replace the folder's: a node-N.sh of a larger, older plan would run stale.

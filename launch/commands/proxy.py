@@ -32,7 +32,8 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         try:
             took = wait.until(lambda u=url: wait.healthy(u), what, max(0.0, deadline - time.monotonic()), say=say)
         except wait.WaitTimeout:
-            raise NodeDown(f"{name}: {what} not ready within {args.wait_for_groups:g} s "
-                           f"(start serve-{name} on its nodes first)") from None
+            raise NodeDown(
+                f"{name}: {what} not ready within {args.wait_for_groups:g} s (start serve-{name} on its nodes first)"
+            ) from None
         say(f"{name} is healthy at {url} (after {took:.1f} s)")
     return supervise.run([exe, *command[1:]], os.environ, stop_timeout=10, what="vllm-router")

@@ -24,7 +24,9 @@ def plan(args: argparse.Namespace) -> int:
     given = [request.overrides.options[name] for name in request.overrides.given()]
     given += [f"--{name.replace('_', '-')}" for name in ("node_rank", "group") if getattr(args, name, None) is not None]
     if given:
-        raise ConfigError(f"{given[0]}: not taken with --format {args.format} (expected the value in {path}: the job carries the deploy file)")
+        raise ConfigError(
+            f"{given[0]}: not taken with --format {args.format} (expected the value in {path}: the job carries the deploy file)"
+        )
     config, _ = load(request)
     text = Path(path).read_text(encoding="utf-8")
     from launch.placement import GROUPS, group_nodes
@@ -48,7 +50,9 @@ def plan(args: argparse.Namespace) -> int:
         class Literal(yaml.SafeDumper):
             """Multi-line strings (the deploy file in the ConfigMap) as readable | blocks."""
 
-        Literal.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+        Literal.add_representer(
+            str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None)
+        )
         out = yaml.dump_all(k8s.manifests(config, text, Path(path).name), Dumper=Literal, sort_keys=False)
     if not args.out:
         sys.stdout.write(out)
@@ -75,19 +79,28 @@ def _refuse_for_scheduler(config: DeployConfig, path: str, fmt: str) -> None:
     for prefix, group in prefixes:
         for rank, node in enumerate(group_nodes(config, group)):
             if node.gpu_ids is not None:
-                raise ConfigError(f"{path}: {prefix}nodes[{rank}].gpu_ids: not taken with --format {fmt} (expected none: "
-                                  f"the scheduler assigns each node's GPUs and sets CUDA_VISIBLE_DEVICES)")
-    envs = [("env", config.env)] + [(f"{p}nodes[{r}].env", n.env) for p, g in prefixes for r, n in enumerate(group_nodes(config, g))]
+                raise ConfigError(
+                    f"{path}: {prefix}nodes[{rank}].gpu_ids: not taken with --format {fmt} (expected none: "
+                    f"the scheduler assigns each node's GPUs and sets CUDA_VISIBLE_DEVICES)"
+                )
+    envs = [("env", config.env)] + [
+        (f"{p}nodes[{r}].env", n.env) for p, g in prefixes for r, n in enumerate(group_nodes(config, g))
+    ]
     if config.disaggregation is not None:
         envs += [(f"disaggregation.{g}.env", getattr(config.disaggregation, g).env) for g in GROUPS]
     for field, env in envs:
         for name in env:
             if is_secret(name):
-                fix = (f"export {name} before sbatch: the job passes your environment to every node" if fmt == "slurm"
-                       else "a Kubernetes Secret named in kubernetes.env_from_secret")
+                fix = (
+                    f"export {name} before sbatch: the job passes your environment to every node"
+                    if fmt == "slurm"
+                    else "a Kubernetes Secret named in kubernetes.env_from_secret"
+                )
                 where = "the job script" if fmt == "slurm" else "a ConfigMap"
-                raise ConfigError(f"{path}: {field}.{name}: a secret would be written into {where} (expected it out of the "
-                                  f"deploy file: {fix})")
+                raise ConfigError(
+                    f"{path}: {field}.{name}: a secret would be written into {where} (expected it out of the "
+                    f"deploy file: {fix})"
+                )
 
 
 def _stand_in_addresses(config: DeployConfig) -> DeployConfig:
@@ -97,14 +110,21 @@ def _stand_in_addresses(config: DeployConfig) -> DeployConfig:
     if config.disaggregation is None:
         return with_addresses(config, {None: {r: f"192.0.2.{r + 1}" for r in range(len(config.nodes))}})
     d = config.disaggregation
-    return with_addresses(config, {"prefill": {r: f"198.51.100.{r + 1}" for r in range(len(d.prefill.nodes))},
-                                   "decode": {r: f"203.0.113.{r + 1}" for r in range(len(d.decode.nodes))}})
+    return with_addresses(
+        config,
+        {
+            "prefill": {r: f"198.51.100.{r + 1}" for r in range(len(d.prefill.nodes))},
+            "decode": {r: f"203.0.113.{r + 1}" for r in range(len(d.decode.nodes))},
+        },
+    )
 
 
 def _scheduled_deploy(request: Request) -> tuple[DeployConfig, str]:
     """The deploy file a scheduled step runs: --deploy, else the copy the job script carries."""
     if not request.deploy and not request.deploy_text:
-        raise ConfigError("deploy file: none given (pass --deploy FILE; in a job from `plan --format slurm`, EP_DEPLOY_TEXT carries it)")
+        raise ConfigError(
+            "deploy file: none given (pass --deploy FILE; in a job from `plan --format slurm`, EP_DEPLOY_TEXT carries it)"
+        )
     return load(request)
 
 
@@ -118,8 +138,10 @@ def _placed_file(config: DeployConfig, name: str) -> str:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_text(dump_deploy(config))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the placed deploy file ({exc.strerror or exc}; expected a writable "
-                          f"temporary folder: set TMPDIR)") from None
+        raise ConfigError(
+            f"{path}: cannot write the placed deploy file ({exc.strerror or exc}; expected a writable "
+            f"temporary folder: set TMPDIR)"
+        ) from None
     return str(path)
 
 
@@ -153,7 +175,9 @@ def slurm_step(args: argparse.Namespace, passthrough: list[str]) -> int:
         for group, names in hosts.items():
             for rank, (host, node) in enumerate(zip(names, placement.group_nodes(placed, group), strict=True)):
                 role = "primary" if rank == 0 else "secondary"
-                print(f"[launch] slurm job {job}: {group + ' ' if group else ''}node {rank} ({role}) = {host} {node.address}")
+                print(
+                    f"[launch] slurm job {job}: {group + ' ' if group else ''}node {rank} ({role}) = {host} {node.address}"
+                )
         if placed.disaggregation is not None:
             from launch import router
 

@@ -12,7 +12,8 @@ import sys
 from dataclasses import replace
 
 from env.paths import joined
-from launch import netif, plan as planning, render
+from launch import netif, render
+from launch import plan as planning
 from launch.commands import RAY_FIX, VLLM_FIX, executable, say
 from launch.errors import ConfigError, NodeDown
 from launch.netif import AutoIfname
@@ -78,20 +79,35 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         try:
             took = wait.until(lambda: wait.port_open(joins.host, joins.port), what, args.wait_for_primary, say=say)
         except wait.WaitTimeout as exc:
-            raise NodeDown(f"primary: {exc} (start serve-primary on {joins.host} first; check the address and "
-                           f"firewall; --wait-for-primary 0 starts without waiting)") from None
+            raise NodeDown(
+                f"primary: {exc} (start serve-primary on {joins.host} first; check the address and "
+                f"firewall; --wait-for-primary 0 starts without waiting)"
+            ) from None
         say(f"{what} accepts connections (after {took:.1f} s): starting {process}")
     health = plan.api.url("/health") if plan.api else None
     if not plan.ray_head:
-        return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
-                             health_url=health, health_timeout=args.health_timeout, what=process)
+        return supervise.run(
+            argv,
+            env,
+            log_file=plan.log_file,
+            stop_timeout=args.stop_timeout,
+            health_url=health,
+            health_timeout=args.health_timeout,
+            what=process,
+        )
     from launch import ray_cluster
 
     head = [executable(None, "ray", RAY_FIX, path=env.get("PATH")), *plan.ray_head.argv[1:]]
     try:
         with ray_cluster.head(head, env, plan.ray_nodes, args.wait_for_nodes, say=say):
-            return supervise.run(argv, env, log_file=plan.log_file, stop_timeout=args.stop_timeout,
-                                 health_url=health, health_timeout=args.health_timeout)
+            return supervise.run(
+                argv,
+                env,
+                log_file=plan.log_file,
+                stop_timeout=args.stop_timeout,
+                health_url=health,
+                health_timeout=args.health_timeout,
+            )
     except wait.WaitTimeout as exc:
         raise NodeDown(f"ray: {exc} (start serve on every secondary; they join with `ray start --address`)") from None
     except ray_cluster.Stopped as exc:

@@ -21,8 +21,14 @@ def missing_logs(logs: list[str], option: str = "") -> None:
 
 def recognised(found) -> bool:
     """Whether the logs held anything vLLM writes (a version, a backend, a rank)."""
-    return bool(found.version or found.all2all_manager or found.moe_backends or found.attention_backends
-                or found.ep_ranks or found.dp_ranks)
+    return bool(
+        found.version
+        or found.all2all_manager
+        or found.moe_backends
+        or found.attention_backends
+        or found.ep_ranks
+        or found.dp_ranks
+    )
 
 
 def run(args: argparse.Namespace, passthrough: list[str]) -> int:
