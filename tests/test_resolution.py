@@ -188,3 +188,11 @@ def test_a_host_name_address_plans_like_an_ip(launch, write_yaml):
         launch("plan", str(write_yaml(TWO_NODES.replace("10.0.0.2", "gpu-02.cluster.local"))), "--format", "json")
     )
     assert primary["node_address"] == "127.0.0.1"
+
+
+def test_the_preflight_section_names_every_threshold_the_checks_read():
+    """The deploy file's `preflight:` keys are the thresholds' names, so a misspelled one is refused (test_bad_input)."""
+    from launch.config import Preflight
+    from preflight.thresholds import KNOWN
+
+    assert set(Preflight.model_fields) == set(KNOWN)
