@@ -12,6 +12,11 @@ or from a deploy file that describes the whole cluster (every node runs the same
     python -m launch plan cluster.yaml --format shell --out plans/   # one runnable script per node
     python -m launch check cluster.yaml                              # argv through vLLM's own parser
 
+Arguments after ``--`` go to vLLM. A flag the launcher sets itself is taken into the plan as the named
+option would be (--port, --host, -tp, --all2all-backend, --api-server-count, --trust-remote-code,
+--enable-expert-parallel) or refused when it is derived (--data-parallel-*, --headless,
+--kv-transfer-config): vLLM never gets one twice (launch/vllm_flags.py).
+
 Variables the launcher sets on every node: PYTHONPATH and LD_LIBRARY_PATH (the stack's, put before
 yours), GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME / NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (one interface for
 all three), the transport's NCCL/NVSHMEM/libfabric settings, VLLM_ALL2ALL_BACKEND for vLLM < 0.11.1
@@ -25,9 +30,11 @@ How a command line becomes a running process (one file per step)::
     launch/plan.py        NodePlan: typed facts (kind, API, coordinator, backend, KV transfer, Ray head), argv derived
     launch/commands/      what each command does with the plans: print (plan), check, run (serve), ...
 
-Failure modes: bad input exits 2 with one line naming the file or argument, the field and what was
-expected; a missing interface or vLLM binary is refused before anything starts; once vLLM runs, the exit
-code is vLLM's, and SIGTERM / SIGINT stop vLLM's whole process group (see launch/supervise.py).
+Failure modes (launch/errors.py, caught once in ``main``): bad input exits 2 with one line naming the file,
+option or variable, the field and what was expected; a node waited for that never came up exits 3; Ctrl-C
+before vLLM started exits 130; a reader that goes away (`plan | head`) ends the output quietly (141). A
+missing interface or vLLM binary is refused before anything starts; once vLLM runs, the exit code is
+vLLM's, and SIGTERM / SIGINT stop vLLM's whole process group (see launch/supervise.py).
 """
 
 from __future__ import annotations

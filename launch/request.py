@@ -112,13 +112,15 @@ def from_args(args: argparse.Namespace, passthrough: list[str], environ: Mapping
     if profile not in PROFILES:
         raise ConfigError(f"EP_STACK_PROFILE: unknown profile {profile!r} (expected one of: {', '.join(PROFILES)})")
     path = getattr(args, "deploy", None) or getattr(args, "deploy_file", None)
+    guide = tuple(getattr(args, "guide", None) or ())
     text = environ.get("EP_DEPLOY_TEXT") if args.command in ("slurm-step", "lws-step") and not path else None
+    fallback = None if text or guide else environ.get("EP_DEPLOY")  # the guide's arguments need no file
     return Request(
         command=args.command,
-        deploy=path or (None if text else environ.get("EP_DEPLOY")) or None,
+        deploy=path or fallback or None,
         deploy_text=text,
         deploy_name=environ.get("EP_DEPLOY_NAME") or "EP_DEPLOY_TEXT",
-        guide=tuple(getattr(args, "guide", None) or ()),
+        guide=guide,
         node_rank=getattr(args, "node_rank", None),
         group=getattr(args, "group", None),
         overrides=Overrides(**named, options=options),

@@ -69,14 +69,14 @@ def resolve(request: Request, *, loaded: DeployConfig | None = None, stack: Stac
     """The plans a request asks for. Serving commands get exactly this node's plan (--node-rank, else the
     node whose address this machine holds); `plan` / `check` every node, or the one --node-rank names.
     ``loaded`` replaces reading the file (scheduler stand-ins); ``stack`` the stack paths (tests)."""
+    if request.guide and request.deploy:
+        raise ConfigError(f"{request.command}: give either the guide's positional arguments or --deploy, not both")
     guide = request.guide or (request.role in GUIDE_ARGS and not request.deploy and not request.deploy_text)
     if guide:
         config, layout = config_from_guide(request)
         deployments = [Deployment(None, config, layouts=(layout,))]
         source = "arguments"
     else:
-        if request.guide and request.deploy:
-            raise ConfigError(f"{request.command}: give either the guide's positional arguments or --deploy, not both")
         if request.role is not None and request.role not in GUIDE_ARGS and not (request.deploy or request.deploy_text):
             raise ConfigError(f"{request.role}: needs a deploy file (pass --deploy FILE or set EP_DEPLOY)")
         config, source = (loaded, request.deploy or request.deploy_name) if loaded is not None else load(request)
@@ -214,9 +214,10 @@ def deployments_of(config: DeployConfig, request: Request, source: str) -> list[
         if group:
             raise ConfigError(f"--group: {source} has no disaggregation section (expected no --group)")
         return [Deployment(None, config, layouts=tuple(layouts(config)))]
-    if role is not None and role not in GROUPS:
+    if request.serving and role not in GROUPS:
         raise ConfigError(
-            f"{source}: has prefill and decode groups (expected serve-prefill / serve-decode / serve-proxy, not {role})"
+            f"{source}: has prefill and decode groups (expected serve-prefill / serve-decode / serve-proxy, "
+            f"not {request.command})"
         )
     if request.one_node and group is None:
         raise ConfigError(f"{source}: has prefill and decode groups (expected --group prefill or --group decode)")
