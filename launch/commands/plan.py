@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ from launch.commands import plan_json
 from launch.errors import ConfigError
 from launch.request import from_args
 from launch.resolve import resolve
+
+_SCRIPT = re.compile(r"((prefill|decode)-)?node-[0-9]+\.sh")
+"""The names `--format shell` gives its scripts (and the only files --force removes)."""
 
 
 def run(args: argparse.Namespace, passthrough: list[str]) -> int:
@@ -47,16 +51,21 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
             out / f"{p.group + '-' if p.group else ''}node-{p.layout.node_rank}.sh": render.script(p) for p in plans
         }
         clashes = [str(f) for f, text in scripts.items() if f.exists() and f.read_text() != text]
+        whole = args.node_rank is None and args.group is None
+        # A whole cluster's scripts are the folder's: a node-N.sh left from a larger plan would run stale.
+        stale = sorted(set(f for f in out.glob("*.sh") if _SCRIPT.fullmatch(f.name)) - set(scripts)) if whole else []
+        if stale and not args.force:
+            raise ConfigError(
+                f"--out: {stale[0]} is no node of this plan (expected a new folder, or --force to remove it)"
+            )
         if clashes and not args.force:
             raise ConfigError(
                 f"--out: {clashes[0]} exists and differs (expected a new folder, or --force to overwrite)"
             )
         out.mkdir(parents=True, exist_ok=True)
-        if args.force and args.node_rank is None and args.group is None:
-            # A whole cluster's scripts replace the folder's: a node-N.sh of a larger, older plan would run stale.
-            for stale in sorted(set(out.glob("*node-*.sh")) - set(scripts)):
-                stale.unlink()
-                print(f"removed {stale}", file=sys.stderr)
+        for file in stale:
+            file.unlink()
+            print(f"removed {file}", file=sys.stderr)
         for file, text in scripts.items():
             file.write_text(text)
             file.chmod(0o755)
