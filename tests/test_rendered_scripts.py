@@ -71,7 +71,10 @@ def test_force_replaces_the_folder_without_stale_scripts(launch, write_yaml, tmp
     assert sorted(p.name for p in out.iterdir()) == ["node-0.sh", "node-1.sh", "node-2.sh"]
     smaller = str(write_yaml(DEPLOY, "two.yaml"))
     res = launch("plan", smaller, "--format", "shell", "--out", str(out))
-    assert res.code == 2 and f"--out: {out / 'node-2.sh'} is no node of this plan (expected a new folder, or --force" in res.err
+    assert (
+        res.code == 2
+        and f"--out: {out / 'node-2.sh'} is no node of this plan (expected a new folder, or --force" in res.err
+    )
     res = launch("plan", smaller, "--format", "shell", "--out", str(out), "--force")
     assert res.code == 0, res.err
     assert sorted(p.name for p in out.iterdir()) == ["node-0.sh", "node-1.sh"]
