@@ -73,7 +73,7 @@ def script(plan: NodePlan) -> str:
     run = "" if plan.ray_head else "exec "
     if plan.ray_head:
         lines += _ray_head_lines(plan)
-    elif plan.argv[0] == "ray":
+    elif plan.kind == "ray-worker":
         lines += _ray_worker_wait(plan)
     if plan.log_file:
         lines.append(f"mkdir -p {shlex.quote(plan.log_file.rsplit('/', 1)[0])}")

@@ -61,6 +61,19 @@ class Overrides:
 
 
 @dataclass(frozen=True)
+class Running:
+    """How a serving command runs its node's plan (no effect on the plan itself)."""
+
+    dry_run: bool = False
+    log_file: str | None = None
+    stop_timeout: float = 30.0
+    vllm_bin: str | None = None
+    wait_for_primary: float = 600.0
+    health_timeout: float = 1800.0
+    wait_for_nodes: float = 600.0
+
+
+@dataclass(frozen=True)
 class Request:
     command: str
     deploy: str | None = None
@@ -79,6 +92,7 @@ class Request:
     """VLLM_ALL2ALL_BACKEND from the environment."""
     profile: str = DEFAULT_PROFILE
     vllm_python: str = sys.executable
+    running: Running = Running()
 
     @property
     def serving(self) -> bool:
@@ -128,6 +142,7 @@ def from_args(args: argparse.Namespace, passthrough: list[str], environ: Mapping
         exported_backend=environ.get("VLLM_ALL2ALL_BACKEND") or None,
         profile=profile,
         vllm_python=getattr(args, "python", None) or environ.get("EP_VLLM_PYTHON") or sys.executable,
+        running=Running(**{f.name: getattr(args, f.name) for f in fields(Running) if hasattr(args, f.name)}),
     )
 
 

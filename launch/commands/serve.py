@@ -55,29 +55,31 @@ def child_environment(plan: NodePlan) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace, passthrough: list[str]) -> int:
-    (plan,) = resolve(from_args(args, passthrough)).plans
+    request = from_args(args, passthrough)
+    how = request.running
+    (plan,) = resolve(request).plans
     plan = resolve_on_node(plan)
-    if args.log_file:
-        plan = replace(plan, log_file=args.log_file)
-    if args.dry_run:
+    if how.log_file:
+        plan = replace(plan, log_file=how.log_file)
+    if how.dry_run:
         sys.stdout.write(render.shell(plan))
         return 0
     env = child_environment(plan)
     if plan.kind == "ray-worker":
         argv = [executable(None, "ray", RAY_FIX, path=env.get("PATH")), *plan.argv[1:]]
     else:
-        argv = [executable(args.vllm_bin, "vllm", VLLM_FIX, path=env.get("PATH")), *plan.argv[1:]]
+        argv = [executable(how.vllm_bin, "vllm", VLLM_FIX, path=env.get("PATH")), *plan.argv[1:]]
     for line in render.summary(plan):
         print(f"[launch] {line}", file=sys.stderr)
     from launch import supervise, wait
 
     lay = plan.layout
     process = "the Ray worker" if plan.kind == "ray-worker" else "vLLM"
-    if lay.role == "secondary" and args.wait_for_primary > 0:
+    if lay.role == "secondary" and how.wait_for_primary > 0:
         joins = plan.coordinator
         what = f"the primary's {'Ray head' if plan.kind == 'ray-worker' else 'coordination port'} {joins}"
         try:
-            took = wait.until(lambda: wait.port_open(joins.host, joins.port), what, args.wait_for_primary, say=say)
+            took = wait.until(lambda: wait.port_open(joins.host, joins.port), what, how.wait_for_primary, say=say)
         except wait.WaitTimeout as exc:
             raise NodeDown(
                 f"primary: {exc} (start serve-primary on {joins.host} first; check the address and "
@@ -90,23 +92,23 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
             argv,
             env,
             log_file=plan.log_file,
-            stop_timeout=args.stop_timeout,
+            stop_timeout=how.stop_timeout,
             health_url=health,
-            health_timeout=args.health_timeout,
+            health_timeout=how.health_timeout,
             what=process,
         )
     from launch import ray_cluster
 
     head = [executable(None, "ray", RAY_FIX, path=env.get("PATH")), *plan.ray_head.argv[1:]]
     try:
-        with ray_cluster.head(head, env, plan.ray_nodes, args.wait_for_nodes, say=say):
+        with ray_cluster.head(head, env, plan.ray_nodes, how.wait_for_nodes, say=say):
             return supervise.run(
                 argv,
                 env,
                 log_file=plan.log_file,
-                stop_timeout=args.stop_timeout,
+                stop_timeout=how.stop_timeout,
                 health_url=health,
-                health_timeout=args.health_timeout,
+                health_timeout=how.health_timeout,
             )
     except wait.WaitTimeout as exc:
         raise NodeDown(f"ray: {exc} (start serve on every secondary; they join with `ray start --address`)") from None
