@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support import assert_one_line_error
+
 GOOD = """\
 model: deepseek-ai/DeepSeek-V3-0324
 nodes:
@@ -37,16 +39,6 @@ CASES = {
     "backend newer than the target": (GOOD + "vllm_version: 0.10.1.1\nall2all_backend: deepep_v2\n", "all2all_backend: 'deepep_v2' needs vLLM >= "),
     "version that is no version": (GOOD + "vllm_version: latest\n", "vllm_version: 'latest' is not a version"),
 }
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.code == 2, (res.code, res.out, res.err)
-    assert "Traceback" not in res.err
-    lines = res.err.strip().splitlines()
-    assert len(lines) == 1, res.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert res.out == ""
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from env.pins import PROFILES
-from tests.conftest import ROOT, SHARED
+from tests.conftest import FIXTURES, ROOT
 
-SCHEMA = SHARED / "pixi" / "pixi-manifest-schema-v0.77.0.json"
+SCHEMA = FIXTURES / "pixi" / "pixi-manifest-schema-v0.77.0.json"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,6 @@ def manifest():
         return tomllib.load(f)
 
 
-@pytest.mark.skipif(not SCHEMA.exists(), reason=f"pixi's schema is not beside the project ({SCHEMA.name})")
 def test_valid_against_pixis_own_schema(manifest):
     schema = json.loads(SCHEMA.read_text())
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
