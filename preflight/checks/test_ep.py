@@ -1,0 +1,245 @@
+"""The EP kernels before serving: DeepEP's dispatch and combine with the buffer the plan's backend
+creates, exact on every element, their bandwidth, and the EP memory budget of one GPU
+(how: preflight/ep.py and preflight/ep_memory.py).
+
+Applies when the plan's all2all backend runs an EP kernel library (deepep_low_latency,
+deepep_high_throughput, deepep_v2); otherwise every check here is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import pytest
+
+from preflight import collectives, ep, ep_memory, imports, model
+
+pytestmark = [pytest.mark.ep]
+if importlib.util.find_spec("xdist"):  # one worker runs the GPUs' EP run at a time (with --dist loadgroup)
+    pytestmark.append(pytest.mark.xdist_group("ep"))
+
+IMPORT_TIMEOUT_S = 180
+BUILD_FIX = (
+    "build the EP kernels for this stack: pixi run build-ep-kernels (python -m env build), then python -m env status"
+)
+
+
+@dataclass
+class Setup:
+    """What the EP checks share: the backend, the model's shape, the plan's budget view; or why not."""
+
+    backend: str | None = None
+    skip: str = ""
+    problem: str = ""
+    fix: str = ""
+    config: dict | None = None
+    folder: object = None
+    shape: ep_memory.MoeShape | None = None
+    plan: ep_memory.Plan | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def setup(node) -> Setup:
+    if node.plan is None:
+        return Setup(skip="no deploy file: no all2all backend to check")
+    backend = node.backend
+    if backend not in ep_memory.EP_BACKENDS:
+        return Setup(backend, skip=f"all2all backend {backend or 'default'} uses no EP kernel library")
+    folder = model.model_dir(node.config.model)
+    if folder is None:
+        return Setup(
+            backend, skip=f"{node.config.model}: config.json not on this node (the EP checks size the buffers from it)"
+        )
+    config = ep_memory.load_config(folder / "config.json")
+    try:
+        shape = ep_memory.moe_shape(config)
+        lay = node.plan.layout
+        tp = node.config.tensor_parallel_size
+        plan = ep_memory.plan_from(
+            backend,
+            node.plan.argv,
+            node.env(),
+            vllm=node.plan.target.version,
+            ep_size=lay.data_parallel_size * tp,
+            tp_size=tp,
+            nodes=node.nodes,
+            data_parallel_size=lay.data_parallel_size,
+            max_position=config.get("max_position_embeddings") or 4096,
+            reserve_gib=node.thresholds.get("ep_memory_reserve_gib"),
+            kv_bytes_per_token=model.kv_bytes_per_token(config, tp) or 0,
+        )
+    except ep_memory.BudgetError as exc:
+        return Setup(
+            backend,
+            problem=f"{folder}/{exc}" if str(exc).startswith("config.json") else str(exc),
+            fix="point model: at a mixture-of-experts checkpoint, or pick a backend without EP kernels",
+        )
+    return Setup(backend, config=config, folder=folder, shape=shape, plan=plan)
+
+
+@dataclass
+class Kernels:
+    result: ep.Result | None = None
+    skip: str = ""
+    problem: str = ""
+    fix: str = ""
+
+
+@pytest.fixture(scope="module")
+def kernels(node, setup) -> Kernels:
+    """One run of the EP workers on this node's GPUs, shared by the checks below."""
+    if setup.skip or setup.problem:
+        return Kernels(skip=setup.skip or "see the EP memory budget check", problem=setup.problem, fix=setup.fix)
+    env = node.env()
+    found = imports.probe(["deep_ep"], env, IMPORT_TIMEOUT_S)
+    if isinstance(found, str) or not found["deep_ep"].ok:
+        why = found if isinstance(found, str) else found["deep_ep"].error
+        return Kernels(problem=f"deep_ep does not import with the plan's environment: {why}", fix=BUILD_FIX)
+    visible = collectives.cuda_devices()
+    if not visible:
+        return Kernels(skip="no CUDA GPU visible here: the EP kernels need one (the gpu checks say why)")
+    local = node.expected_gpus or visible
+    if local > visible:
+        return Kernels(
+            problem=f"{local} GPUs wanted by the plan, {visible} visible",
+            fix="check CUDA_VISIBLE_DEVICES and nvidia-smi",
+        )
+    if node.nodes > 1:
+        note = "across nodes: this node's ranks only (the cross-node EP run is not part of preflight yet)"
+    else:
+        note = ""
+    shape = ep.Shape(
+        setup.shape.hidden,
+        setup.shape.experts + setup.plan.redundant_experts,
+        setup.shape.topk,
+        setup.plan.tokens_per_rank,
+    )
+    why = ep.unsupported(setup.backend, shape, local, local)
+    if why:
+        return Kernels(
+            problem=why,
+            fix="vLLM would fail the same way at start: change the backend (all2all_backend) or the GPU count",
+        )
+    more = ep.needs_more_ranks(setup.backend, local)
+    if more:
+        return Kernels(skip=more)
+    spec = ep.Spec(
+        setup.backend,
+        local,
+        shape,
+        timeout_s=node.thresholds.get("ep_timeout_s"),
+        deepep_buffer_mb=setup.plan.deepep_buffer_mb,
+    )
+    out = Kernels(ep.run(spec, env))
+    out.result.buffer["note"] = note
+    return out
+
+
+def _common(check, kernels: Kernels) -> ep.Result:
+    if kernels.problem:
+        check.require(False, kernels.problem, fix=kernels.fix, why=kernels.problem)
+    if kernels.skip:
+        check.skip(kernels.skip)
+    return kernels.result
+
+
+def _fixes(result: ep.Result) -> str:
+    return " | ".join(f"{f.cause} ({f.said!r}): {f.fix}" for f in result.fixes)
+
+
+def test_dispatch_and_combine_exact(node, check, kernels):
+    """EP dispatch + combine exact"""
+    result = _common(check, kernels)
+    check.record.extra.update(
+        {
+            "shape": result.shape,
+            "buffer": result.buffer,
+            "ranks": [r.__dict__ for r in result.ranks],
+            "unfinished": result.unfinished,
+            "fixes": [f.__dict__ for f in result.fixes],
+        }
+    )
+    timeout = node.thresholds.get("ep_timeout_s")
+    check.require(
+        result.ok,
+        result.problem,
+        f"every rank done within {timeout:g} s",
+        fix=_fixes(result) or "rerun with NVSHMEM_DEBUG=INFO to see where it stops",
+        why=result.problem,
+    )
+    first = next((r for r in result.ranks if r.problem), None)
+    value = f"{result.wrong} wrong of {sum(r.checked for r in result.ranks)} elements ({result.world_size} ranks, {result.backend})"
+    check.require(
+        result.wrong == 0,
+        value,
+        "0 wrong",
+        fix="the EP kernels corrupt data: check that DeepEP was built for this GPU's architecture (python -m env status) "
+        "and run DCGM diagnostics (dcgmi diag -r 3)",
+        why=f"rank {first.rank}: {first.problem}" if first else "",
+    )
+    s = result.shape
+    check.measured(
+        f"{value}; hidden {s['hidden']}, {s['experts']} experts, top-{s['topk']}, {min(s['max_tokens'], ep.CHECK_TOKENS)} tokens/rank"
+        + (f"; {_fixes(result)}" if result.fixes else "")
+    )
+
+
+def test_bandwidth(node, check, kernels):
+    """EP dispatch + combine bandwidth"""
+    if kernels.problem:
+        check.skip(f"no EP run: {kernels.problem[:160]} (see the exactness check)")
+    result = _common(check, kernels)
+    if not result.ok:
+        check.skip("no figures: the EP run did not finish (see the exactness check)")
+    slowest = result.slowest()
+    check.record.extra["ranks"] = [r.__dict__ for r in result.ranks]
+    derived, why = ep.bandwidth_minimum(result.backend, [r.name for r in result.ranks], node.nodes)
+    minimum = node.thresholds.get("ep_bandwidth_min_gbps", derived)
+    source = "deploy file" if "ep_bandwidth_min_gbps" in node.thresholds.overridden else why
+    value = (
+        f"slowest rank {slowest.rank} ({slowest.host}, {slowest.gpu}): {slowest.gbps:.2f} GB/s, {slowest.time_us:.1f} us "
+        f"per dispatch + combine ({result.world_size} ranks, {result.backend})"
+    )
+    if minimum is None:
+        check.record.threshold = ""
+        check.measured(f"{value}; {why}")
+        return
+    check.require(
+        slowest.gbps >= minimum,
+        value,
+        f">= {minimum:g} GB/s ({source})",
+        fix="check the NIC each rank uses (NVSHMEM_HCA_LIST), that NVLink is up (nvidia-smi nvlink -s), "
+        "and clocks (nvidia-smi -q -d PERFORMANCE)",
+    )
+
+
+def test_memory_budget(node, check, setup, gpus, request):
+    """EP memory budget fits a GPU"""
+    if setup.skip:
+        check.skip(setup.skip)
+    if setup.problem:
+        check.require(False, setup.problem, fix=setup.fix, why=setup.problem)
+    if isinstance(gpus, str) or not gpus.gpus or not gpus.gpus[0].memory_total:
+        check.skip(f"GPU memory unknown ({gpus if isinstance(gpus, str) else 'no GPU'})")
+    sizes = model.weights(setup.folder)
+    budget = ep_memory.budget(
+        setup.shape, setup.plan, gpus.gpus[0].memory_total, (sizes.expert_bytes, sizes.other_bytes) if sizes else None
+    )
+    title = f"{node.describe()}, {node.config.model}, {setup.backend}, EP {setup.plan.ep_size}"
+    lines = ep_memory.table(budget, title)
+    check.record.extra["table"] = lines
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for text in lines:
+            reporter.write_line(text)
+    largest = budget.largest
+    check.require(
+        budget.fits,
+        ep_memory.verdict(budget),
+        f"<= {budget.limit / ep_memory.GiB:.1f} GiB",
+        fix=f"the largest term is {largest.name}: {largest.change}; or a higher --gpu-memory-utilization",
+    )
+    check.measured(ep_memory.verdict(budget))
