@@ -261,6 +261,10 @@ class Plan:
     nvshmem_symmetric_size: int | None = None
     reserve_bytes: float = 2 * GiB
     kv_bytes_per_token: int = 0
+    creates_buffers: bool = True
+    batched_tokens: int = 0
+    """Tokens per forward pass on this rank (the scheduler's max_num_batched_tokens as vLLM resolves it)."""
+    """vLLM runs the EP kernels only with data parallel size > 1 (FusedMoEParallelConfig.use_all2all_kernels)."""
 
 
 def plan_from(
@@ -292,7 +296,8 @@ def plan_from(
         ep_size=ep_size,
         tp_size=tp_size,
         nodes=nodes,
-        tokens_per_rank=tokens_per_rank(backend, argv, env, vllm, data_parallel_size),
+        # with DP 1 vLLM creates no EP buffer; the kernel check still runs, sized as for DP > 1
+        tokens_per_rank=tokens_per_rank(backend, argv, env, vllm, max(data_parallel_size, 2)),
         max_model_len=_int_flag(argv, "--max-model-len") or max_position,
         gpu_memory_utilization=util,
         redundant_experts=redundant_experts(argv),
@@ -300,6 +305,8 @@ def plan_from(
         nvshmem_symmetric_size=parse_size(symmetric) if symmetric else None,
         reserve_bytes=reserve_gib * GiB,
         kv_bytes_per_token=kv_bytes_per_token,
+        creates_buffers=data_parallel_size > 1,
+        batched_tokens=tokens_per_rank(backend, argv, env, vllm, data_parallel_size),
     )
 
 
@@ -370,8 +377,22 @@ def budget(shape: MoeShape, plan: Plan, gpu_bytes: float, weights: tuple[float, 
     per_expert = expert_total / max(shape.experts, 1)
     redundant = per_expert * plan.redundant_experts / plan.ep_size
     heap, heap_how = nvshmem_heap_bytes(plan, shape)
+    nvl, nvl_how = plan.deepep_buffer_mb * MiB, f"VLLM_DEEPEP_BUFFER_SIZE_MB={plan.deepep_buffer_mb}"
     local_experts = math.ceil((shape.experts + plan.redundant_experts) / plan.ep_size)
-    rows = local_experts * plan.ep_size * plan.tokens_per_rank  # what a rank's experts can receive
+    # the rows a rank's experts can be handed: low-latency pads every local expert to all ranks' tokens
+    if not plan.creates_buffers:
+        heap, nvl = 0, 0
+        heap_how = nvl_how = "none: vLLM runs no EP kernels with data parallel size 1"
+        tokens = plan.batched_tokens or plan.tokens_per_rank
+        rows, rows_how = tokens * shape.topk, f"{tokens} tokens x top-{shape.topk}"
+    elif plan.backend == "deepep_low_latency":
+        rows = local_experts * plan.ep_size * plan.tokens_per_rank
+        rows_how = f"{local_experts} local experts x {plan.ep_size} ranks x {plan.tokens_per_rank} tokens"
+    else:
+        rows = plan.ep_size * plan.tokens_per_rank * min(shape.topk, local_experts)
+        rows_how = (
+            f"{plan.ep_size} ranks x {plan.tokens_per_rank} tokens x {min(shape.topk, local_experts)} local experts"
+        )
     act = rows * (shape.hidden * 2 + 2 * shape.moe_intermediate * 2 + shape.hidden * 2)
     terms = (
         Term(
@@ -394,8 +415,8 @@ def budget(shape: MoeShape, plan: Plan, gpu_bytes: float, weights: tuple[float, 
         ),
         Term(
             "DeepEP NVLink buffer",
-            plan.deepep_buffer_mb * MiB,
-            f"VLLM_DEEPEP_BUFFER_SIZE_MB={plan.deepep_buffer_mb}",
+            nvl,
+            nvl_how,
             "a lower VLLM_DEEPEP_BUFFER_SIZE_MB",
         ),
         Term(
@@ -407,7 +428,7 @@ def budget(shape: MoeShape, plan: Plan, gpu_bytes: float, weights: tuple[float, 
         Term(
             "MoE activations",
             act,
-            f"{local_experts} local experts x {plan.ep_size} ranks x {plan.tokens_per_rank} tokens",
+            rows_how,
             "fewer tokens per rank (--max-num-batched-tokens)",
         ),
         Term(
@@ -440,3 +461,114 @@ def verdict(b: Budget) -> str:
     if b.fits:
         return f"{line}; largest: {b.largest.name} {b.largest.bytes / GiB:.1f} GiB"
     return f"{line}: over by {(b.total - b.limit) / GiB:.1f} GiB; largest: {b.largest.name} {b.largest.bytes / GiB:.1f} GiB"
+
+
+# --- the node: its plan and the model's config.json (reads files; the arithmetic above does not) ------
+
+
+@dataclass
+class Found:
+    """The budget's inputs for one node, or why there are none (``skip``) or they are wrong (``problem``)."""
+
+    backend: str | None = None
+    skip: str = ""
+    problem: str = ""
+    fix: str = ""
+    folder: object = None
+    shape: MoeShape | None = None
+    plan: Plan | None = None
+
+
+def for_node(node) -> Found:
+    """From a :class:`preflight.context.NodeContext`: the backend, the model's shape and the plan's view."""
+    from preflight import model
+
+    if node.plan is None:
+        return Found(skip="no deploy file: no all2all backend to check")
+    backend = node.backend
+    if backend not in EP_BACKENDS:
+        return Found(backend, skip=f"all2all backend {backend or 'default'} uses no EP kernel library")
+    folder = model.model_dir(node.config.model)
+    if folder is None:
+        return Found(
+            backend, skip=f"{node.config.model}: config.json not on this node (the EP checks size the buffers from it)"
+        )
+    try:
+        config = load_config(folder / "config.json")
+        shape = moe_shape(config)
+        lay, tp = node.plan.layout, node.config.tensor_parallel_size
+        plan = plan_from(
+            backend,
+            node.plan.argv,
+            node.env(),
+            vllm=node.plan.target.version,
+            ep_size=lay.data_parallel_size * tp,
+            tp_size=tp,
+            nodes=node.nodes,
+            data_parallel_size=lay.data_parallel_size,
+            max_position=config.get("max_position_embeddings") or 4096,
+            reserve_gib=node.thresholds.get("ep_memory_reserve_gib"),
+            kv_bytes_per_token=model.kv_bytes_per_token(config, tp) or 0,
+        )
+    except (BudgetError, ValueError) as exc:
+        text = str(exc)
+        return Found(
+            backend,
+            problem=f"{folder}/{text}" if text.startswith("config.json") else text,
+            fix="point model: at a mixture-of-experts checkpoint, or pick a backend without EP kernels",
+        )
+    return Found(backend, folder=folder, shape=shape, plan=plan)
+
+
+def node_budget(node, found: Found, gpu_bytes: float) -> Budget:
+    """The budget of one GPU of ``node``: weights from the safetensors headers when they are on the node."""
+    from preflight import model
+
+    sizes = model.weights(found.folder)
+    return budget(found.shape, found.plan, gpu_bytes, (sizes.expert_bytes, sizes.other_bytes) if sizes else None)
+
+
+def title(node, found: Found) -> str:
+    return f"{node.describe()}, {node.config.model}, {found.backend}, EP {found.plan.ep_size}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m preflight.ep_memory --deploy FILE [--node-rank N] [--gpu-memory-gib G]``: the table alone,
+    also where no GPU is (give the GPU's memory)."""
+    import argparse
+
+    from launch.config import ConfigError
+    from preflight import context, gpu
+
+    parser = argparse.ArgumentParser(prog="python -m preflight.ep_memory", description=main.__doc__)
+    parser.add_argument("--deploy", required=True)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--group", choices=("prefill", "decode"), default=None)
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="default: the first GPU's, from NVML")
+    args = parser.parse_args(argv)
+    try:
+        node = context.build(args.deploy, args.node_rank, None, None, args.group)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    found = for_node(node)
+    if found.skip or found.problem:
+        print(f"error: {found.problem or found.skip}" + (f" (fix: {found.fix})" if found.fix else ""))
+        return 2
+    if args.gpu_memory_gib is not None:
+        gpu_bytes = args.gpu_memory_gib * GiB
+    else:
+        seen = gpu.read_bounded(gpu.Pynvml, 30.0)
+        if isinstance(seen, str) or not seen.gpus:
+            print(f"error: GPU memory unknown ({seen if isinstance(seen, str) else 'no GPU'}); give --gpu-memory-gib")
+            return 2
+        gpu_bytes = seen.gpus[0].memory_total
+    b = node_budget(node, found, gpu_bytes)
+    print("\n".join(table(b, title(node, found))))
+    if not b.fits:
+        print(f"# does not fit: the largest term is {b.largest.name}: {b.largest.change}")
+    return 0 if b.fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

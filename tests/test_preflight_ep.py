@@ -480,3 +480,29 @@ def test_a_threshold_that_is_not_a_number_is_one_line(tmp_path):
         and "preflight.ep_bandwidth_min_gbps" in res.out + res.err
         and "Traceback" not in res.out + res.err
     )
+
+
+def test_with_one_data_parallel_rank_vllm_holds_no_ep_buffers():
+    b = ep_memory.budget(
+        ep_memory.moe_shape(QWEN3_30B_A3B), plan(1, nodes=1, creates_buffers=False, batched_tokens=8192), H200
+    )
+    terms = {t.name: t for t in b.terms}
+    assert terms["DeepEP NVLink buffer"].bytes == 0 == terms["NVSHMEM symmetric heap"].bytes
+    assert "data parallel size 1" in terms["NVSHMEM symmetric heap"].how
+
+
+def test_the_budget_table_alone_for_deepseek_v3_on_two_nodes(tmp_path):
+    folder = tmp_path / "dsv3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(DEEPSEEK_V3))  # config only, no weights
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        f"model: {folder}\nnodes:\n  - {{address: 10.0.0.1, gpus: 8}}\n  - {{address: 10.0.0.2, gpus: 8}}\n"
+        "all2all_backend: deepep_low_latency\nvllm_version: '0.26.0'\nvllm_args: [--max-model-len, '32768']\n"
+        "network: {transport: ib, socket_ifname: lo}\n"
+    )
+    res = run_module("preflight.ep_memory", "--deploy", str(path), "--node-rank", "1", "--gpu-memory-gib", "139.8")
+    assert res.code == 0, res.out + res.err
+    assert "# EP memory budget per GPU: node 1 of 2" in res.out and "EP 16" in res.out
+    assert "NVSHMEM symmetric heap                4.00 GiB  low-latency size hint (256 tokens/rank" in res.out
+    assert "fits" in res.out.splitlines()[-1]

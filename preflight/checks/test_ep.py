@@ -9,11 +9,11 @@ deepep_high_throughput, deepep_v2); otherwise every check here is skipped with t
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
-from preflight import collectives, ep, ep_memory, imports, model
+from preflight import collectives, ep, ep_memory, imports
 
 pytestmark = [pytest.mark.ep]
 if importlib.util.find_spec("xdist"):  # one worker runs the GPUs' EP run at a time (with --dist loadgroup)
@@ -25,58 +25,9 @@ BUILD_FIX = (
 )
 
 
-@dataclass
-class Setup:
-    """What the EP checks share: the backend, the model's shape, the plan's budget view; or why not."""
-
-    backend: str | None = None
-    skip: str = ""
-    problem: str = ""
-    fix: str = ""
-    config: dict | None = None
-    folder: object = None
-    shape: ep_memory.MoeShape | None = None
-    plan: ep_memory.Plan | None = None
-    extra: dict = field(default_factory=dict)
-
-
 @pytest.fixture(scope="module")
-def setup(node) -> Setup:
-    if node.plan is None:
-        return Setup(skip="no deploy file: no all2all backend to check")
-    backend = node.backend
-    if backend not in ep_memory.EP_BACKENDS:
-        return Setup(backend, skip=f"all2all backend {backend or 'default'} uses no EP kernel library")
-    folder = model.model_dir(node.config.model)
-    if folder is None:
-        return Setup(
-            backend, skip=f"{node.config.model}: config.json not on this node (the EP checks size the buffers from it)"
-        )
-    config = ep_memory.load_config(folder / "config.json")
-    try:
-        shape = ep_memory.moe_shape(config)
-        lay = node.plan.layout
-        tp = node.config.tensor_parallel_size
-        plan = ep_memory.plan_from(
-            backend,
-            node.plan.argv,
-            node.env(),
-            vllm=node.plan.target.version,
-            ep_size=lay.data_parallel_size * tp,
-            tp_size=tp,
-            nodes=node.nodes,
-            data_parallel_size=lay.data_parallel_size,
-            max_position=config.get("max_position_embeddings") or 4096,
-            reserve_gib=node.thresholds.get("ep_memory_reserve_gib"),
-            kv_bytes_per_token=model.kv_bytes_per_token(config, tp) or 0,
-        )
-    except ep_memory.BudgetError as exc:
-        return Setup(
-            backend,
-            problem=f"{folder}/{exc}" if str(exc).startswith("config.json") else str(exc),
-            fix="point model: at a mixture-of-experts checkpoint, or pick a backend without EP kernels",
-        )
-    return Setup(backend, config=config, folder=folder, shape=shape, plan=plan)
+def setup(node) -> ep_memory.Found:
+    return ep_memory.for_node(node)
 
 
 @dataclass
@@ -182,7 +133,7 @@ def test_dispatch_and_combine_exact(node, check, kernels):
     s = result.shape
     check.measured(
         f"{value}; hidden {s['hidden']}, {s['experts']} experts, top-{s['topk']}, {min(s['max_tokens'], ep.CHECK_TOKENS)} tokens/rank"
-        + (f"; {_fixes(result)}" if result.fixes else "")
+        + ("; NVSHMEM / DeepEP said: " + " | ".join(f.said for f in result.fixes) if result.fixes else "")
     )
 
 
@@ -223,12 +174,8 @@ def test_memory_budget(node, check, setup, gpus, request):
         check.require(False, setup.problem, fix=setup.fix, why=setup.problem)
     if isinstance(gpus, str) or not gpus.gpus or not gpus.gpus[0].memory_total:
         check.skip(f"GPU memory unknown ({gpus if isinstance(gpus, str) else 'no GPU'})")
-    sizes = model.weights(setup.folder)
-    budget = ep_memory.budget(
-        setup.shape, setup.plan, gpus.gpus[0].memory_total, (sizes.expert_bytes, sizes.other_bytes) if sizes else None
-    )
-    title = f"{node.describe()}, {node.config.model}, {setup.backend}, EP {setup.plan.ep_size}"
-    lines = ep_memory.table(budget, title)
+    budget = ep_memory.node_budget(node, setup, gpus.gpus[0].memory_total)
+    lines = ep_memory.table(budget, ep_memory.title(node, setup))
     check.record.extra["table"] = lines
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
