@@ -504,6 +504,37 @@ def buffer_args(spec: Spec) -> dict:
     }
 
 
+def world_layout(
+    ready: Mapping[int, Mapping], missing: Sequence[int], me: int, addresses: Sequence[str]
+) -> tuple[int, int, str]:
+    """Across nodes: (this node's first global rank, the world size, a problem naming the nodes that cannot
+    take part). Every node publishes {problem, nprocs, backend, shape} before any starts its workers, so a
+    node without DeepEP or GPUs fails every node at once instead of leaving the others to hang."""
+
+    def name(r: int) -> str:
+        return f"node {r} ({addresses[r]})" if r < len(addresses) else f"node {r}"
+
+    if missing:
+        return (
+            0,
+            0,
+            f"{', '.join(map(name, missing))} did not reach the EP check (each node runs it after its own checks)",
+        )
+    bad = [f"{name(r)}: {ready[r]['problem']}" for r in sorted(ready) if ready[r].get("problem")]
+    if bad:
+        return 0, 0, "; ".join(bad)
+    for key in ("backend", "shape"):
+        values = {json.dumps(ready[r].get(key), sort_keys=True) for r in ready}
+        if len(values) > 1:
+            return (
+                0,
+                0,
+                f"nodes disagree on the {key}: " + ", ".join(f"{name(r)} {ready[r].get(key)}" for r in sorted(ready)),
+            )
+    offset = sum(ready[r]["nprocs"] for r in sorted(ready) if r < me)
+    return offset, sum(ready[r]["nprocs"] for r in ready), ""
+
+
 # --- the parent ------------------------------------------------------------------------------------
 
 

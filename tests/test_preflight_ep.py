@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from packaging.version import Version
 
-from preflight import ep, ep_memory
+from preflight import ep, ep_memory, rendezvous
 from preflight.ep import Shape
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 GiB = 1024**3
 
@@ -506,3 +509,70 @@ def test_the_budget_table_alone_for_deepseek_v3_on_two_nodes(tmp_path):
     assert "# EP memory budget per GPU: node 1 of 2" in res.out and "EP 16" in res.out
     assert "NVSHMEM symmetric heap                4.00 GiB  low-latency size hint (256 tokens/rank" in res.out
     assert "fits" in res.out.splitlines()[-1]
+
+
+# --- across nodes: who takes part, and where each node's ranks start ------------------------------------
+
+READY = {"problem": "", "backend": "deepep_low_latency", "shape": {"hidden": 7168}}
+
+
+def test_world_layout_gives_each_node_its_first_rank():
+    ready = {0: {**READY, "nprocs": 8}, 1: {**READY, "nprocs": 8}, 2: {**READY, "nprocs": 4}}
+    assert ep.world_layout(ready, [], 0, []) == (0, 20, "")
+    assert ep.world_layout(ready, [], 2, []) == (16, 20, "")
+
+
+@pytest.mark.parametrize(
+    "ready, missing, says",
+    [
+        ({0: {**READY, "nprocs": 8}}, [1], "node 1 (10.0.0.2) did not reach the EP check"),
+        (
+            {0: {**READY, "nprocs": 8}, 1: {**READY, "nprocs": 0, "problem": "deep_ep does not import"}},
+            [],
+            "node 1 (10.0.0.2): deep_ep does not import",
+        ),
+        (
+            {0: {**READY, "nprocs": 8}, 1: {**READY, "nprocs": 8, "backend": "deepep_high_throughput"}},
+            [],
+            "nodes disagree on the backend",
+        ),
+    ],
+)
+def test_a_node_that_cannot_take_part_fails_every_node_naming_it(ready, missing, says):
+    offset, world, problem = ep.world_layout(ready, missing, 0, ["10.0.0.1", "10.0.0.2"])
+    assert says in problem and world == 0
+
+
+def test_two_nodes_meet_for_the_ep_check_and_each_names_the_other(tmp_path):
+    # Two preflight processes on this machine play nodes 0 and 1 (127.0.0.1 and 127.0.0.2, both on lo).
+    # Neither has DeepEP: each says so at the EP rendezvous, and both fail naming both nodes.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        rpc = s.getsockname()[1]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 1}}\n  - {{address: 127.0.0.2, gpus: 1}}\n"
+        f"rpc_port: {rpc}\nport: {rpc + 7}\nall2all_backend: deepep_low_latency\nvllm_version: '0.26.0'\n"
+        "network: {transport: tcp, socket_ifname: lo}\npreflight: {rendezvous_timeout_s: 60}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(rendezvous.PORT_VAR, None)
+    argv = [sys.executable, "-m", "preflight", "--deploy", str(path), "-m", "ep", "--node-rank"]
+    procs = [
+        subprocess.Popen(
+            [*argv, str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for out in outs:
+        assert "FAIL  ep           EP dispatch + combine exact" in out, out
+        assert (
+            "node 0 (127.0.0.1): deep_ep does not import" in out
+            and "node 1 (127.0.0.2): deep_ep does not import" in out
+        )
+        assert "Traceback" not in out
+    assert [p.returncode for p in procs] == [1, 1]

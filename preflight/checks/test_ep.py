@@ -9,11 +9,12 @@ deepep_high_throughput, deepep_v2); otherwise every check here is skipped with t
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import socket
+from dataclasses import asdict, dataclass
 
 import pytest
 
-from preflight import collectives, ep, ep_memory, imports
+from preflight import collectives, ep, ep_memory, imports, rendezvous
 
 pytestmark = [pytest.mark.ep]
 if importlib.util.find_spec("xdist"):  # one worker runs the GPUs' EP run at a time (with --dist loadgroup)
@@ -40,52 +41,108 @@ class Kernels:
 
 @pytest.fixture(scope="module")
 def kernels(node, setup) -> Kernels:
-    """One run of the EP workers on this node's GPUs, shared by the checks below."""
+    """One run of the EP workers on this node's GPUs (across nodes: every node's, in one world), shared
+    by the checks below."""
     if setup.skip or setup.problem:
         return Kernels(skip=setup.skip or "see the EP memory budget check", problem=setup.problem, fix=setup.fix)
-    env = node.env()
-    found = imports.probe(["deep_ep"], env, IMPORT_TIMEOUT_S)
-    if isinstance(found, str) or not found["deep_ep"].ok:
-        why = found if isinstance(found, str) else found["deep_ep"].error
-        return Kernels(problem=f"deep_ep does not import with the plan's environment: {why}", fix=BUILD_FIX)
-    visible = collectives.cuda_devices()
-    if not visible:
-        return Kernels(skip="no CUDA GPU visible here: the EP kernels need one (the gpu checks say why)")
-    local = node.expected_gpus or visible
-    if local > visible:
-        return Kernels(
-            problem=f"{local} GPUs wanted by the plan, {visible} visible",
-            fix="check CUDA_VISIBLE_DEVICES and nvidia-smi",
-        )
-    if node.nodes > 1:
-        note = "across nodes: this node's ranks only (the cross-node EP run is not part of preflight yet)"
-    else:
-        note = ""
     shape = ep.Shape(
         setup.shape.hidden,
         setup.shape.experts + setup.plan.redundant_experts,
         setup.shape.topk,
         setup.plan.tokens_per_rank,
     )
-    why = ep.unsupported(setup.backend, shape, local, local)
+    local, here = _this_node(node, setup, shape)
+    if node.nodes < 2:
+        if here.problem or here.skip:
+            return here
+        spec = ep.Spec(
+            setup.backend,
+            local,
+            shape,
+            timeout_s=node.thresholds.get("ep_timeout_s"),
+            deepep_buffer_mb=setup.plan.deepep_buffer_mb,
+        )
+        return Kernels(ep.run(spec, node.env()))
+    return _across_nodes(node, setup, shape, local, here)
+
+
+def _this_node(node, setup, shape: ep.Shape) -> tuple[int, Kernels]:
+    """How many ranks this node runs, and why it cannot (problem) or need not (skip)."""
+    found = imports.probe(["deep_ep"], node.env(), IMPORT_TIMEOUT_S)
+    if isinstance(found, str) or not found["deep_ep"].ok:
+        why = found if isinstance(found, str) else found["deep_ep"].error
+        return 0, Kernels(problem=f"deep_ep does not import with the plan's environment: {why}", fix=BUILD_FIX)
+    visible = collectives.cuda_devices()
+    if not visible:
+        return 0, Kernels(skip="no CUDA GPU visible here: the EP kernels need one (the gpu checks say why)")
+    local = node.expected_gpus or visible
+    if local > visible:
+        return local, Kernels(
+            problem=f"{local} GPUs wanted by the plan, {visible} visible",
+            fix="check CUDA_VISIBLE_DEVICES and nvidia-smi",
+        )
+    why = ep.unsupported(setup.backend, shape, setup.plan.ep_size, local)
     if why:
-        return Kernels(
-            problem=why,
-            fix="vLLM would fail the same way at start: change the backend (all2all_backend) or the GPU count",
+        return local, Kernels(
+            problem=why, fix="vLLM would fail the same way at start: change all2all_backend or the GPU count"
         )
     more = ep.needs_more_ranks(setup.backend, local)
-    if more:
-        return Kernels(skip=more)
-    spec = ep.Spec(
-        setup.backend,
-        local,
-        shape,
-        timeout_s=node.thresholds.get("ep_timeout_s"),
-        deepep_buffer_mb=setup.plan.deepep_buffer_mb,
-    )
-    out = Kernels(ep.run(spec, env))
-    out.result.buffer["note"] = note
-    return out
+    return local, Kernels(skip=more)
+
+
+def _across_nodes(node, setup, shape: ep.Shape, local: int, here: Kernels) -> Kernels:
+    """Every node's ranks in one world, meeting at the primary (preflight/rendezvous.py's store, on the
+    rendezvous port + 1 so that it never meets the cross-node checks' store)."""
+    timeout = node.thresholds.get("rendezvous_timeout_s")
+    addresses = [n.address for n in node.config.nodes]
+    try:
+        port = rendezvous.rendezvous_port(node.config.rpc_port) + 1
+    except rendezvous.RendezvousError as exc:
+        return Kernels(problem=str(exc), fix=f"set {rendezvous.PORT_VAR} to a free port, the same on every node")
+    session = rendezvous.open_store(node.rank, node.nodes, node.primary_address, port, node.ifname, timeout)
+    try:
+        fix = (
+            f"start `python -m preflight --deploy FILE -m ep` on every node within {timeout:g} s; TCP port {port} "
+            "on the primary must be open to the other nodes"
+        )
+        if session.ok:
+            session = rendezvous.join(session, {"host": socket.gethostname()}, addresses)
+        if not session.ok:
+            return Kernels(problem=f"EP rendezvous: {session.problem}", fix=fix)
+        iface = rendezvous.interface_problem(node.ifname, node.ifname_problem, "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+        mine = {
+            "problem": here.problem or here.skip or iface,
+            "nprocs": local,
+            "backend": setup.backend,
+            "shape": asdict(shape),
+        }
+        got, missing, lost = rendezvous.exchange(session, "ep-ready", mine, timeout)
+        offset, world, problem = ep.world_layout(got, missing, node.rank, addresses)
+        if lost or problem:
+            return Kernels(problem=lost or problem, fix=here.fix or fix)
+        spec = ep.Spec(
+            setup.backend,
+            local,
+            shape,
+            timeout_s=node.thresholds.get("ep_timeout_s"),
+            nodes=node.nodes,
+            deepep_buffer_mb=setup.plan.deepep_buffer_mb,
+            store_host=session.address,
+            store_port=session.port,
+            rank_offset=offset,
+            world_size=world,
+        )
+        result = ep.run(spec, node.env())
+        # what the other nodes saw, so that a failure names where it started (bounded like the run itself)
+        others, _, _ = rendezvous.exchange(session, "ep-outcome", {"problem": result.problem}, min(timeout, 10.0))
+        elsewhere = [
+            f"node {r}: {others[r]['problem']}" for r in sorted(others) if r != node.rank and others[r]["problem"]
+        ]
+        if result.problem and elsewhere:
+            result.problem += " | " + " | ".join(elsewhere)
+        return Kernels(result)
+    finally:
+        rendezvous.leave(session)
 
 
 def _common(check, kernels: Kernels) -> ep.Result:
