@@ -36,6 +36,7 @@ for dispatch and again for combine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -61,6 +62,8 @@ LL_HIDDEN_SIZES = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 the same list in v2's csrc/kernels/legacy/launch.cuh): any other fails with "Unsupported hidden"."""
 HT_RANKS = (2, 4, 8)
 """Ranks per node DeepEP's intranode kernels support (tests/test_intranode.py: "Unsupported ranks")."""
+QP_DEPTH_DEFAULT = 1024
+"""NVSHMEM_QP_DEPTH when the plan does not set it: DeepEP's own default (deep_ep/buffer.py:111, 73b6ea4)."""
 CHECK_TOKENS = 128
 """Tokens per rank in the check (fewer when the plan's buffer holds fewer): exact in BF16 as column 1."""
 WARMUPS, ITERS = 10, 30
@@ -81,8 +84,9 @@ class Shape:
         return min(CHECK_TOKENS, self.max_tokens)
 
 
-def unsupported(backend: str, shape: Shape, world: int, ranks_per_node: int) -> str:
-    """Why the kernels cannot run this shape on this many ranks (vLLM would fail the same way), or ""."""
+def unsupported(backend: str, shape: Shape, world: int, ranks_per_node: int, qp_depth: int = QP_DEPTH_DEFAULT) -> str:
+    """Why the kernels cannot run this shape on this many ranks (vLLM would fail the same way), or "".
+    ``qp_depth``: NVSHMEM_QP_DEPTH as the plan sets it (DeepEP's default 1024)."""
     if backend not in EP_BACKENDS:
         return f"backend {backend!r} runs no EP kernel library (expected one of: {', '.join(EP_BACKENDS)})"
     if world > SENDER_MAX:
@@ -95,6 +99,11 @@ def unsupported(backend: str, shape: Shape, world: int, ranks_per_node: int) -> 
         return (
             f"hidden size {shape.hidden} is not one DeepEP's low-latency kernels are built for "
             f"({', '.join(map(str, LL_HIDDEN_SIZES))})"
+        )
+    if backend == "deepep_low_latency" and qp_depth < (shape.max_tokens + 1) * 2:
+        return (
+            f"{shape.max_tokens} tokens per rank need NVSHMEM_QP_DEPTH >= {(shape.max_tokens + 1) * 2} "
+            f"(DeepEP asserts it, deep_ep/buffer.py:601), it is {qp_depth}"
         )
     if shape.hidden % 128:
         return f"hidden size {shape.hidden} is not a multiple of 128 (DeepEP's FP8 scales are per 128 channels)"
@@ -173,6 +182,11 @@ def expected_rows(rank: int, world: int, shape: Shape, expert: int | None = None
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _reference(sender: int, tokens: int, hidden: int):
+    return token_data(sender, tokens, hidden)
+
+
 def check_rows(rows, expected: set[tuple[int, int]], shape: Shape) -> tuple[int, str]:
     """(wrong elements, first problem) of received BF16 rows [n, hidden] against the (sender, token)
     pairs they must be: each row decoded from its first two columns, then compared whole."""
@@ -191,7 +205,7 @@ def check_rows(rows, expected: set[tuple[int, int]], shape: Shape) -> tuple[int,
             )
             continue
         seen.add((s, t))
-        ref = token_data(s, shape.tokens, hidden)[t]
+        ref = _reference(s, shape.tokens, hidden)[t]
         bad = int((rows[i].to(torch.bfloat16) != ref).sum())
         if bad:
             wrong += bad

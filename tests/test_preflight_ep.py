@@ -123,6 +123,8 @@ def test_bandwidth_minimum_comes_from_a_measured_figure(gpu, backend, nodes, min
         ("deepep_high_throughput", Shape(256, 8, 2, 256), 2, ""),  # no such limit there
         ("deepep_low_latency", Shape(7168, 256, 8, 256), 3, "256 experts do not divide by 3 EP ranks"),
         ("pplx", Shape(7168, 256, 8, 256), 8, "runs no EP kernel library"),
+        # vLLM's wide-EP recipe raises the chunk to 512 and sets NVSHMEM_QP_DEPTH=1512 for that reason
+        ("deepep_low_latency", Shape(7168, 256, 8, 512), 16, "need NVSHMEM_QP_DEPTH >= 1026"),
     ],
 )
 def test_shapes_the_kernels_refuse_are_named(backend, shape, world, says):

@@ -81,7 +81,10 @@ def _this_node(node, setup, shape: ep.Shape) -> tuple[int, Kernels]:
             problem=f"{local} GPUs wanted by the plan, {visible} visible",
             fix="check CUDA_VISIBLE_DEVICES and nvidia-smi",
         )
-    why = ep.unsupported(setup.backend, shape, setup.plan.ep_size, local)
+    depth = node.env().get("NVSHMEM_QP_DEPTH", "")
+    why = ep.unsupported(
+        setup.backend, shape, setup.plan.ep_size, local, int(depth) if depth.isdigit() else ep.QP_DEPTH_DEFAULT
+    )
     if why:
         return local, Kernels(
             problem=why, fix="vLLM would fail the same way at start: change all2all_backend or the GPU count"
