@@ -105,6 +105,11 @@ def unsupported(backend: str, shape: Shape, world: int, ranks_per_node: int, qp_
             f"{shape.max_tokens} tokens per rank need NVSHMEM_QP_DEPTH >= {(shape.max_tokens + 1) * 2} "
             f"(DeepEP asserts it, deep_ep/buffer.py:601), it is {qp_depth}"
         )
+    if backend == "deepep_high_throughput" and world > ranks_per_node and ranks_per_node != 8:
+        return (
+            f"across nodes DeepEP's high-throughput kernels need 8 GPUs per node (NUM_MAX_NVL_PEERS, "
+            f"csrc/kernels/configs.cuh:3), this node has {ranks_per_node}"
+        )
     if shape.hidden % 128:
         return f"hidden size {shape.hidden} is not a multiple of 128 (DeepEP's FP8 scales are per 128 channels)"
     return ""
@@ -137,7 +142,7 @@ def token_data(sender: int, tokens: int, hidden: int, device="cpu"):
 
 def routing(sender: int, tokens: int, experts: int, topk: int, device="cpu"):
     """Expert choices [tokens, topk] (int64): distinct experts per token, spread over all ranks; one
-    slot of every seventh token is -1 (no expert), as vLLM's padded tokens are."""
+    slot of every seventh token is -1 (no expert), as DeepEP's own tests mask some."""
     import torch
 
     t = torch.arange(tokens, dtype=torch.int64, device=device).view(-1, 1)

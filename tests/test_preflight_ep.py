@@ -125,10 +125,11 @@ def test_bandwidth_minimum_comes_from_a_measured_figure(gpu, backend, nodes, min
         ("pplx", Shape(7168, 256, 8, 256), 8, "runs no EP kernel library"),
         # vLLM's wide-EP recipe raises the chunk to 512 and sets NVSHMEM_QP_DEPTH=1512 for that reason
         ("deepep_low_latency", Shape(7168, 256, 8, 512), 16, "need NVSHMEM_QP_DEPTH >= 1026"),
+        ("deepep_high_throughput", Shape(7168, 256, 8, 256), 16, ""),  # two nodes of 8
     ],
 )
 def test_shapes_the_kernels_refuse_are_named(backend, shape, world, says):
-    got = ep.unsupported(backend, shape, world, world)
+    got = ep.unsupported(backend, shape, world, min(world, 8))
     assert (says in got) if says else got == ""
 
 
@@ -578,3 +579,8 @@ def test_two_nodes_meet_for_the_ep_check_and_each_names_the_other(tmp_path):
         )
         assert "Traceback" not in out
     assert [p.returncode for p in procs] == [1, 1]
+
+
+def test_high_throughput_across_nodes_needs_eight_gpus_a_node():
+    got = ep.unsupported("deepep_high_throughput", Shape(7168, 256, 8, 256), 8, 4)  # two nodes of 4
+    assert "need 8 GPUs per node" in got

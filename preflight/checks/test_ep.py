@@ -3,7 +3,9 @@ creates, exact on every element, their bandwidth, and the EP memory budget of on
 (how: preflight/ep.py and preflight/ep_memory.py).
 
 Applies when the plan's all2all backend runs an EP kernel library (deepep_low_latency,
-deepep_high_throughput, deepep_v2); otherwise every check here is skipped with that reason.
+deepep_high_throughput, deepep_v2); otherwise every check here is skipped with that reason. With several
+nodes in the deploy file every node's ranks run in one world, meeting at the primary on the rendezvous
+port + 1 (every node runs `python -m preflight --deploy FILE -m ep` within rendezvous_timeout_s).
 """
 
 from __future__ import annotations
