@@ -670,6 +670,14 @@ class _Progress(collectives._Progress):
     pass
 
 
+def _topk_dtype():
+    """deep_ep.topk_idx_t where DeepEP exports it (73b6ea4, v2); int64 before (c18eabd)."""
+    import deep_ep
+    import torch
+
+    return getattr(deep_ep, "topk_idx_t", torch.int64)
+
+
 def _bench(fn, warmups: int = WARMUPS, iters: int = ITERS) -> float:
     """Mean seconds of ``fn`` over CUDA events, the first timed run dropped (DeepEP tests/utils.py bench)."""
     import torch
@@ -689,12 +697,11 @@ def _bench(fn, warmups: int = WARMUPS, iters: int = ITERS) -> float:
 
 
 def _low_latency(buffer, rank: int, world: int, shape: Shape, me: Rank, progress) -> None:
-    import deep_ep
     import torch
 
     tokens, local = shape.tokens, shape.experts // world
     x = token_data(rank, tokens, shape.hidden, "cuda")
-    idx = routing(rank, tokens, shape.experts, shape.topk, "cuda").to(deep_ep.topk_idx_t)
+    idx = routing(rank, tokens, shape.experts, shape.topk, "cuda").to(_topk_dtype())
     w = weights(tokens, shape.topk, "cuda")
     progress("dispatch")
     recv, count, handle, event, hook = buffer.low_latency_dispatch(
@@ -732,11 +739,10 @@ def _low_latency(buffer, rank: int, world: int, shape: Shape, me: Rank, progress
 
 
 def _high_throughput(buffer, rank: int, world: int, shape: Shape, me: Rank, progress, v2: bool) -> None:
-    import deep_ep
     import torch
 
     x = token_data(rank, shape.tokens, shape.hidden, "cuda")
-    idx = routing(rank, shape.tokens, shape.experts, shape.topk, "cuda").to(deep_ep.topk_idx_t)
+    idx = routing(rank, shape.tokens, shape.experts, shape.topk, "cuda").to(_topk_dtype())
     w = weights(shape.tokens, shape.topk, "cuda")
     progress("dispatch")
     if v2:
