@@ -666,10 +666,6 @@ def explain(
 # --- the worker --------------------------------------------------------------------------------------
 
 
-class _Progress(collectives._Progress):
-    pass
-
-
 def _topk_dtype():
     """deep_ep.topk_idx_t where DeepEP exports it (73b6ea4, v2); int64 before (c18eabd)."""
     import deep_ep
@@ -809,7 +805,7 @@ def worker(spec_file: str, local_rank: int) -> int:
     shape = Shape(**job["shape"])
     spec = Spec(**{k: job[k] for k in Spec.__dataclass_fields__ if k != "shape"}, shape=shape)
     rank, world = spec.rank_offset + local_rank, spec.world
-    progress = _Progress(Path(job["workdir"]) / f"rank-{rank}.jsonl")
+    progress = collectives._Progress(Path(job["workdir"]) / f"rank-{rank}.jsonl")
     try:
         import torch
         import torch.distributed as dist
