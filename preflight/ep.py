@@ -280,6 +280,16 @@ def bandwidth_minimum(backend: str, gpu_names: Sequence[str], nodes: int) -> tup
     return None, f"{next(iter(names))}: no figure measured: reported only (set preflight.ep_bandwidth_min_gbps)"
 
 
+def judge_bandwidth(result: Result, minimum: float | None) -> tuple[bool, str]:
+    """(passes, value): the slowest rank, named with its node and GPU, against ``minimum`` (None: reported only)."""
+    slowest = result.slowest()
+    value = (
+        f"slowest rank {slowest.rank} ({slowest.host}, {slowest.gpu}): {slowest.gbps:.2f} GB/s, {slowest.time_us:.1f} us "
+        f"per dispatch + combine ({result.world_size} ranks, {result.backend})"
+    )
+    return (minimum is None or slowest.gbps >= minimum), value
+
+
 def gbps(nbytes: float, seconds: float) -> float:
     return nbytes / 1e9 / seconds if seconds > 0 else 0.0
 

@@ -111,6 +111,23 @@ def test_bandwidth_minimum_comes_from_a_measured_figure(gpu, backend, nodes, min
         assert all(figure >= got for figure in (18.7, 36.5)) and got > 18.7 / 5
 
 
+def h200_run(*gbps: float) -> ep.Result:
+    ranks = [
+        ep.Rank(r, "gpu-node", f"cuda:{r} 0000:{0x18 + r:02x}:00.0", "NVIDIA H200", "no RDMA NIC", gbps=g, time_us=60.0)
+        for r, g in enumerate(gbps)
+    ]
+    return ep.Result("deepep_low_latency", len(gbps), {}, ranks=ranks)
+
+
+def test_the_recorded_one_gpu_figures_pass_and_a_slow_rank_is_named():
+    minimum, _ = ep.bandwidth_minimum("deepep_low_latency", ["NVIDIA H200"], 1)
+    for figure in (18.7, 36.5):  # DeepEP v1 73b6ea4 and v2 d4f41e4 (legacy) on one H200
+        assert ep.judge_bandwidth(h200_run(figure), minimum)[0]
+    ok, value = ep.judge_bandwidth(h200_run(18.7, 3.1), minimum)
+    assert not ok and value.startswith("slowest rank 1 (gpu-node, cuda:1 0000:19:00.0): 3.10 GB/s")
+    assert ep.judge_bandwidth(h200_run(0.5), None)[0]  # no minimum: reported, never failed
+
+
 # --- what the kernels can run -----------------------------------------------------------------------
 
 

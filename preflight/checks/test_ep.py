@@ -206,21 +206,17 @@ def test_bandwidth(node, check, kernels):
     result = _common(check, kernels)
     if not result.ok:
         check.skip("no figures: the EP run did not finish (see the exactness check)")
-    slowest = result.slowest()
     check.record.extra["ranks"] = [r.__dict__ for r in result.ranks]
     derived, why = ep.bandwidth_minimum(result.backend, [r.name for r in result.ranks], node.nodes)
     minimum = node.thresholds.get("ep_bandwidth_min_gbps", derived)
     source = "deploy file" if "ep_bandwidth_min_gbps" in node.thresholds.overridden else why
-    value = (
-        f"slowest rank {slowest.rank} ({slowest.host}, {slowest.gpu}): {slowest.gbps:.2f} GB/s, {slowest.time_us:.1f} us "
-        f"per dispatch + combine ({result.world_size} ranks, {result.backend})"
-    )
+    ok, value = ep.judge_bandwidth(result, minimum)
     if minimum is None:
         check.record.threshold = ""
         check.measured(f"{value}; {why}")
         return
     check.require(
-        slowest.gbps >= minimum,
+        ok,
         value,
         f">= {minimum:g} GB/s ({source})",
         fix="check the NIC each rank uses (NVSHMEM_HCA_LIST), that NVLink is up (nvidia-smi nvlink -s), "
