@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # ---- paths ----
     p = sub.add_parser("paths", help="print the built stack's PYTHONPATH, LD_LIBRARY_PATH, NVSHMEM_DIR (shell exports)")
-    p.add_argument("--profile", help="stack profile (default: EP_STACK_PROFILE, else current)")
+    common(p)
     p.add_argument("--prefix", type=Path, help="stack prefix (default: EP_STACK_PREFIX, else .stack/<profile>)")
     p.add_argument("--format", choices=("shell", "json"), default="shell")
 
@@ -106,7 +106,8 @@ def pick_profile(args: argparse.Namespace) -> Profile:
     profiles = resolve_profiles(getattr(args, "pins", None))
     name = args.profile or active_profile()
     if name not in profiles:
-        raise StackError("--profile", f"{name!r} is not a profile", f"choose one of {', '.join(sorted(profiles))}")
+        given = "--profile" if args.profile else "EP_STACK_PROFILE"
+        raise StackError(given, f"{name!r} is not a profile", f"choose one of {', '.join(sorted(profiles))}")
     return profiles[name]
 
 
@@ -162,6 +163,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         except StackError as exc:
             failed.append(exc)
             print(f"  {comp.name:<14} FAILED", flush=True)
+        for patch in comp.patches:  # from a web host, not the git mirror: reported on its own line
+            try:
+                cache.ensure_patch(f"component {comp.name}", patch)
+                print(f"  {comp.name:<14} patch {patch.file_name} (sha256 verified)", flush=True)
+            except StackError as exc:
+                failed.append(exc)
+                print(f"  {comp.name:<14} patch {patch.file_name} FAILED", flush=True)
     for exc in failed:
         print(f"error: {exc}", file=sys.stderr)
     return max((e.code for e in failed), default=0)
@@ -189,7 +197,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_paths(args: argparse.Namespace) -> int:
-    name = args.profile or active_profile()
+    name = pick_profile(args).name
     prefix = (args.prefix or default_prefix(name)).absolute()
     stack = stack_paths(name, prefix)
     if args.format == "json":
