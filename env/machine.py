@@ -242,7 +242,7 @@ except Exception:
     pass
 try:
     spec = importlib.util.spec_from_file_location("_stack_nccl", sys.argv[2])
-    nccl = importlib.util.module_from_spec(spec)
+    nccl = sys.modules["_stack_nccl"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nccl)
     found = nccl.find(sys.path)
     if found:
