@@ -294,15 +294,18 @@ def probe_python(python: str, packages: list[str], timeout: float = 180, environ
 
 
 _TORCH_NCCL = r"""
-import json, torch
+import ctypes, json, torch
 out = {}
-try:
-    out["version"] = ".".join(map(str, torch.cuda.nccl.version()))
-except Exception as exc:
-    out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 with open("/proc/self/maps") as f:
     libs = sorted({line.split()[-1] for line in f if "libnccl" in line})
 out["libs"] = libs
+# torch.cuda.nccl.version() is the NCCL torch was compiled with; the library mapped may be newer: ask it.
+try:
+    code = ctypes.c_int()
+    ctypes.CDLL(libs[0]).ncclGetVersion(ctypes.byref(code))
+    out["version"] = f"{code.value // 10000}.{code.value % 10000 // 100}.{code.value % 100}"
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 print(json.dumps(out))
 """
 

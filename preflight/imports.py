@@ -28,10 +28,13 @@ for name, dist in json.loads(sys.argv[1]).items():
         out[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
         continue
     if name == "torch":  # the NCCL this environment loads (the launcher's LD_LIBRARY_PATH decides which)
-        try:
-            nccl = ".".join(map(str, mod.cuda.nccl.version()))
+        try:  # the library mapped, asked for its version (torch.cuda.nccl.version() is the compile-time one)
+            import ctypes
             libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libnccl" in l})
-            out[name]["detail"] = f"NCCL {nccl} loaded ({', '.join(libs) or 'no libnccl mapped'})"
+            code = ctypes.c_int()
+            ctypes.CDLL(libs[0]).ncclGetVersion(ctypes.byref(code))
+            nccl = f"{code.value // 10000}.{code.value % 10000 // 100}.{code.value % 100}"
+            out[name]["detail"] = f"NCCL {nccl} loaded ({', '.join(libs)})"
         except Exception as exc:
             out[name]["detail"] = f"NCCL not loaded ({type(exc).__name__})"
     if name == "deep_ep" and hasattr(mod, "init_jit"):  # DeepEP v2 compiles kernels at run time
