@@ -60,3 +60,19 @@ def test_seed_deepep_and_pplx_kernels_and_the_v1_commit_from_the_mirrors(tmp_pat
         tree = tmp_path / f"{comp.name}-{comp.ref[:7]}"
         offline.checkout(f"component {comp.name}", comp.url, comp.ref, tree, with_submodules=comp.submodules)
         assert head(tree) == comp.ref and (tree / "setup.py").is_file()
+
+
+def show(commit: str, path: str) -> str:
+    return git(["--git-dir", str(MIRRORS / "deepseek-ai" / "DeepEP.git"), "show", f"{commit}:{path}"]).stdout
+
+
+def test_what_the_pins_say_about_each_deepep_line_is_in_its_setup_py():
+    v1, v2 = VLLM026.component("deepep"), CURRENT.component("deepep")
+    setup_v1 = show(v1.ref, "setup.py")
+    # v1 links the unversioned name unless NVSHMEM_DIR is unset, when it finds the wheel's versioned one itself
+    assert "nvshmem_host_lib = 'libnvshmem_host.so'" in setup_v1 and "find_spec(\"nvidia.nvshmem\")" in setup_v1
+    assert v1.nvshmem_unversioned and SEED.component("deepep").nvshmem_unversioned
+    setup_v2 = show(v2.ref, "setup.py")
+    assert "'EP_JIT_CACHE_DIR'" in setup_v2 and "'EP_NCCL_ROOT_DIR'" in setup_v2  # persisted into deep_ep/envs.py
+    assert 'get_env<std::string>("EP_JIT_CACHE_DIR")' in show(v2.ref, "csrc/jit/compiler.hpp")
+    assert not v2.nvshmem_unversioned  # v2 resolves the wheel's versioned library itself (_find_versioned_so)
