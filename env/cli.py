@@ -6,10 +6,11 @@ Usage, per scenario:
     python -m env fetch  [--profile P] [--cache DIR]    # every source at its pin into the cache
     python -m env build  [--profile P] [--arch 9.0]     # build what changed, into .stack/<profile>
     python -m env build  --offline --cache DIR          # a node without internet: only the cache is read
-    eval "$(python -m env paths)"                       # PYTHONPATH, LD_LIBRARY_PATH, NVSHMEM_DIR of the stack
+    eval "$(python -m env paths)"                       # PYTHONPATH, LD_LIBRARY_PATH (the one NCCL first), ... of the stack
     python -m env status [--profile P]                  # built, missing or stale; exit 1 unless complete
 
-The profile is --profile, else EP_STACK_PROFILE (each pixi environment sets it), else `current`.
+The profile is --profile, else EP_STACK_PROFILE (each pixi environment sets it), else `current`; the
+built-in ones are `seed` (the guide's stack), `vllm026` (vLLM 0.26 / torch 2.11 / CUDA 13) and `current`.
 The prefix is --prefix, else EP_STACK_PREFIX, else .stack/<profile> in the project; the source cache is
 --cache, else EP_STACK_CACHE, else .cache/ep-sources. `--pins FILE` adds profiles from a TOML file (a
 fork, a patched commit) in env/pins.py's shape.
@@ -17,8 +18,9 @@ fork, a patched commit) in env/pins.py's shape.
 Variables a build sets for each component: TORCH_CUDA_ARCH_LIST (--arch, else the GPUs NVML finds,
 else the deploy file's env.TORCH_CUDA_ARCH_LIST, else the inherited value), CUDA_HOME (CUDA_HOME, the
 pixi environment's cuda-nvcc, /usr/local/cuda), NVSHMEM_DIR (a built NVSHMEM, NVSHMEM_DIR, or the
-nvidia-nvshmem wheel), MAX_JOBS (cores, fewer where memory is short; --jobs), plus the component's own
-flags, all recorded in <prefix>/manifest.json.
+nvidia-nvshmem wheel, which the kernels' setup.py finds itself: then left unset), MAX_JOBS (cores, fewer
+where memory is short; --jobs), the CUDA >= 13 cccl include, EP_NCCL_ROOT_DIR and EP_JIT_CACHE_DIR for
+DeepEP v2, plus the component's own flags, all recorded in <prefix>/manifest.json, with the patches applied.
 
 Exit codes: 0 done; 1 a build ran and failed (its log is named; the previous build is kept) or status
 found the stack incomplete; 2 bad input, said in one line with the fix.
