@@ -95,7 +95,7 @@ def test_torch_missing_from_the_target_python_is_named(tmp_path):
 
 
 def test_unknown_profile_and_malformed_options(tmp_path):
-    assert one_line(run_env("status", "--profile", "nope")) == "error: --profile: 'nope' is not a profile; choose one of current, seed"
+    assert one_line(run_env("status", "--profile", "nope")) == "error: --profile: 'nope' is not a profile; choose one of current, seed, vllm026"
     bad = run_env("fetch", "--profile", "seed", "--cache", str(tmp_path), "--sha256", "nvshmem=xyz")
     assert bad["code"] == 2 and one_line(bad).startswith("error: --sha256: 'nvshmem=xyz' is not NAME=HEX")
 
