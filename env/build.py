@@ -188,6 +188,8 @@ class Builder:
         where = f"component {comp.name}"
         if comp.needs_nvshmem and not self._built_nvshmem():
             given = self.environ.get("NVSHMEM_DIR")
+            if given and not Path(given, "include").is_dir():
+                raise StackError(where, f"NVSHMEM_DIR={given} has no include/ folder", "point NVSHMEM_DIR at an NVSHMEM install (include/, lib/)")
             if given and comp.nvshmem_unversioned and not Path(given, "lib", "libnvshmem_host.so").exists():
                 raise StackError(where, f"NVSHMEM_DIR={given} has no lib/libnvshmem_host.so, the name this commit's setup.py links when NVSHMEM_DIR is set", "unset NVSHMEM_DIR so that its setup.py finds the nvidia-nvshmem wheel itself, or point it at an NVSHMEM install")
             if not given and info.nvshmem_dir:
@@ -200,6 +202,8 @@ class Builder:
                 raise StackError(where, f"needs NCCL {comp.needs_nccl} at build and run time; the environment has NCCL {info.nccl['version']} ({info.nccl['origin']})", fix)
             if comp.needs_torch:
                 loaded = machine.torch_nccl(info.executable, self._nccl_env(info))
+                if len(loaded.get("libs", [])) > 1:
+                    raise StackError(where, f"importing torch maps two NCCL libraries ({', '.join(loaded['libs'])}); {comp.name} refuses a second NCCL in the process", "keep one nvidia-nccl wheel (or one NCCL folder) where torch and the kernels find it")
                 if loaded.get("version") and loaded["version"] != info.nccl["version"]:
                     raise StackError(where, f"torch loads NCCL {loaded['version']} ({', '.join(loaded.get('libs', [])) or '?'}) even with NCCL {info.nccl['version']} from {info.nccl['root']} first on LD_LIBRARY_PATH", "install the newer NCCL where torch finds it (the same environment's nvidia-nccl wheel)")
 
@@ -342,9 +346,7 @@ class Builder:
             if entry and "NVSHMEM_DIR" in entry.env:
                 return str(self.config.prefix / entry.env["NVSHMEM_DIR"]), f"built {entry.artifact_sha256}"
         given = self.environ.get("NVSHMEM_DIR")
-        if given:
-            if not Path(given, "include").is_dir():
-                raise StackError(f"component {comp.name}", f"NVSHMEM_DIR={given} has no include/ folder", "point NVSHMEM_DIR at an NVSHMEM install (include/, lib/)")
+        if given:  # its layout was checked before anything compiled (_check_libraries)
             return given, f"dir {given}"
         if info.nvshmem_dir:
             # Left unset: DeepEP's setup.py then finds the wheel itself and links its versioned library

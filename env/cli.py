@@ -221,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = machine.probe_python(args.python, packages)
     archs = machine.parse_archs(args.arch, "--arch") if args.arch else None
     table = rows(profile, prefix, info, archs, os.environ.get("CONDA_PREFIX"))
-    print(render_json(profile, prefix, table) if args.format == "json" else render_text(profile, prefix, table))
+    print(render_json(profile, prefix, table, info.nccl) if args.format == "json" else render_text(profile, prefix, table, info.nccl))
     return 0 if healthy(table) else 1
 
 

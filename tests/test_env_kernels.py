@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from env import machine, nccl
+from env.errors import StackError
 from env.pins import load_pins
 from tests.test_env_build import run_env
 from tests.test_env_inputs import COMMIT, build, one_line, pins_file
@@ -119,7 +120,7 @@ def test_a_patch_in_a_pins_file_needs_url_and_sha256(tmp_path):
     path = tmp_path / "pins.toml"
     path.write_text('[profiles.p]\n[[profiles.p.components]]\nname = "x"\nkind = "git"\nurl = "u"\nref = "' + COMMIT + '"\n'
                     'source = "s"\nbuild = "pip"\npatches = [{url = "https://example.org/fix.patch"}]\n')
-    with pytest.raises(Exception, match=r"profiles.p.components\[0\].patches\[0\] is not a patch table"):
+    with pytest.raises(StackError, match=r"profiles.p.components\[0\].patches\[0\] is not a patch table"):
         load_pins(path)
 
 
@@ -222,3 +223,36 @@ def test_paths_takes_pins_and_refuses_an_unknown_profile_in_one_line(tmp_path):
     bad = run_env("paths", env={"EP_STACK_PROFILE": "nope"})
     assert bad["code"] == 2
     assert one_line(bad) == "error: EP_STACK_PROFILE: 'nope' is not a profile; choose one of current, seed, vllm026"
+
+
+# ---- the toolkit and the compiler against torch's CUDA, as the GPU machine reports them ----------------------
+
+GPU_MACHINE_TORCH = machine.PythonInfo(  # what the probe read on the H200 machine's image
+    executable="/opt/torch/.venv/bin/python3", version="3.12", soabi="cpython-312-x86_64-linux-gnu", torch="2.11.0+cu130",
+    torch_cuda="13.0", gcc_bounds={"12.8": [[6, 0, 0], [15, 0]], "13.0": [[6, 0, 0], [16, 0]]},
+)
+GPU_MACHINE_GXX = ("/usr/bin/g++", "g++-real (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0")
+
+
+def check(tmp_path: Path, toolkit: machine.Toolkit, cxx: tuple[str, str]) -> None:
+    from env.build import BuildConfig, Builder
+    from env.pins import VLLM026
+
+    builder = Builder(BuildConfig(profile=VLLM026, prefix=tmp_path / "stack", cache=tmp_path / "cache"), environ={})
+    builder._check(VLLM026.component("deepep"), machine.ArchList(("9.0",), "--arch"), toolkit, cxx, GPU_MACHINE_TORCH)
+
+
+def test_the_gpu_machines_toolkit_and_compiler_pass(tmp_path):
+    check(tmp_path, machine.Toolkit("/usr/local/cuda", "13.0"), GPU_MACHINE_GXX)
+
+
+def test_a_toolkit_of_another_cuda_major_than_torchs_is_refused(tmp_path):
+    with pytest.raises(StackError) as err:
+        check(tmp_path, machine.Toolkit("/usr/local/cuda-12.8", "12.8"), GPU_MACHINE_GXX)
+    assert str(err.value) == ("component deepep: the CUDA toolkit 12.8 at /usr/local/cuda-12.8 does not match torch 2.11.0+cu130 (built for "
+                              "CUDA 13.0); install cuda-nvcc 13.0 (the profile's environment has it) or set CUDA_HOME to a CUDA 13.x toolkit")
+
+
+def test_a_compiler_outside_torchs_bounds_for_that_cuda_is_refused(tmp_path):
+    with pytest.raises(StackError, match=r"the C\+\+ compiler g\+\+ \(GCC\) 16.1.0 is outside what torch accepts for CUDA 13.0 \(g\+\+ >= 6.0.0, < 16.0;"):
+        check(tmp_path, machine.Toolkit("/usr/local/cuda", "13.0"), ("/usr/bin/g++", "g++ (GCC) 16.1.0"))
