@@ -132,6 +132,27 @@ def test_deepep_low_latency_through_env_paths(profile, cache, results, tmp_path)
                                                "lines": [ln for ln in out.splitlines() if "GB/s" in ln]})
 
 
+def test_deepep_v2_compiles_its_kernels_at_run_time_into_the_prefix(cache, results, tmp_path):
+    """DeepEP v2's elastic buffer (NCCL GIN, the patched barrier) JIT-compiles its kernels with nvcc at first
+    use; the build pointed its cache into the prefix."""
+    comp = PROFILES["current"].component("deepep")
+    jit_cache = ROOT / ".stack" / "current" / "jit-cache" / "deepep"
+    src = tmp_path / "deepep-tests"
+    SourceCache(cache, offline=True).checkout(f"component {comp.name}", comp.url, comp.ref, src, with_submodules=False)
+    test = [sys.executable, "tests/elastic/test_ep.py", "--num-processes", "1", "--num-tokens", "128", "--hidden", "2048",
+            "--num-topk", "4", "--num-experts", "8", "--test-first-only"]
+    script = f'eval "$({shlex_join([sys.executable, "-m", "env", "paths", "--profile", "current"])})" && cd {src} && {shlex_join(test)}'
+    env = machine_env()
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run(["bash", "-c", f"cd {ROOT} && {script}"], capture_output=True, text=True, env=env, timeout=540)
+    out = proc.stdout + proc.stderr
+    compiled = sorted(p.name for p in jit_cache.rglob("*") if p.is_file()) if jit_cache.is_dir() else []
+    (results / "deepep-elastic-current.txt").write_text(f"$ {script}\n{out}\n# JIT cache {jit_cache}: {len(compiled)} files\n")
+    assert proc.returncode == 0, out[-4000:]
+    assert compiled, f"nothing compiled into {jit_cache}"
+    save(results, "deepep-elastic-current.json", {"jit_cache_files": len(compiled), "lines": [ln for ln in out.splitlines() if "GB/s" in ln]})
+
+
 def shlex_join(argv: list[str]) -> str:
     import shlex
 
