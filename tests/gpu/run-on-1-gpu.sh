@@ -18,5 +18,5 @@ fi
 # The lent machine has no NVLink SHARP / multicast: every process started here keeps these.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi -L
-python3 -c 'import torch; print("torch", torch.__version__, "NCCL", torch.cuda.nccl.version())'
+python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
 exec python3 -m pytest -p no:cacheprovider -o addopts="" -m gpu tests/gpu/test_one_gpu.py -v -s "$@"
