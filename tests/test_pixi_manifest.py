@@ -46,7 +46,7 @@ def test_profile_pins_agree_with_env_pins(manifest, profile):
 
 # ---- one source of truth: every pin pixi.toml holds is env/pins.py's, and the other way round ------------
 
-ENVIRONMENT_OF = {"current": "default", "seed": "seed"}
+ENVIRONMENT_OF = {"current": "default", "seed": "seed", "vllm026": "vllm026"}
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -84,6 +84,15 @@ def test_no_pin_outside_the_profile_features(manifest):
     for name, feature in manifest["feature"].items():
         if name not in PROFILES:
             assert not stack & set(feature.get("pypi-dependencies", {})) | (stack & set(feature.get("dependencies", {}))), name
+
+
+def test_no_dependency_is_left_unconstrained(manifest):
+    """`*` would let a solve pick any version: every dependency names at least a floor."""
+    tables = [manifest["dependencies"], manifest["pypi-dependencies"]]
+    for feature in manifest["feature"].values():
+        tables += [feature.get("dependencies", {}), feature.get("pypi-dependencies", {})]
+    loose = [name for table in tables for name, spec in table.items() if spec == "*" or (isinstance(spec, dict) and spec.get("version") == "*")]
+    assert loose == []
 
 
 def test_stack_tasks_call_python_m_env(manifest):
