@@ -39,13 +39,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from env import machine
 from env.errors import StackError
-from env.fetch import SourceCache, extract
+from env.fetch import SourceCache, extract, git
 from env.manifest import BUILD_RECORD, Entry, Manifest, digest, tree_sha256, write_json
 from env.pins import Component, Profile, arch_base
 
-BUILDER = 1
+BUILDER = 2
 """Bumped when this recipe changes, so that every component is rebuilt once."""
 
 Out = Callable[[str], None]
@@ -96,7 +99,7 @@ class Builder:
         comps = selected(cfg.profile, cfg.only)
         sources = [c for c in comps if c.is_source]
         packages = sorted({c.url for c in cfg.profile.components if c.kind == "pypi"} | {"vllm", "torch", "nvidia-nvshmem-cu12", "nvidia-nvshmem-cu13"})
-        info = machine.probe_python(cfg.python, packages)
+        info = machine.probe_python(cfg.python, packages, environ=self.environ)
         archs = machine.resolve_archs(cfg.arch, cfg.deploy, self.environ)
         cuda_needed = any(c.cuda for c in sources)
         toolkit = machine.find_cuda(self.environ) if cuda_needed else None
@@ -110,6 +113,8 @@ class Builder:
         self._kv("max jobs", f"{jobs} ({jobs_origin})")
         self._kv("cuda", f"{toolkit.home} ({toolkit.version})" if toolkit else ("not found" if cuda_needed else "not needed"))
         self._kv("compiler", cxx[1] if cxx else ("not found" if sources else "not needed"))
+        if any(c.needs_nccl for c in sources):
+            self._kv("nccl", f"{info.nccl['version']} ({info.nccl['origin']})" if info.nccl else "not found")
         self._kv("source cache", f"{cfg.cache}{' (offline)' if cfg.offline else ''}")
 
         for comp in comps:
@@ -117,6 +122,9 @@ class Builder:
                 self._report_package(comp, info)
         for comp in sources:  # every prerequisite, before hours of compiling
             self._check(comp, archs, toolkit, cxx, info)
+            self._check_libraries(comp, info)
+            for patch in comp.patches:
+                self.cache.ensure_patch(f"component {comp.name}", patch)
         if not sources:
             return 0
 
@@ -164,6 +172,63 @@ class Builder:
             raise StackError(where, "cmake is not on PATH", "install cmake (pixi: the profile's environment has it)")
         if comp.needs_torch and not info.torch:
             raise StackError(where, f"its setup.py imports torch, which {info.executable} cannot ({info.torch_error or 'not installed'})", "install the profile's torch first (pixi install), or pass --python with the stack's interpreter")
+        if comp.cuda and comp.needs_torch and toolkit:
+            if not info.torch_cuda:
+                raise StackError(where, f"torch {info.torch} in {info.executable} is a CPU build; CUDA kernels need torch built for CUDA {toolkit.version}", "install the profile's CUDA torch (pixi install)")
+            if info.torch_cuda.split(".")[0] != toolkit.version.split(".")[0]:
+                raise StackError(where, f"the CUDA toolkit {toolkit.version} at {toolkit.home} does not match torch {info.torch} (built for CUDA {info.torch_cuda})", f"install cuda-nvcc {info.torch_cuda} (the profile's environment has it) or set CUDA_HOME to a CUDA {info.torch_cuda.split('.')[0]}.x toolkit")
+            bounds = info.gcc_bounds.get(toolkit.version)
+            have = machine.cxx_version(cxx[1]) if cxx else None
+            if bounds and have and not (tuple(bounds[0]) <= have < tuple(bounds[1])):
+                lo, hi = ".".join(map(str, bounds[0])), ".".join(map(str, bounds[1]))
+                raise StackError(where, f"the C++ compiler {cxx[1]} is outside what torch accepts for CUDA {toolkit.version} (g++ >= {lo}, < {hi}; torch/utils/cpp_extension.py)", "install a g++ in that range (the profile's environment has one) or set CXX")
+
+    def _check_libraries(self, comp: Component, info: machine.PythonInfo) -> None:
+        """NVSHMEM and NCCL as the component's own setup.py will find them, checked before compiling."""
+        where = f"component {comp.name}"
+        if comp.needs_nvshmem and not self._built_nvshmem():
+            given = self.environ.get("NVSHMEM_DIR")
+            if given and not Path(given, "include").is_dir():
+                raise StackError(where, f"NVSHMEM_DIR={given} has no include/ folder", "point NVSHMEM_DIR at an NVSHMEM install (include/, lib/)")
+            if given and comp.nvshmem_unversioned and not Path(given, "lib", "libnvshmem_host.so").exists():
+                raise StackError(where, f"NVSHMEM_DIR={given} has no lib/libnvshmem_host.so, the name this commit's setup.py links when NVSHMEM_DIR is set", "unset NVSHMEM_DIR so that its setup.py finds the nvidia-nvshmem wheel itself, or point it at an NVSHMEM install")
+            if not given and info.nvshmem_dir:
+                self._check_package(comp, info, "nvshmem")
+        if comp.needs_nccl:
+            fix = f"install one NCCL {comp.needs_nccl} that torch and {comp.name} both load: pip install '{self._nccl_wheel(info)}{comp.needs_nccl}' --no-deps (or set EP_NCCL_ROOT_DIR)"
+            if not info.nccl:
+                raise StackError(where, f"needs NCCL {comp.needs_nccl} and none was found (no EP_NCCL_ROOT_DIR / NCCL_DIR, no nvidia-nccl wheel in {info.executable})", fix)
+            if not _satisfies(info.nccl["version"], comp.needs_nccl):
+                raise StackError(where, f"needs NCCL {comp.needs_nccl} at build and run time; the environment has NCCL {info.nccl['version']} ({info.nccl['origin']})", fix)
+            if comp.needs_torch:
+                loaded = machine.torch_nccl(info.executable, self._nccl_env(info))
+                if len(loaded.get("libs", [])) > 1:
+                    raise StackError(where, f"importing torch maps two NCCL libraries ({', '.join(loaded['libs'])}); {comp.name} refuses a second NCCL in the process", "keep one nvidia-nccl wheel (or one NCCL folder) where torch and the kernels find it")
+                if loaded.get("version") and loaded["version"] != info.nccl["version"]:
+                    raise StackError(where, f"torch loads NCCL {loaded['version']} ({', '.join(loaded.get('libs', [])) or '?'}) even with NCCL {info.nccl['version']} from {info.nccl['root']} first on LD_LIBRARY_PATH", "install the newer NCCL where torch finds it (the same environment's nvidia-nccl wheel)")
+
+    def _check_package(self, comp: Component, info: machine.PythonInfo, name: str) -> None:
+        """A wheel the component builds against satisfies the profile's pin of it."""
+        pin = next((c for c in self.config.profile.components if c.name == name and c.kind == "pypi"), None)
+        have = info.packages.get(pin.url) if pin else None
+        if pin and have and not _satisfies(have, pin.ref):
+            raise StackError(f"component {comp.name}", f"builds against {pin.url} {have}; the profile pins {pin.ref}", f"pip install '{pin.url}{pin.ref}' (pixi install does)")
+
+    def _nccl_wheel(self, info: machine.PythonInfo) -> str:
+        pin = next((c for c in self.config.profile.components if c.name == "nccl" and c.kind == "pypi"), None)
+        return pin.url if pin else ("nvidia-nccl-cu13" if (info.torch_cuda or "").startswith("13") else "nvidia-nccl-cu12")
+
+    def _nccl_env(self, info: machine.PythonInfo) -> dict[str, str]:
+        """The build's environment with the one NCCL first on LD_LIBRARY_PATH, as env/paths.py orders it."""
+        env = dict(self.environ)
+        if info.nccl:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(Path(info.nccl["root"]) / "lib"), env.get("LD_LIBRARY_PATH", "")) if p)
+        return env
+
+    def _built_nvshmem(self) -> bool:
+        manifest = Manifest.load(self.config.prefix) if (self.config.prefix / "manifest.json").is_file() else None
+        built = [c for c in selected(self.config.profile, self.config.only) if "NVSHMEM_DIR" in c.exports]
+        return bool(built) or any(manifest and manifest.live(c.name) for c in self.config.profile.components if "NVSHMEM_DIR" in c.exports)
 
     # ---- one component ------------------------------------------------------------------------------------
 
@@ -184,6 +249,7 @@ class Builder:
             "nvshmem": nvshmem[1] if nvshmem else None,
             "compiler": cxx[1] if cxx else None,
             "cmake": cmake_flags,
+            "nccl": info.nccl if comp.needs_nccl else None,
         }
         input_hash = digest(inputs)
         h12 = input_hash[:12]
@@ -208,9 +274,10 @@ class Builder:
             else:
                 submodules = {}
                 extract(where, self.cache.ensure_tarball(comp, user_sha), src)
+            self._apply_patches(comp, src)
             # The log starts once there is a source to build: a refused pin leaves none behind.
             log.write_text(f"# {comp.name} {comp.url} {comp.ref}  inputs {input_hash}\n")
-            env = self._env(comp, toolkit, archs, jobs, nvshmem[0] if nvshmem else None)
+            env = self._env(comp, toolkit, archs, jobs, nvshmem[0] if nvshmem else None, info)
             out_dir.mkdir()
             commands = self._commands(comp, src, out_dir, cmake_flags, jobs)
             for argv in commands:
@@ -251,12 +318,15 @@ class Builder:
             torch=info.torch,
             cuda=toolkit.version if comp.cuda and toolkit else None,
             compiler=cxx[1] if cxx else None,
-            nvshmem_dir=nvshmem[0] if nvshmem else None,
+            nvshmem_dir=(nvshmem[0] or nvshmem[1]) if nvshmem else None,
+            patches=[{"url": p.url, "sha256": p.sha256} for p in comp.patches],
+            nccl=f"{info.nccl['version']} ({info.nccl['root']})" if comp.needs_nccl and info.nccl else None,
             module=comp.module,
             log=f"logs/{log.name}",
             pythonpath=[f"{comp.name}/python"] if (final / "python").is_dir() else [],
             ld_library_path=[f"{comp.name}/{d}" for d in ("lib", "lib64") if (final / d).is_dir()],
-            env={k: os.path.normpath(f"{comp.name}/{v}") for k, v in comp.exports.items()},
+            env={**{k: os.path.normpath(f"{comp.name}/{v}") for k, v in comp.exports.items()},
+                 **({comp.jit_cache_env: f"jit-cache/{comp.name}"} if comp.jit_cache_env else {})},
         )
         write_json(final / BUILD_RECORD, asdict(entry))
         previous = manifest.entries.get(comp.name)
@@ -267,21 +337,22 @@ class Builder:
         _prune(builds, comp.name, keep)
         self.out(f"{tag} {comp.name:<14} {short(comp)}  built in {duration:.1f} s -> {cfg.prefix / comp.name}")
 
-    def _nvshmem(self, comp: Component, manifest: Manifest, info: machine.PythonInfo) -> tuple[str, str]:
+    def _nvshmem(self, comp: Component, manifest: Manifest, info: machine.PythonInfo) -> tuple[str | None, str]:
         """(NVSHMEM_DIR, what identifies that NVSHMEM) for a component built against it: a built NVSHMEM
-        of this profile, else NVSHMEM_DIR, else the nvidia-nvshmem wheel of the target Python."""
+        of this profile, else NVSHMEM_DIR, else the nvidia-nvshmem wheel of the target Python (NVSHMEM_DIR
+        None: the component's setup.py finds the wheel)."""
         for other in self.config.profile.components:
             entry = manifest.live(other.name) if "NVSHMEM_DIR" in other.exports else None
             if entry and "NVSHMEM_DIR" in entry.env:
                 return str(self.config.prefix / entry.env["NVSHMEM_DIR"]), f"built {entry.artifact_sha256}"
         given = self.environ.get("NVSHMEM_DIR")
-        if given:
-            if not Path(given, "include").is_dir():
-                raise StackError(f"component {comp.name}", f"NVSHMEM_DIR={given} has no include/ folder", "point NVSHMEM_DIR at an NVSHMEM install (include/, lib/)")
+        if given:  # its layout was checked before anything compiled (_check_libraries)
             return given, f"dir {given}"
         if info.nvshmem_dir:
+            # Left unset: DeepEP's setup.py then finds the wheel itself and links its versioned library
+            # (v1 setup.py:20-27; v2 deep_ep/utils/find_pkgs.py), which NVSHMEM_DIR=<wheel> would break for v1.
             version = info.packages.get("nvidia-nvshmem-cu13") or info.packages.get("nvidia-nvshmem-cu12") or "?"
-            return info.nvshmem_dir, f"wheel {version}"
+            return None, f"wheel {version} at {info.nvshmem_dir}"
         raise StackError(
             f"component {comp.name}",
             f"needs NVSHMEM and none was found (no built NVSHMEM in {self.config.prefix}, no NVSHMEM_DIR, no nvidia-nvshmem wheel in {info.executable})",
@@ -298,8 +369,8 @@ class Builder:
             flags += ["NVSHMEM_USE_GDRCOPY=1", f"GDRCOPY_HOME={home}"] if home else ["NVSHMEM_USE_GDRCOPY=0"]
         return flags
 
-    def _env(self, comp: Component, toolkit: machine.Toolkit | None, archs: machine.ArchList, jobs: int, nvshmem_dir: str | None) -> dict[str, str]:
-        env = dict(self.environ)
+    def _env(self, comp: Component, toolkit: machine.Toolkit | None, archs: machine.ArchList, jobs: int, nvshmem_dir: str | None, info: machine.PythonInfo) -> dict[str, str]:
+        env = self._nccl_env(info) if comp.needs_nccl else dict(self.environ)
         env.update(comp.build_env)
         env["MAX_JOBS"] = env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
         if archs.archs:
@@ -307,6 +378,18 @@ class Builder:
         if comp.cuda and toolkit:
             env["CUDA_HOME"] = toolkit.home
             env["PATH"] = os.pathsep.join([f"{toolkit.home}/bin", env.get("PATH", "")])
+            cccl = _cccl_include(toolkit)
+            if cccl:
+                # CUDA 13 moved libcu++/CUB/Thrust under include/cccl; vLLM's ep_kernels script adds it to
+                # DeepEP's include dirs for CUDA >= 13. Given to nvcc and g++ alike, the source left as it is.
+                env["NVCC_APPEND_FLAGS"] = " ".join(f for f in (env.get("NVCC_APPEND_FLAGS", ""), f"-I{cccl}") if f)
+                env["CPLUS_INCLUDE_PATH"] = os.pathsep.join(p for p in (cccl, env.get("CPLUS_INCLUDE_PATH", "")) if p)
+        if comp.needs_nccl and info.nccl:
+            env["EP_NCCL_ROOT_DIR"] = info.nccl["root"]  # DeepEP v2's setup.py persists it for its import
+        if comp.jit_cache_env:
+            cache = self.config.prefix / "jit-cache" / comp.name
+            cache.mkdir(parents=True, exist_ok=True)
+            env[comp.jit_cache_env] = str(cache)
         if nvshmem_dir:
             env["NVSHMEM_DIR"] = nvshmem_dir
             env["CMAKE_PREFIX_PATH"] = os.pathsep.join(p for p in (f"{nvshmem_dir}/lib/cmake", env.get("CMAKE_PREFIX_PATH", "")) if p)
@@ -324,7 +407,7 @@ class Builder:
 
     @staticmethod
     def _recorded_flags(comp: Component, env: dict[str, str], cmake_flags: list[str]) -> dict[str, str]:
-        keys = [*comp.build_env, "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "NVSHMEM_DIR", "MAX_JOBS"]
+        keys = [*comp.build_env, "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "NVSHMEM_DIR", "MAX_JOBS", "NVCC_APPEND_FLAGS", "CPLUS_INCLUDE_PATH", "EP_NCCL_ROOT_DIR", *([comp.jit_cache_env] if comp.jit_cache_env else [])]
         flags = {k: env[k] for k in keys if k in env}
         for f in cmake_flags:
             key, _, value = f.partition("=")
@@ -334,6 +417,17 @@ class Builder:
     @staticmethod
     def _shown(argv: list[str], staging: Path, final: Path) -> list[str]:
         return [a.replace(str(staging / "out"), str(final)).replace(str(staging / "src"), "<src>") for a in argv]
+
+    def _apply_patches(self, comp: Component, src: Path) -> None:
+        """The pin's patches, in order, on the fresh checkout; one that does not apply stops the build."""
+        where = f"component {comp.name}"
+        for patch in comp.patches:
+            path = self.cache.ensure_patch(where, patch)
+            for args in (["apply", "--check"], ["apply"]):
+                proc = git([*args, str(path)], timeout=120, cwd=src)
+                if proc.returncode:
+                    raise StackError(where, f"patch {patch.file_name} does not apply to {comp.ref[:12]} ({_first(proc.stderr)})", "pin a patch made for this commit, or drop it from the pin; the previous build is kept")
+            self.out(f"      {comp.name}: applied {patch.file_name} (sha256 {patch.sha256[:12]})")
 
     def _run(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
         """Run one build command into the log, bounded in time, with a heartbeat line while it runs."""
@@ -366,6 +460,29 @@ class Builder:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def _satisfies(version: str, spec: str) -> bool:
+    try:
+        return Version(version) in SpecifierSet(spec)
+    except InvalidVersion:
+        return False
+
+
+def _cccl_include(toolkit: machine.Toolkit) -> str | None:
+    """<CUDA_HOME>/include/cccl (or conda's targets/<triple>/include/cccl) for CUDA >= 13."""
+    if int(toolkit.version.split(".")[0]) < 13:
+        return None
+    home = Path(toolkit.home)
+    for cand in [home / "include" / "cccl", *sorted(home.glob("targets/*/include/cccl"))]:
+        if cand.is_dir():
+            return str(cand)
+    return None
+
+
+def _first(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else "no output"
 
 
 @contextmanager

@@ -6,10 +6,11 @@ Usage, per scenario:
     python -m env fetch  [--profile P] [--cache DIR]    # every source at its pin into the cache
     python -m env build  [--profile P] [--arch 9.0]     # build what changed, into .stack/<profile>
     python -m env build  --offline --cache DIR          # a node without internet: only the cache is read
-    eval "$(python -m env paths)"                       # PYTHONPATH, LD_LIBRARY_PATH, NVSHMEM_DIR of the stack
+    eval "$(python -m env paths)"                       # PYTHONPATH, LD_LIBRARY_PATH (the one NCCL first), ... of the stack
     python -m env status [--profile P]                  # built, missing or stale; exit 1 unless complete
 
-The profile is --profile, else EP_STACK_PROFILE (each pixi environment sets it), else `current`.
+The profile is --profile, else EP_STACK_PROFILE (each pixi environment sets it), else `current`; the
+built-in ones are `seed` (the guide's stack), `vllm026` (vLLM 0.26 / torch 2.11 / CUDA 13) and `current`.
 The prefix is --prefix, else EP_STACK_PREFIX, else .stack/<profile> in the project; the source cache is
 --cache, else EP_STACK_CACHE, else .cache/ep-sources. `--pins FILE` adds profiles from a TOML file (a
 fork, a patched commit) in env/pins.py's shape.
@@ -17,8 +18,9 @@ fork, a patched commit) in env/pins.py's shape.
 Variables a build sets for each component: TORCH_CUDA_ARCH_LIST (--arch, else the GPUs NVML finds,
 else the deploy file's env.TORCH_CUDA_ARCH_LIST, else the inherited value), CUDA_HOME (CUDA_HOME, the
 pixi environment's cuda-nvcc, /usr/local/cuda), NVSHMEM_DIR (a built NVSHMEM, NVSHMEM_DIR, or the
-nvidia-nvshmem wheel), MAX_JOBS (cores, fewer where memory is short; --jobs), plus the component's own
-flags, all recorded in <prefix>/manifest.json.
+nvidia-nvshmem wheel, which the kernels' setup.py finds itself: then left unset), MAX_JOBS (cores, fewer
+where memory is short; --jobs), the CUDA >= 13 cccl include, EP_NCCL_ROOT_DIR and EP_JIT_CACHE_DIR for
+DeepEP v2, plus the component's own flags, all recorded in <prefix>/manifest.json, with the patches applied.
 
 Exit codes: 0 done; 1 a build ran and failed (its log is named; the previous build is kept) or status
 found the stack incomplete; 2 bad input, said in one line with the fix.
@@ -85,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # ---- paths ----
     p = sub.add_parser("paths", help="print the built stack's PYTHONPATH, LD_LIBRARY_PATH, NVSHMEM_DIR (shell exports)")
-    p.add_argument("--profile", help="stack profile (default: EP_STACK_PROFILE, else current)")
+    common(p)
     p.add_argument("--prefix", type=Path, help="stack prefix (default: EP_STACK_PREFIX, else .stack/<profile>)")
     p.add_argument("--format", choices=("shell", "json"), default="shell")
 
@@ -106,7 +108,8 @@ def pick_profile(args: argparse.Namespace) -> Profile:
     profiles = resolve_profiles(getattr(args, "pins", None))
     name = args.profile or active_profile()
     if name not in profiles:
-        raise StackError("--profile", f"{name!r} is not a profile", f"choose one of {', '.join(sorted(profiles))}")
+        given = "--profile" if args.profile else "EP_STACK_PROFILE"
+        raise StackError(given, f"{name!r} is not a profile", f"choose one of {', '.join(sorted(profiles))}")
     return profiles[name]
 
 
@@ -162,6 +165,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         except StackError as exc:
             failed.append(exc)
             print(f"  {comp.name:<14} FAILED", flush=True)
+        for patch in comp.patches:  # from a web host, not the git mirror: reported on its own line
+            try:
+                cache.ensure_patch(f"component {comp.name}", patch)
+                print(f"  {comp.name:<14} patch {patch.file_name} (sha256 verified)", flush=True)
+            except StackError as exc:
+                failed.append(exc)
+                print(f"  {comp.name:<14} patch {patch.file_name} FAILED", flush=True)
     for exc in failed:
         print(f"error: {exc}", file=sys.stderr)
     return max((e.code for e in failed), default=0)
@@ -189,7 +199,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_paths(args: argparse.Namespace) -> int:
-    name = args.profile or active_profile()
+    name = pick_profile(args).name
     prefix = (args.prefix or default_prefix(name)).absolute()
     stack = stack_paths(name, prefix)
     if args.format == "json":
@@ -211,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = machine.probe_python(args.python, packages)
     archs = machine.parse_archs(args.arch, "--arch") if args.arch else None
     table = rows(profile, prefix, info, archs, os.environ.get("CONDA_PREFIX"))
-    print(render_json(profile, prefix, table) if args.format == "json" else render_text(profile, prefix, table))
+    print(render_json(profile, prefix, table, info.nccl) if args.format == "json" else render_text(profile, prefix, table, info.nccl))
     return 0 if healthy(table) else 1
 
 

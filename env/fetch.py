@@ -5,6 +5,8 @@ Layout of a cache folder (copy it as a whole to a node without internet):
     git/<repo>-<urlhash>.git   a bare mirror of the repository (all refs), verified to hold the pinned commit
                                and, for components with submodules, the mirrors of those at their commits
     tarballs/<file>            source archives; a build uses one only when its sha256 matches the pin
+    patches/<file>             patches a pin names by URL and sha256; a build applies one only when its
+                               sha256 matches (a patch got another way may be put here by hand: it is checked)
 
 Git runs non-interactively (no credential prompt can hang a build) and every call is bounded in time.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from env.errors import StackError
-from env.pins import Component
+from env.pins import Component, Patch
 
 GIT_TIMEOUT_S = 1800.0
 """Cloning a large repository (CUTLASS as a submodule) over a slow link takes minutes, not hours."""
@@ -202,8 +204,26 @@ class SourceCache:
             raise StackError(where, f"checksum mismatch for {path.name}: got {actual}, expected {expected}", "the download is corrupt or the pin is wrong: fetch again, or correct sha256 in the pins")
         return path
 
+    # ---- patches ------------------------------------------------------------------------------------------
+
+    def patch_path(self, patch: Patch) -> Path:
+        return self.root / "patches" / patch.file_name
+
+    def ensure_patch(self, where: str, patch: Patch) -> Path:
+        """The patch file, verified against its pinned sha256 (downloaded unless offline)."""
+        path = self.patch_path(patch)
+        if not path.is_file():
+            if self.offline:
+                raise StackError(where, f"patch {patch.file_name} is not in the source cache {self.root}", OFFLINE_FIX)
+            _download(where, patch.url, path)
+        actual = sha256_file(path)
+        if actual != patch.sha256:
+            path.unlink()
+            raise StackError(where, f"checksum mismatch for patch {patch.file_name}: got {actual}, expected {patch.sha256}", "the download is corrupt or the pin is wrong: fetch again, or correct the patch's sha256 in the pins")
+        return path
+
     def fetch(self, comp: Component, sha256: str | None = None) -> str:
-        """Make the cache hold `comp` at its pin; what it holds, in words."""
+        """Make the cache hold `comp` at its pin (its patches: :meth:`ensure_patch`); what it holds, in words."""
         where = f"component {comp.name}"
         if comp.kind == "git":
             if comp.submodules:

@@ -236,6 +236,20 @@ try:
 except Exception as exc:
     out["torch_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 try:
+    from torch.utils.cpp_extension import CUDA_GCC_VERSIONS
+    out["gcc_bounds"] = {k: [list(lo), list(hi)] for k, (lo, hi) in CUDA_GCC_VERSIONS.items()}
+except Exception:
+    pass
+try:
+    spec = importlib.util.spec_from_file_location("_stack_nccl", sys.argv[2])
+    nccl = sys.modules["_stack_nccl"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nccl)
+    found = nccl.find(sys.path)
+    if found:
+        out["nccl"] = {"root": found.root, "version": found.version, "origin": found.origin}
+except Exception:
+    pass
+try:
     spec = importlib.util.find_spec("nvidia.nvshmem")
     if spec and spec.submodule_search_locations:
         out["nvshmem_dir"] = list(spec.submodule_search_locations)[0]
@@ -256,12 +270,17 @@ class PythonInfo:
     nvshmem_dir: str | None = None
     """The nvidia-nvshmem wheel's folder (include/, lib/), where that wheel is installed."""
     packages: dict[str, str] = field(default_factory=dict)
+    gcc_bounds: dict[str, list[list[int]]] = field(default_factory=dict)
+    """torch's own table of g++ versions per CUDA release: {cuda: [min, max excluded]}."""
+    nccl: dict[str, str] | None = None
+    """The NCCL the stack loads there (env/nccl.py): root, version, origin."""
 
 
-def probe_python(python: str, packages: list[str], timeout: float = 180) -> PythonInfo:
+def probe_python(python: str, packages: list[str], timeout: float = 180, environ: dict[str, str] | None = None) -> PythonInfo:
     where = f"python {python}"
     try:
-        proc = subprocess.run([python, "-c", _PROBE, json.dumps(packages)], capture_output=True, text=True, timeout=timeout)
+        argv = [python, "-c", _PROBE, json.dumps(packages), str(Path(__file__).with_name("nccl.py"))]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environ)
     except FileNotFoundError:
         raise StackError(where, "does not exist", "pass --python with the interpreter of the stack's environment") from None
     except subprocess.TimeoutExpired:
@@ -272,6 +291,41 @@ def probe_python(python: str, packages: list[str], timeout: float = 180) -> Pyth
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise StackError(where, f"could not be probed ({tail[:200]})", "pass --python with a working Python 3.11+") from None
     return PythonInfo(executable=python, **data)
+
+
+_TORCH_NCCL = r"""
+import ctypes, json, torch
+out = {}
+with open("/proc/self/maps") as f:
+    libs = sorted({line.split()[-1] for line in f if "libnccl" in line})
+out["libs"] = libs
+# torch.cuda.nccl.version() is the NCCL torch was compiled with; the library mapped may be newer: ask it.
+try:
+    code = ctypes.c_int()
+    ctypes.CDLL(libs[0]).ncclGetVersion(ctypes.byref(code))
+    out["version"] = f"{code.value // 10000}.{code.value % 10000 // 100}.{code.value % 100}"
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+print(json.dumps(out))
+"""
+
+
+def torch_nccl(python: str, environ: dict[str, str], timeout: float = 180) -> dict:
+    """The NCCL torch loads in `environ` (the stack's LD_LIBRARY_PATH): version and the library files
+    mapped; {'error': ...} where torch has no NCCL (a CPU build) or cannot say."""
+    try:
+        proc = subprocess.run([python, "-c", _TORCH_NCCL], capture_output=True, text=True, timeout=timeout, env=environ)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, IndexError, json.JSONDecodeError):
+        return {"error": "the probe did not answer", "libs": []}
+
+
+def cxx_version(version_line: str) -> tuple[int, ...] | None:
+    """(13, 3, 0) from 'g++ (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0'; None for a compiler that is not GCC."""
+    if "clang" in version_line.lower():
+        return None
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?\s*$", version_line.strip()) or re.search(r"\)\s+(\d+)\.(\d+)(?:\.(\d+))?", version_line)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else None
 
 
 def default_python() -> str:

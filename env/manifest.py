@@ -62,6 +62,11 @@ class Entry:
     cuda: str | None = None
     compiler: str | None = None
     nvshmem_dir: str | None = None
+    """The NVSHMEM_DIR built with, or the wheel its setup.py found itself."""
+    patches: list[dict[str, str]] = field(default_factory=list)
+    """Patches applied before the build: url and sha256 of each."""
+    nccl: str | None = None
+    """The NCCL built against (version and folder), for components that link it."""
     module: str | None = None
     log: str = ""
     pythonpath: list[str] = field(default_factory=list)

@@ -7,8 +7,14 @@ Two sources, in this order:
    NVSHMEM_DIR=<prefix>/nvshmem), so a rebuild never changes the paths; the plain folders
    <prefix>/python, <prefix>/lib and <prefix>/nvshmem of a hand-made prefix are honoured too;
 2. the active Python environment: the CUDA libraries that pip/conda wheels put under
-   site-packages/nvidia/*/lib (NCCL, NVSHMEM, cuBLAS, ...) and torch's own lib folder, so that
+   site-packages/nvidia/*/lib (NVSHMEM, cuBLAS, ...) along sys.path, and torch's own lib folder, so that
    extensions linked against them (DeepEP against libnvshmem_host.so.3) load without a system copy.
+
+One NCCL (env/nccl.py): the NCCL folder comes FIRST on LD_LIBRARY_PATH and no other NCCL folder is listed,
+so that torch (which would otherwise load its own wheel's through its RUNPATH) and DeepEP v2 (which links
+the newer one and refuses a second NCCL in the process) load the same library.
+NVSHMEM_DIR is exported only for an NVSHMEM built or installed as a folder, never for the pip wheel:
+DeepEP v1's setup.py finds the wheel itself, and links a name the wheel lacks when NVSHMEM_DIR is set.
 
 The launcher and preflight's import checks call the same :func:`stack_paths`, so what preflight imports
 is what vLLM will import.
@@ -17,10 +23,12 @@ is what vLLM will import.
 from __future__ import annotations
 
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from env import nccl
 from env.manifest import Manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +52,11 @@ def default_prefix(profile: str) -> Path:
 
 
 def _site_dirs() -> list[Path]:
+    """The folders Python imports from, in sys.path order (PYTHONPATH first), then the site dirs."""
     seen: list[Path] = []
-    for key in ("purelib", "platlib"):
-        path = Path(sysconfig.get_paths()[key])
-        if path not in seen:
+    for entry in [*sys.path, *(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))]:
+        path = Path(entry) if entry else None
+        if path and path.is_dir() and path not in seen:
             seen.append(path)
     return seen
 
@@ -74,12 +83,14 @@ def stack_paths(profile: str = "current", prefix: Path | None = None) -> StackPa
             libs.append(str(prefix / sub))
     if (prefix / "nvshmem").is_dir():
         env.setdefault("NVSHMEM_DIR", str(prefix / "nvshmem"))
-    for site in _site_dirs():
+    sites = _site_dirs()
+    the_nccl = nccl.find([str(s) for s in sites])
+    if the_nccl:
+        libs.insert(0, the_nccl.lib)
+    for site in sites:
         nvidia = site / "nvidia"
         if nvidia.is_dir():
-            libs.extend(str(p) for p in sorted(nvidia.glob("*/lib")) if p.is_dir())
-            if "NVSHMEM_DIR" not in env and (nvidia / "nvshmem" / "lib").is_dir():
-                env["NVSHMEM_DIR"] = str(nvidia / "nvshmem")
+            libs.extend(str(p) for p in sorted(nvidia.glob("*/lib")) if p.is_dir() and p.parent.name != "nccl")
         torch_lib = site / "torch" / "lib"
         if torch_lib.is_dir():
             libs.append(str(torch_lib))

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
 from env.errors import StackError
 
 Kind = Literal["git", "tarball", "pypi", "conda"]
@@ -40,6 +42,7 @@ RESERVED = frozenset({"python", "lib", "logs", "builds", "manifest.json"})
 """Folder names of the prefix layout that a component may not be named (its link lives beside them)."""
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_PATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ARCH = re.compile(r"^(\d+)\.(\d+)[af]?(\+PTX)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -51,6 +54,29 @@ def arch_base(arch: str) -> str:
     if not m:
         raise ValueError(f"{arch!r} is not a TORCH_CUDA_ARCH_LIST entry (expected e.g. 9.0, 9.0a, 10.0+PTX)")
     return f"{m.group(1)}.{m.group(2)}"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A patch the build applies to a git source before building it, pinned by URL and sha256.
+
+    The project does not carry patch text: `python -m env fetch` downloads it into the source cache
+    (patches/<file name>), and a build uses it only when its sha256 matches."""
+
+    url: str
+    sha256: str
+    source: str = ""
+    """Where the patch and its reason were read."""
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def check(self, where: str) -> None:
+        if not _SHA256.match(self.sha256):
+            raise StackError(where, f"patch {self.url} has sha256 {self.sha256!r}, not 64 lower-case hex digits", "copy the patch's checksum exactly")
+        if not _PATCH_NAME.match(self.file_name):
+            raise StackError(where, f"patch URL {self.url} does not end in a file name", "give the URL of the patch file itself")
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,17 @@ class Component:
     """Variables the built artifact provides, as paths relative to its folder (NVSHMEM_DIR: '.')."""
     module: str | None = None
     """The Python module it provides (what preflight imports)."""
+    patches: tuple[Patch, ...] = ()
+    """Applied in order to the checked-out source before the build (git sources only)."""
+    needs_nccl: str = ""
+    """A version specifier (>=2.30.4) the NCCL it compiles against and runs with must meet; empty = none."""
+    nvshmem_unversioned: bool = False
+    """Its setup.py links `-l:libnvshmem_host.so` when NVSHMEM_DIR is set, and finds the pip wheel's
+    versioned library itself only when NVSHMEM_DIR is unset (DeepEP v1's setup.py). The build then leaves
+    NVSHMEM_DIR unset for the wheel, and a given NVSHMEM_DIR must hold the unversioned name."""
+    jit_cache_env: str = ""
+    """The variable naming the cache of kernels it compiles at run time (DeepEP v2: EP_JIT_CACHE_DIR); the
+    build points it into the prefix, and that run time needs nvcc."""
     note: str = ""
     """Where the pin is an inference, or what the build does differently from the source's recipe."""
 
@@ -105,6 +142,15 @@ class Component:
             raise StackError(where, f"a {self.kind} package is installed by pixi, not built", "set build = 'none'")
         if self.kind in ("git", "tarball") and self.build == "none":
             raise StackError(where, "a source component needs a build", "set build = 'pip' or 'cmake'")
+        if self.patches and self.kind != "git":
+            raise StackError(where, "patches apply to git sources only", "pin the source as a git commit")
+        for patch in self.patches:
+            patch.check(where)
+        if self.needs_nccl:
+            try:
+                SpecifierSet(self.needs_nccl)
+            except InvalidSpecifier:
+                raise StackError(where, f"needs_nccl {self.needs_nccl!r} is not a version specifier", "write it like '>=2.30.4'") from None
         for arch in self.archs:
             try:
                 arch_base(arch)
@@ -133,6 +179,7 @@ class Component:
             "submodules": self.submodules,
             "build_env": dict(sorted(self.build_env.items())),
             "cmake_flags": list(self.cmake_flags),
+            **({"patches": [{"url": p.url, "sha256": p.sha256} for p in self.patches]} if self.patches else {}),
         }
 
 
@@ -178,8 +225,44 @@ class Profile:
         return pins
 
 
+def _toolchain(cuda: str, gxx: str) -> dict[str, str]:
+    """conda-forge's build toolchain and network stack for a profile: nvcc and the CUDA runtime headers of
+    the CUDA release torch is built for (the build refuses another major), a g++ inside torch's bounds for
+    that CUDA (torch/utils/cpp_extension.py CUDA_GCC_VERSIONS: 12.8 -> < 15, 13.0 -> < 16)."""
+    return {
+        "cuda-nvcc": f"{cuda}.*",
+        "cuda-cudart-dev": f"{cuda}.*",
+        "cmake": ">=3.26",
+        "ninja": ">=1.11",
+        "gxx": gxx,
+        "rdma-core": ">=50",  # inference: a floor of the current line, not a version read in a source
+        "libfabric": ">=1.22",  # inference: a floor of the current line, not a version read in a source
+        "ucx": ">=1.19",  # NIXL's README: "NIXL was tested with UCX version 1.19.0"
+    }
+
+
 _AWSOME = "aws-samples/awsome-inference 2.projects/vllm-ep/README.md and vllm-ep.Dockerfile @ 269a783e"
 _VLLM_EP = "vllm-project/vllm tools/ep_kernels/install_python_libraries.sh (main, 2026)"
+
+GIN_BARRIER_FIX = Patch(
+    url="https://raw.githubusercontent.com/vllm-project/vllm/665dfaaf4e0df9000ca101b808546a046ac710b0/"
+    "tools/ep_kernels/patches/deepep-gin-barrier-data-visibility.patch",
+    sha256="fbde7fef0cd154a090f3a150a55bb0300c4c364800f485cf27361031bb25c961",
+    source=f"{_VLLM_EP}: applied to DeepEP d4f41e4e only, 'silent dispatch corruption -> combine illegal memory accesses'",
+)
+"""vLLM's fix for DeepEP v2's GIN barrier (signal on every context; a system-scope fence before a world
+barrier). sha256 of the file at that vLLM commit (4660 bytes)."""
+
+VLLM_ROUTER = Component(
+    name="vllm-router",
+    kind="pypi",
+    url="vllm-router",
+    ref="==0.1.17",
+    source="PyPI vllm-router 0.1.17 (vllm-project/router); ran in front of vLLM 0.26.0 prefill/decode on an H200",
+    cuda=False,
+    note="the router `serve-proxy` starts (python -m launch proxy); inference: the newest release seen, not a "
+    "version a vLLM release names",
+)
 
 SEED = Profile(
     name="seed",
@@ -189,16 +272,7 @@ SEED = Profile(
     cuda="12.8",
     torch_index="https://download.pytorch.org/whl/cu128",
     description="the guide's stack: vLLM 0.10.1.1, NVSHMEM 3.3.9, DeepEP c18eabd, pplx-kernels 12cecfd, DeepGEMM ea9c5d9, NCCL 2.27.7",
-    toolchain={
-        "cuda-nvcc": "*",
-        "cuda-cudart-dev": "*",
-        "cmake": ">=3.26",
-        "ninja": "*",
-        "gxx": "13.*",
-        "rdma-core": "*",
-        "libfabric": "*",
-        "ucx": "*",
-    },
+    toolchain=_toolchain("12.8", "13.*"),
     components=(
         Component(
             name="nvshmem",
@@ -238,6 +312,7 @@ SEED = Profile(
             build="pip",
             needs_torch=True,
             needs_nvshmem=True,
+            nvshmem_unversioned=True,
             archs=("9.0", "10.0"),
             module="deep_ep",
             note="the guide builds with TORCH_CUDA_ARCH_LIST='9.0a+PTX;10.0' (pass --arch to match)",
@@ -287,16 +362,7 @@ CURRENT = Profile(
     python="3.12",
     cuda="13.0",
     description="the newest vLLM release and the EP kernels it is tested with: DeepEP v2 d4f41e4, NVSHMEM and NCCL wheels, NIXL 1.5.1",
-    toolchain={
-        "cuda-nvcc": "*",
-        "cuda-cudart-dev": "*",
-        "cmake": ">=3.26",
-        "ninja": "*",
-        "gxx": "14.*",
-        "rdma-core": "*",
-        "libfabric": "*",
-        "ucx": "*",
-    },
+    toolchain=_toolchain("13.0", "14.*"),
     components=(
         Component(
             name="nvshmem",
@@ -345,9 +411,13 @@ CURRENT = Profile(
             submodules=True,
             archs=("9.0", "10.0"),
             module="deep_ep",
-            note="DeepEP v2 needs NCCL >= 2.30.4 at build and run time (the same script); vLLM's script also patches "
-            "this commit (GIN barrier fix, CUDA 13 cccl include, pidfd syscall numbers): not applied here; SM80 is "
-            "refused by this commit",
+            patches=(GIN_BARRIER_FIX,),
+            needs_nccl=">=2.30.4",
+            jit_cache_env="EP_JIT_CACHE_DIR",
+            note="DeepEP v2 needs NCCL >= 2.30.4 at build and run time (the same script's DEEPEP_V2_MIN_NCCL) and compiles "
+            "kernels at run time with nvcc (csrc/jit/compiler.hpp); vLLM's script patches this commit: the GIN barrier "
+            "fix (pinned here as a patch), the CUDA 13 cccl include (the build adds it for CUDA >= 13) and pidfd syscall "
+            "numbers for manylinux headers (not needed where the system headers define them); SM80 is refused by this commit",
         ),
         Component(
             name="deepgemm",
@@ -392,12 +462,79 @@ CURRENT = Profile(
             source="PyPI nixl-cu13 1.5.1 (the CUDA 13 build the nixl meta package selects)",
             cuda=False,
         ),
+        VLLM_ROUTER,
     ),
 )
 # pplx-kernels is absent from `current` on purpose: vLLM removed the pplx backend in PR #33724 (early 2026);
 # vLLM 0.33.0's vllm/config/parallel.py turns `pplx` into allgather_reducescatter with a warning.
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (SEED, CURRENT)}
+_IMAGE = "the GPU machine's image (torch 2.11.0+cu130 with its nvidia-nccl-cu13 and nvidia-nvshmem-cu13 wheels)"
+
+VLLM026 = Profile(
+    name="vllm026",
+    vllm="0.26.0",
+    torch="2.11.0",
+    python="3.12",
+    cuda="13.0",
+    description="vLLM 0.26.0 on torch 2.11 + CUDA 13, the stack many images already hold: DeepEP 73b6ea4 (v1) against "
+    "the NVSHMEM 3.4.5 wheel, NCCL 2.28.9, NIXL 1.5.1",
+    toolchain=_toolchain("13.0", "14.*"),
+    components=(
+        Component(
+            name="nvshmem",
+            kind="pypi",
+            url="nvidia-nvshmem-cu13",
+            ref="==3.4.5",
+            source=f"{_IMAGE}; vLLM 0.26.0's METADATA requires torch==2.11.0",
+            cuda=False,
+            note="the wheel torch 2.11.0+cu130 installs; DeepEP's setup.py finds it itself (NVSHMEM_DIR left unset)",
+        ),
+        Component(
+            name="deepep",
+            kind="git",
+            url="https://github.com/deepseek-ai/DeepEP.git",
+            ref="73b6ea4a439ba03a695563f9fd242c8e4b02b37c",
+            source=f"{_VLLM_EP} before DeepEP v2 (DEEPEP_COMMIT_HASH 73b6ea4); vLLM 0.26.0 has no deepep_v2 backend "
+            "(vllm/config/parallel.py All2AllBackend, read from the wheel)",
+            build="pip",
+            needs_torch=True,
+            needs_nvshmem=True,
+            nvshmem_unversioned=True,
+            archs=("9.0", "10.0"),
+            module="deep_ep",
+            note="the same script builds it with the CUDA 13 cccl include (the build adds it for CUDA >= 13)",
+        ),
+        Component(
+            name="nccl",
+            kind="pypi",
+            url="nvidia-nccl-cu13",
+            ref="==2.28.9",
+            source=_IMAGE,
+            cuda=False,
+            note="torch 2.11.0+cu130's own NCCL; DeepEP v1 does not link NCCL",
+        ),
+        Component(
+            name="nixl",
+            kind="pypi",
+            url="nixl",
+            ref="==1.5.1",
+            source="PyPI nixl 1.5.1; ran with vLLM 0.26.0's NixlConnector on an H200 (prefill/decode, one GPU)",
+            cuda=False,
+            module="nixl",
+        ),
+        Component(
+            name="nixl-cu13",
+            kind="pypi",
+            url="nixl-cu13",
+            ref="==1.5.1",
+            source="PyPI nixl-cu13 1.5.1 (the CUDA 13 build the nixl meta package selects)",
+            cuda=False,
+        ),
+        VLLM_ROUTER,
+    ),
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (SEED, VLLM026, CURRENT)}
 
 DEFAULT_PROFILE = "current"
 PINNED_VLLM = PROFILES[DEFAULT_PROFILE].vllm
@@ -454,11 +591,19 @@ def _profile(where: str, name: str, table: Any) -> Profile:
         for key in ("archs", "cmake_flags"):
             if key in kw:
                 kw[key] = tuple(kw[key])
+        if "patches" in kw:
+            kw["patches"] = tuple(_patch(where, f"profiles.{name}.components[{i}].patches[{j}]", t) for j, t in enumerate(kw["patches"]))
         comps.append(Component(**kw))
     kw = {k: v for k, v in table.items() if k != "components"}
     for key in ("vllm", "torch", "python", "description"):
         kw.setdefault(key, "")
     return Profile(name=name, components=tuple(comps), **kw)
+
+
+def _patch(where: str, field_name: str, table: Any) -> Patch:
+    if not isinstance(table, dict) or not {"url", "sha256"} <= set(table) or set(table) - {"url", "sha256", "source"}:
+        raise StackError(where, f"{field_name} is not a patch table", "write {url = '...', sha256 = '<64 hex>'} (source optional)")
+    return Patch(url=str(table["url"]), sha256=str(table["sha256"]), source=str(table.get("source", "")))
 
 
 def resolve_profiles(pins_file: Path | None) -> dict[str, Profile]:

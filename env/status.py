@@ -96,13 +96,15 @@ def healthy(table: list[Row]) -> bool:
     return all(r.state in ("ok", "unchecked") for r in table if r.default)
 
 
-def render_text(profile: Profile, prefix: Path, table: list[Row]) -> str:
+def render_text(profile: Profile, prefix: Path, table: list[Row], nccl: dict[str, str] | None = None) -> str:
     lines = [f"# env status: profile {profile.name}, prefix {prefix}", f"# {'component':<14} {'kind':<8} {'pin':<12} {'built':<12} {'archs':<10} {'state':<9} detail"]
     for r in table:
         lines.append(f"  {r.name:<14} {r.kind:<8} {r.pin[:12]:<12} {r.built[:12]:<12} {r.archs[:10]:<10} {r.state:<9} {r.detail}")
+    if nccl:  # the library `env paths` puts first on LD_LIBRARY_PATH: torch and the kernels load it
+        lines.append(f"# nccl  : {nccl['version']} from {nccl['root']} ({nccl['origin']})")
     lines.append(f"# stack : {'OK' if healthy(table) else 'INCOMPLETE'}")
     return "\n".join(lines)
 
 
-def render_json(profile: Profile, prefix: Path, table: list[Row]) -> str:
-    return json.dumps({"profile": profile.name, "prefix": str(prefix), "ok": healthy(table), "components": [asdict(r) for r in table]}, indent=2)
+def render_json(profile: Profile, prefix: Path, table: list[Row], nccl: dict[str, str] | None = None) -> str:
+    return json.dumps({"profile": profile.name, "prefix": str(prefix), "ok": healthy(table), "nccl": nccl, "components": [asdict(r) for r in table]}, indent=2)

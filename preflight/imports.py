@@ -26,6 +26,27 @@ for name, dist in json.loads(sys.argv[1]).items():
         out[name] = {"ok": True, "version": version, "file": getattr(mod, "__file__", None)}
     except BaseException as exc:
         out[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        continue
+    if name == "torch":  # the NCCL this environment loads (the launcher's LD_LIBRARY_PATH decides which)
+        try:  # the library mapped, asked for its version (torch.cuda.nccl.version() is the compile-time one)
+            import ctypes
+            libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libnccl" in l})
+            code = ctypes.c_int()
+            ctypes.CDLL(libs[0]).ncclGetVersion(ctypes.byref(code))
+            nccl = f"{code.value // 10000}.{code.value % 10000 // 100}.{code.value % 100}"
+            out[name]["detail"] = f"NCCL {nccl} loaded ({', '.join(libs)})"
+        except Exception as exc:
+            out[name]["detail"] = f"NCCL not loaded ({type(exc).__name__})"
+    if name == "deep_ep" and hasattr(mod, "init_jit"):  # DeepEP v2 compiles kernels at run time
+        import os, shutil
+        # Where DeepEP looks (deep_ep/__init__.py find_cuda_home, csrc/jit/compiler.hpp): CUDA_HOME, nvcc on PATH, /usr/local/cuda.
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        on_path = shutil.which("nvcc")
+        nvcc = os.environ.get("EP_JIT_NVCC_COMPILER") or (os.path.join(home, "bin", "nvcc") if home else on_path or "/usr/local/cuda/bin/nvcc")
+        cache = os.environ.get("EP_JIT_CACHE_DIR") or os.path.expanduser("~/.deep_ep")
+        out[name]["detail"] = f"JIT cache {cache}, nvcc {nvcc}"
+        if not nvcc or not os.path.isfile(nvcc):
+            out[name].update(ok=False, error=f"DeepEP compiles kernels at run time and finds no nvcc ({nvcc or 'none on PATH, no CUDA_HOME'}); set CUDA_HOME to the CUDA toolkit")
 print(json.dumps(out))
 """
 
@@ -46,6 +67,8 @@ class Imported:
     version: str | None = None
     file: str | None = None
     error: str = ""
+    detail: str = ""
+    """torch: the NCCL loaded; DeepEP v2: its JIT cache and nvcc."""
 
 
 def required(backend: str | None, plan_env: dict, kv_connector: str | None = None) -> dict[str, str]:

@@ -22,6 +22,9 @@ KNOWN: dict[str, tuple[float | None, str]] = {
     "inter_alltoall_busbw_min_gbps": (None, "all-to-all bus bandwidth across nodes at the largest size"),
     "collective_timeout_s": (60.0, "longest a collective check may take before it counts as hung"),
     "rendezvous_timeout_s": (120.0, "longest the primary waits for every node to join"),
+    "ep_timeout_s": (300.0, "longest the EP kernel check may take (NVSHMEM start, DeepEP v2's kernel compilation included)"),
+    "ep_bandwidth_min_gbps": (None, "EP dispatch + combine bandwidth per rank, as DeepEP's tests compute it"),
+    "ep_memory_reserve_gib": (2.0, "GPU memory the EP budget keeps for CUDA graphs and activations it does not count"),
 }
 
 

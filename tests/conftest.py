@@ -13,6 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
 SHARED = ROOT.parent / "shared"
+"""What may lie beside a checkout (source mirrors, GPU facts); tests that read it skip when it is absent."""
+FIXTURES = ROOT / "tests" / "fixtures"
+VLLM_LOGS = FIXTURES / "vllm-logs"
+"""Real vLLM logs, vendored with their provenance (tests/fixtures/vllm-logs/README.md)."""
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support import assert_one_line_error
+
 GOOD = """\
 model: deepseek-ai/DeepSeek-V3-0324
 nodes:
@@ -55,16 +57,6 @@ CASES = {
     "derived flag in vllm_args": (GOOD + "vllm_args: [--data-parallel-size, '4']\n",
                                   "vllm_args: --data-parallel-size: set by the launcher (expected it from the nodes' gpus"),
 }
-
-
-def assert_one_line_error(res, *fragments):
-    assert res.code == 2, (res.code, res.out, res.err)
-    assert "Traceback" not in res.err
-    lines = res.err.strip().splitlines()
-    assert len(lines) == 1, res.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert res.out == ""
 
 
 @pytest.mark.parametrize("name", list(CASES))

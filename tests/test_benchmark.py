@@ -11,8 +11,8 @@ import pytest
 
 from launch import benchmark, check
 from launch.config import parse_deploy
-from tests.conftest import EXAMPLES, ROOT
-from tests.test_vllm_parser import PYTHON, VERSIONS, parser_of
+from tests.conftest import EXAMPLES, VLLM_LOGS
+from tests.support import PARSER_PYTHON as PYTHON, VLLM_VERSIONS as VERSIONS, parser_of
 
 
 def test_guide_defaults_against_the_primary(launch):
@@ -66,12 +66,11 @@ def test_a_run_is_recorded_with_its_plan_and_versions(launch, tmp_path, write_ya
     deploy = write_yaml("model: m\nnodes: [{address: 10.0.0.1}, {address: 10.0.0.2}]\n")
     out = tmp_path / "run"
     res = launch("bench", str(deploy), "--out", str(out), "--vllm-bin", str(fake), "--logs",
-                 str(ROOT.parent / "shared" / "facts" / "vllm-0.26.0-dp2-ep-logs" / "primary.log"))
+                 str(VLLM_LOGS / "dp2-ep" / "primary.log"))
     assert res.code == 0, res.err
     assert "output tokens/s      : 12.50" in res.out
     assert [p["role"] for p in json.loads((out / "plan.json").read_text())] == ["primary", "secondary"]
     assert "python" in json.loads((out / "versions.json").read_text())
     assert (out / "command.txt").read_text().startswith("vllm bench serve --base-url http://10.0.0.1:8000")
-    if (ROOT.parent / "shared").exists():
-        assert "AgRsAll2AllManager" in (out / "verify.txt").read_text()
+    assert "AgRsAll2AllManager" in (out / "verify.txt").read_text()
     assert os.path.exists(out / "result.json")

@@ -18,7 +18,7 @@ from launch.config import load_deploy
 from launch.request import Overrides, Request
 from launch.resolve import resolve
 from tests.conftest import EXAMPLES, ROOT
-from tests.test_bad_input import assert_one_line_error
+from tests.support import assert_one_line_error
 
 KV = '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX"]}}'
 
@@ -74,7 +74,7 @@ def test_plan_shows_prefill_decode_and_router_together(launch):
 @pytest.mark.vllm
 @pytest.mark.parametrize("version", ["0.26.0", "0.33.0"])
 def test_prefill_and_decode_argv_accepted_by_vllm(version):
-    from tests.test_vllm_parser import PYTHON, parser_of
+    from tests.support import PARSER_PYTHON as PYTHON, parser_of
 
     folder = parser_of(version)
     plans = [p for f in ("pd-1p1d.yaml", "pd-2p2d.yaml") for g in ("prefill", "decode") for p in group_plans(EXAMPLES / f, g, version)]

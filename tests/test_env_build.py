@@ -158,9 +158,9 @@ def run_env(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     return {"code": proc.returncode, "out": proc.stdout, "err": proc.stderr, "seconds": round(time.monotonic() - start, 2)}
 
 
-def import_through_paths(prefix: Path, profile: str = "test") -> dict:
+def import_through_paths(prefix: Path, pins: Path, profile: str = "test") -> dict:
     """`eval "$(python -m env paths)"` in a shell, then a fresh Python imports the extension and calls it."""
-    paths = run_env("paths", "--profile", profile, "--prefix", str(prefix))
+    paths = run_env("paths", "--pins", str(pins), "--profile", profile, "--prefix", str(prefix))
     script = 'import json, torch, tinyext; print(json.dumps({"version": tinyext.VERSION, "twice": tinyext.twice(torch.ones(3)).tolist(), "file": tinyext.__file__}))'
     shell = f'{paths["out"]}\ncd /\nexec "{sys.executable}" -c \'{script}\''
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
@@ -189,7 +189,7 @@ def story(root: Path) -> dict:
     repo.remote.rename(hidden)
     steps["build_a"] = run_env("build", *base, "--offline")
     steps["manifest_a"] = manifest(prefix)
-    steps["import_a"] = import_through_paths(prefix)
+    steps["import_a"] = import_through_paths(prefix, pins)
     steps["status_a"] = run_env("status", "--pins", str(pins), "--profile", "test", "--prefix", str(prefix), "--format", "json")
 
     # 2. unchanged inputs: nothing to do; a commit the cache lacks, with the source out of reach.
@@ -210,13 +210,13 @@ def story(root: Path) -> dict:
     steps["status_before_b"] = run_env("status", "--pins", str(pins), "--profile", "test", "--prefix", str(prefix))
     steps["build_b"] = run_env("build", *base)
     steps["manifest_b"] = manifest(prefix)
-    steps["import_b"] = import_through_paths(prefix)
+    steps["import_b"] = import_through_paths(prefix, pins)
 
     # 5. the pin moves to C, which does not compile: B stays.
     write_pins(pins, repo.url, repo.commits["C"])
     steps["build_c"] = run_env("build", *base)
     steps["manifest_c"] = manifest(prefix)
-    steps["import_after_c"] = import_through_paths(prefix)
+    steps["import_after_c"] = import_through_paths(prefix, pins)
     steps["status_after_c"] = run_env("status", "--pins", str(pins), "--profile", "test", "--prefix", str(prefix))
     steps["builds_after_c"] = sorted(p.name for p in (prefix / "builds").iterdir())
     steps["logs"] = sorted(p.name for p in (prefix / "logs").iterdir())

@@ -95,7 +95,7 @@ def test_torch_missing_from_the_target_python_is_named(tmp_path):
 
 
 def test_unknown_profile_and_malformed_options(tmp_path):
-    assert one_line(run_env("status", "--profile", "nope")) == "error: --profile: 'nope' is not a profile; choose one of current, seed"
+    assert one_line(run_env("status", "--profile", "nope")) == "error: --profile: 'nope' is not a profile; choose one of current, seed, vllm026"
     bad = run_env("fetch", "--profile", "seed", "--cache", str(tmp_path), "--sha256", "nvshmem=xyz")
     assert bad["code"] == 2 and one_line(bad).startswith("error: --sha256: 'nvshmem=xyz' is not NAME=HEX")
 
@@ -315,3 +315,19 @@ def test_a_hand_made_folder_where_the_link_goes_is_not_replaced(tmp_path):
     (tmp_path / "deepep").mkdir()
     with pytest.raises(StackError, match="is a folder, not the link this tool manages"):
         _swap_link("component deepep", tmp_path / "deepep", Path("builds/deepep-0123456789ab"))
+
+
+def test_vllm026_is_the_images_stack_with_the_deepep_vllm_pinned_before_v2():
+    image = PROFILES["vllm026"]
+    assert (image.vllm, image.torch, image.cuda) == ("0.26.0", "2.11.0", "13.0")
+    deepep = image.component("deepep")
+    assert deepep.ref == "73b6ea4a439ba03a695563f9fd242c8e4b02b37c"
+    assert deepep.nvshmem_unversioned and not deepep.needs_nccl and not deepep.patches
+    assert image.pypi_pins()["nvidia-nccl-cu13"] == "==2.28.9"  # torch 2.11's own: DeepEP v1 does not link NCCL
+
+
+def test_current_deepep_carries_vllms_patch_and_its_runtime_needs():
+    deepep = PROFILES["current"].component("deepep")
+    assert [(p.file_name, p.sha256[:12]) for p in deepep.patches] == [("deepep-gin-barrier-data-visibility.patch", "fbde7fef0cd1")]
+    assert deepep.needs_nccl == ">=2.30.4" and deepep.jit_cache_env == "EP_JIT_CACHE_DIR"
+    assert "patches" in deepep.pin()  # a changed patch means a rebuild

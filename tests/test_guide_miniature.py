@@ -40,7 +40,7 @@ def test_two_nodes_of_two_gpus_are_planned_like_the_guide():
 
 @pytest.mark.vllm
 def test_the_miniature_is_accepted_by_vllm():
-    from tests.test_vllm_parser import PYTHON, parser_of
+    from tests.support import PARSER_PYTHON as PYTHON, parser_of
 
     folder = parser_of("0.26.0")
     answer = check.parse([p.argv[1:] for p in plans()], python=str(PYTHON), pythonpath=[str(folder)], timeout=300)

@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from env.pins import PROFILES
-from tests.conftest import ROOT, SHARED
+from tests.conftest import FIXTURES, ROOT
 
-SCHEMA = SHARED / "pixi" / "pixi-manifest-schema-v0.77.0.json"
+SCHEMA = FIXTURES / "pixi" / "pixi-manifest-schema-v0.77.0.json"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,6 @@ def manifest():
         return tomllib.load(f)
 
 
-@pytest.mark.skipif(not SCHEMA.exists(), reason=f"pixi's schema is not beside the project ({SCHEMA.name})")
 def test_valid_against_pixis_own_schema(manifest):
     schema = json.loads(SCHEMA.read_text())
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
@@ -47,7 +46,7 @@ def test_profile_pins_agree_with_env_pins(manifest, profile):
 
 # ---- one source of truth: every pin pixi.toml holds is env/pins.py's, and the other way round ------------
 
-ENVIRONMENT_OF = {"current": "default", "seed": "seed"}
+ENVIRONMENT_OF = {"current": "default", "seed": "seed", "vllm026": "vllm026"}
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -85,6 +84,15 @@ def test_no_pin_outside_the_profile_features(manifest):
     for name, feature in manifest["feature"].items():
         if name not in PROFILES:
             assert not stack & set(feature.get("pypi-dependencies", {})) | (stack & set(feature.get("dependencies", {}))), name
+
+
+def test_no_dependency_is_left_unconstrained(manifest):
+    """`*` would let a solve pick any version: every dependency names at least a floor."""
+    tables = [manifest["dependencies"], manifest["pypi-dependencies"]]
+    for feature in manifest["feature"].values():
+        tables += [feature.get("dependencies", {}), feature.get("pypi-dependencies", {})]
+    loose = [name for table in tables for name, spec in table.items() if spec == "*" or (isinstance(spec, dict) and spec.get("version") == "*")]
+    assert loose == []
 
 
 def test_stack_tasks_call_python_m_env(manifest):

@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 
 from launch import verify
-from tests.conftest import SHARED
+from tests.conftest import VLLM_LOGS
 
-LOGS = SHARED / "facts" / "vllm-0.26.0-dp2-ep-logs"
-needs_logs = pytest.mark.skipif(not LOGS.is_dir(), reason="the recorded vLLM logs are not beside the project")
+LOGS = VLLM_LOGS / "dp2-ep"
 
 
-@needs_logs
 def test_real_dp2_ep_run_is_recognised():
     found = verify.read([LOGS / "primary.log", LOGS / "secondary.log"])
     assert found.version == "0.26.0"
@@ -25,7 +23,6 @@ def test_real_dp2_ep_run_is_recognised():
     assert verify.problems(found, backend=None, ep_size=2) == []
 
 
-@needs_logs
 def test_a_run_whose_backend_differs_fails_naming_both(launch, tmp_path, write_yaml):
     edited = tmp_path / "primary.log"
     edited.write_text((LOGS / "primary.log").read_text().replace("Using AgRsAll2AllManager all2all manager.",
@@ -38,7 +35,6 @@ def test_a_run_whose_backend_differs_fails_naming_both(launch, tmp_path, write_y
     assert ok.code == 0 and "# verdict: as planned" in ok.out
 
 
-@needs_logs
 def test_a_missing_ep_rank_is_named():
     found = verify.read([LOGS / "primary.log"])  # the secondary's log left out
     assert verify.problems(found, backend=None, ep_size=2) == ["expert parallelism: no log line from EP rank(s) [1] of 2"]

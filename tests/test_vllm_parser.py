@@ -9,31 +9,21 @@ them and sets EP_REQUIRE_VLLM=1, so that in CI a missing parser fails instead of
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from env.paths import StackPaths
 from launch import check, plan as planning
 from launch.config import ConfigError, parse_deploy
 from launch.layout import layouts
 from launch.vllm_versions import BACKENDS, Target
-from packaging.version import Version
 from tests.conftest import ROOT
+from tests.support import PARSER_PYTHON, VLLM_VERSIONS, parser_of
 
 pytestmark = pytest.mark.vllm
-VERSIONS = ["0.10.1.1", "0.26.0", "0.33.0"]
-PARSERS = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers"))
-PYTHON = PARSERS / "venv" / "bin" / "python"
-
-
-def parser_of(version: str) -> Path:
-    folder = PARSERS / f"vllm-{version}"
-    if not (folder / ".installed").exists() or not PYTHON.exists():
-        if os.environ.get("EP_REQUIRE_VLLM") == "1":
-            pytest.fail(f"vLLM {version}'s parser is not installed in {PARSERS} (bash tests/vllm/install-parsers.sh)")
-        pytest.skip(f"vLLM {version}'s parser is not installed (bash tests/vllm/install-parsers.sh)")
-    return folder
+VERSIONS = VLLM_VERSIONS
+PYTHON = PARSER_PYTHON
 
 
 def plans_for(version: str, backend: str | None, tp: int = 1, transport: str = "ib", passthrough=()):

@@ -28,7 +28,7 @@ def test_imports(stack, check, module):
     got = results[module]
     check.require(got.ok, got.error, f"importable ({need[module]})",
                   fix="pixi install (or `pixi run build-ep-kernels` for DeepEP / pplx-kernels / DeepGEMM)")
-    check.measured(f"{got.version or 'unknown version'} from {got.file}")
+    check.measured(f"{got.version or 'unknown version'} from {got.file}" + (f"; {got.detail}" if got.detail else ""))
 
 
 def test_vllm_is_the_version_the_plan_targets(node, stack, check):

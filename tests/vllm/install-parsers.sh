@@ -17,10 +17,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 if [ ! -x "$root/venv/bin/python" ]; then python3 -m venv "$root/venv"; fi
 py=$root/venv/bin/python
 # --no-deps everywhere: nothing may pull a CUDA build of torch or triton in.
-"$py" -m pip install -q --no-deps --only-binary=:all: "torch==2.13.0" \
+"$py" -m pip install -q --no-deps --only-binary=:all: \
   filelock==4.2.11 fsspec==2026.9.0 Jinja2==3.1.6 MarkupSafe==3.0.4 mpmath==1.3.0 networkx==3.6.1 \
   sympy==1.14.0 typing_extensions==4.16.0
-"$py" -c 'import torch, sys; sys.exit(0 if not torch.version.cuda else "a CUDA torch was installed: refusing")'
+bash "$here/../install-cpu-torch.sh" "$py" --no-deps --only-binary=:all:
 "$py" -m pip install -q --no-deps --only-binary=:all: -r "$here/parser-requirements.txt"
 
 for v in $versions; do
