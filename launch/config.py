@@ -156,6 +156,12 @@ class Preflight(_Strict):
     """Longest a collective check may take before it counts as hung."""
     rendezvous_timeout_s: float | None = Field(default=None, ge=0)
     """Longest the primary waits for every node to join."""
+    ep_timeout_s: float | None = Field(default=None, ge=0)
+    """Longest the EP kernel check may take (NVSHMEM start, DeepEP v2's kernel compilation included)."""
+    ep_bandwidth_min_gbps: float | None = Field(default=None, ge=0)
+    """EP dispatch + combine bandwidth per rank, as DeepEP's tests compute it."""
+    ep_memory_reserve_gib: float | None = Field(default=None, ge=0)
+    """GPU memory the EP budget keeps for CUDA graphs and activations it does not count."""
 
     def given(self) -> dict[str, float]:
         return self.model_dump(exclude_none=True)

@@ -10,6 +10,7 @@ test with them). At the end, one line per check and a verdict; the same as JSON 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -114,9 +115,9 @@ def usage() -> str:
 
 
 def cross_node_asked(config: pytest.Config) -> bool:
-    """--cross-node, or a -m expression that selects the multinode checks."""
+    """--cross-node, or a -m expression that names a group needing every node (multinode, ep) without `not`."""
     expr = getattr(config.option, "markexpr", "") or ""
-    return bool(config.option.cross_node) or ("multinode" in expr and "not multinode" not in expr)
+    return bool(config.option.cross_node) or re.search(r"(?<!not )\b(multinode|ep)\b", expr) is not None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,7 @@ from packaging.version import Version
 
 from launch import check
 from tests.conftest import ROOT
-from tests.test_bad_input import assert_one_line_error
+from tests.support import assert_one_line_error
 
 TWO_NODES = (
     "model: m\nnodes:\n  - {address: 127.0.0.1, gpus: 8}\n  - {address: 10.0.0.2, gpus: 8}\nvllm_version: 0.26.0\n"

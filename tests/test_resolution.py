@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import EXAMPLES
-from tests.test_bad_input import assert_one_line_error
+from tests.support import assert_one_line_error
 
 TWO_NODES = """\
 model: m
