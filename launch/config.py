@@ -21,17 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from launch import vllm_flags
 from launch.errors import ConfigError
 
-__all__ = [
-    "ConfigError",
-    "DeployConfig",
-    "Network",
-    "Node",
-    "dump_deploy",
-    "load_deploy",
-    "parse_deploy",
-    "parse_deploy_text",
-]
-
 Transport = Literal["ib", "roce", "efa", "tcp"]
 """How the nodes reach each other: InfiniBand, RoCE, AWS EFA, or plain TCP sockets."""
 
