@@ -35,6 +35,7 @@ def env_lines(plan: NodePlan, *, script: bool = False) -> list[str]:
         # Found on the node when the script runs (the same lookup `serve` does); stop there if nothing matches.
         toward = " --towards" if auto.towards else ""
         lines.append(f"socket_ifname=$({PYTHON} -m launch ifname {shlex.quote(auto.address)}{toward})")
+        lines.append(f': "${{socket_ifname:?no {auto.what()} on this node}}"')
     if plan.stack is not None:
         # The node's own stack paths (its prefix, its site-packages), ours before what it has.
         lines.append(f'eval "$({PYTHON} -m env paths --profile {shlex.quote(plan.profile)})"')

@@ -114,10 +114,13 @@ def usage() -> str:
     return parser.format_help()
 
 
-def cross_node_asked(config: pytest.Config) -> bool:
+def asks_cross_node(flag: bool, markexpr: str) -> bool:
     """--cross-node, or a -m expression that names a group needing every node (multinode, ep) without `not`."""
-    expr = getattr(config.option, "markexpr", "") or ""
-    return bool(config.option.cross_node) or re.search(r"(?<!not )\b(multinode|ep)\b", expr) is not None
+    return flag or re.search(r"(?<!not )\b(multinode|ep)\b", markexpr or "") is not None
+
+
+def cross_node_asked(config: pytest.Config) -> bool:
+    return asks_cross_node(bool(config.option.cross_node), getattr(config.option, "markexpr", "") or "")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.conftest import run_module
 
 TWO_NODES = (
@@ -66,3 +68,22 @@ def test_help_shows_our_options_first():
     ours, pytests = res.out.index("--cross-node"), res.out.index("usage: pytest")
     assert ours < pytests
     assert res.out.startswith("usage: python -m preflight")
+
+
+@pytest.mark.parametrize(
+    ("flag", "markexpr", "asked"),
+    [
+        (False, "", False),  # a plain run: this node alone
+        (True, "", True),  # --cross-node
+        (False, "multinode", True),
+        (False, "ep", True),  # the EP kernels across nodes need every node too
+        (False, "not multinode", False),
+        (False, "not ep and not multinode", False),
+        (False, "collective", False),
+        (False, "step", False),  # a word that merely contains "ep"
+    ],
+)
+def test_which_runs_expect_every_node(flag, markexpr, asked):
+    from preflight.plugin import asks_cross_node
+
+    assert asks_cross_node(flag, markexpr) is asked
