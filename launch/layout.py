@@ -91,11 +91,17 @@ def api_server_note(layout: NodeLayout, target: Target) -> str | None:
     if layout.api_server_count is None:
         return None
     expr, where = target.api_server_default()
-    alone = _evaluate(expr, {"data_parallel_size": layout.data_parallel_size,
-                             "data_parallel_size_local": layout.data_parallel_size_local})
-    why = "as given" if layout.api_server_rule == "given" else f"{LOCAL_RULE} (the toolkit's rule, docs/vllm-versions.md)"
-    return (f"api servers: {layout.api_server_count}, {why}; vLLM {target.version} alone would start {alone} "
-            f"({expr} when --api-server-count is unset, {where})")
+    alone = _evaluate(
+        expr,
+        {"data_parallel_size": layout.data_parallel_size, "data_parallel_size_local": layout.data_parallel_size_local},
+    )
+    why = (
+        "as given" if layout.api_server_rule == "given" else f"{LOCAL_RULE} (the toolkit's rule, docs/vllm-versions.md)"
+    )
+    return (
+        f"api servers: {layout.api_server_count}, {why}; vLLM {target.version} alone would start {alone} "
+        f"({expr} when --api-server-count is unset, {where})"
+    )
 
 
 def _evaluate(expr: str, sizes: dict[str, int]) -> int:

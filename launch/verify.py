@@ -131,7 +131,7 @@ def read(paths: list[Path]) -> Findings:
 
 def _scan(line: str, found: Findings) -> None:
     p = _PATTERNS
-    if "version" in line and any(m := p[k].search(line) for k in ("engine_version", "version", "banner_version")):
+    if ("version" in line or "engine (v" in line) and any(m := p[k].search(line) for k in ("engine_version", "version", "banner_version")):
         found.version = found.version or m.group(1)
     if m := p["all2all"].search(line):
         found.all2all_manager = m.group(1)

@@ -85,8 +85,11 @@ class Release:
     def files(self, folder: str, *, deep: bool = False) -> list[str]:
         """The .py files in a folder of the package (and its subfolders with deep), sorted."""
         if self._zip is not None:
-            return sorted(n for n in self._names if n.startswith(folder + "/") and n.endswith(".py")
-                          and (deep or "/" not in n[len(folder) + 1:]))
+            return sorted(
+                n
+                for n in self._names
+                if n.startswith(folder + "/") and n.endswith(".py") and (deep or "/" not in n[len(folder) + 1 :])
+            )
         found = (self.path / folder).rglob("*.py") if deep else (self.path / folder).glob("*.py")
         return sorted(str(p.relative_to(self.path)) for p in found)
 
@@ -188,8 +191,11 @@ def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
 def _logger_calls(body: list[ast.stmt]) -> list[ast.Call]:
     """logger.info / info_once / warning... calls in these statements, outermost first."""
     calls = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)]
-    return [c for c in calls if isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name)
-            and c.func.value.id == "logger"]
+    return [
+        c
+        for c in calls
+        if isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name) and c.func.value.id == "logger"
+    ]
 
 
 def _message(call: ast.Call) -> str | None:
@@ -229,31 +235,51 @@ def dispatch(release: Release) -> dict[str, Any]:
     tree = release.need(COMMUNICATOR)
     local = None
     for n in ast.walk(tree):  # 0.10 / 0.11: `all2all_backend = envs.VLLM_ALL2ALL_BACKEND`, then the chain
-        if isinstance(n, ast.Assign) and ast.unparse(n.value) == f"envs.{ENV_NAME}" and isinstance(n.targets[0], ast.Name):
+        if (
+            isinstance(n, ast.Assign)
+            and ast.unparse(n.value) == f"envs.{ENV_NAME}"
+            and isinstance(n.targets[0], ast.Name)
+        ):
             local = n.targets[0].id
     parents = _parents(tree)
-    heads = [n for n in ast.walk(tree) if isinstance(n, ast.If) and _compared(n.test, local)
-             and not (isinstance(parents.get(n), ast.If) and parents[n].orelse == [n])]  # type: ignore[attr-defined]
+    heads = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If)
+        and _compared(n.test, local)
+        and not (isinstance(parents.get(n), ast.If) and parents[n].orelse == [n])
+    ]  # type: ignore[attr-defined]
     heads = [h for h in heads if _raises_unknown(_if_chain(h)[-1][1]) is not None]
     if len(heads) != 1:
-        raise FactsError(f"{release.name}: {COMMUNICATOR}: expected one if/elif chain on the all2all backend ending in "
-                         f"'Unknown all2all backend', found {len(heads)}")
+        raise FactsError(
+            f"{release.name}: {COMMUNICATOR}: expected one if/elif chain on the all2all backend ending in "
+            f"'Unknown all2all backend', found {len(heads)}"
+        )
     chain = _if_chain(heads[0])
     raise_node = _raises_unknown(chain[-1][1])
     # 0.12+: one log line after the chain, naming the manager's class
     after = _statements_after(parents, heads[0])
-    generic = next((m for c in _logger_calls(after) if (m := _message(c)) and "all2all manager" in m and "%s" in m), None)
+    generic = next(
+        (m for c in _logger_calls(after) if (m := _message(c)) and "all2all manager" in m and "%s" in m), None
+    )
     branches = []
     for test, body, node in chain[:-1]:
         compared = _compared(test, local)  # type: ignore[arg-type]
         assert compared is not None and node is not None
         names, extra = compared
-        managers = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Assign)
-                    and any(isinstance(t, ast.Attribute) and t.attr == "all2all_manager" for t in n.targets)
-                    and isinstance(n.value, ast.Call)]
+        managers = [
+            n
+            for stmt in body
+            for n in ast.walk(stmt)
+            if isinstance(n, ast.Assign)
+            and any(isinstance(t, ast.Attribute) and t.attr == "all2all_manager" for t in n.targets)
+            and isinstance(n.value, ast.Call)
+        ]
         if len(managers) != 1:
-            raise FactsError(f"{release.name}: {COMMUNICATOR}:{node.lineno}: expected one all2all_manager assignment "
-                             f"for {names}, found {len(managers)}")
+            raise FactsError(
+                f"{release.name}: {COMMUNICATOR}:{node.lineno}: expected one all2all_manager assignment "
+                f"for {names}, found {len(managers)}"
+            )
         func = managers[0].value.func  # type: ignore[attr-defined]
         cls = func.id if isinstance(func, ast.Name) else func.attr
         own = next((m for c in _logger_calls(body) if (m := _message(c)) and "manager" in m and "%s" not in m), None)
@@ -279,7 +305,7 @@ def _statements_after(parents: dict[ast.AST, ast.AST], node: ast.stmt) -> list[a
     for field in ("body", "orelse", "finalbody"):
         stmts = getattr(parent, field, None)
         if isinstance(stmts, list) and node in stmts:
-            return stmts[stmts.index(node) + 1:]
+            return stmts[stmts.index(node) + 1 :]
     return []
 
 
@@ -321,7 +347,9 @@ def accepted(release: Release) -> dict[str, Any] | None:
             if isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["All2AllBackend"]:
                 names = _literal(n.value)
                 if names is None:
-                    raise FactsError(f"{release.name}: {PARALLEL}:{n.lineno}: All2AllBackend is not a Literal of strings")
+                    raise FactsError(
+                        f"{release.name}: {PARALLEL}:{n.lineno}: All2AllBackend is not a Literal of strings"
+                    )
                 return {"names": names, "at": at(PARALLEL, n)}
     entry = _env_entry(release)
     if entry is not None:
@@ -368,8 +396,14 @@ def rewrites(release: Release) -> dict[str, dict[str, str]]:
             compared = _compared(n.test)
             if compared is None or compared[1]:
                 continue
-            targets = [s for stmt in n.body for s in ast.walk(stmt) if isinstance(s, ast.Assign)
-                       and any(_is_backend(t) for t in s.targets) and isinstance(s.value, ast.Constant)]
+            targets = [
+                s
+                for stmt in n.body
+                for s in ast.walk(stmt)
+                if isinstance(s, ast.Assign)
+                and any(_is_backend(t) for t in s.targets)
+                and isinstance(s.value, ast.Constant)
+            ]
             for assign in targets:
                 for name in compared[0]:
                     if name != assign.value.value:  # type: ignore[attr-defined]
@@ -382,14 +416,21 @@ def default(release: Release) -> dict[str, str]:
     tree = release.tree(PARALLEL)
     if tree is not None:
         for n in ast.walk(tree):
-            if (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "all2all_backend"
-                    and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)):
+            if (
+                isinstance(n, ast.AnnAssign)
+                and isinstance(n.target, ast.Name)
+                and n.target.id == "all2all_backend"
+                and isinstance(n.value, ast.Constant)
+                and isinstance(n.value.value, str)
+            ):
                 return {"name": n.value.value, "at": at(PARALLEL, n)}
     entry = _env_entry(release)
     call = _env_call(entry) if entry is not None else None
     if call is None or len(call.args) < 2 or not isinstance(call.args[1], ast.Constant):
-        raise FactsError(f"{release.name}: no default all2all backend (expected a constant default in {PARALLEL} "
-                         f"or for {ENV_NAME} in {ENVS})")
+        raise FactsError(
+            f"{release.name}: no default all2all backend (expected a constant default in {PARALLEL} "
+            f"or for {ENV_NAME} in {ENVS})"
+        )
     return {"name": call.args[1].value, "at": at(ENVS, call)}
 
 
@@ -406,8 +447,11 @@ def env(release: Release) -> dict[str, Any]:
             continue
         parents = _parents(tree)
         for n in ast.walk(tree):
-            if (isinstance(n, ast.Assign) and ast.unparse(n.value) == f"envs.{ENV_NAME}"
-                    and any(_is_backend(t) for t in n.targets)):  # decides the backend (not a hash or an assert)
+            if (
+                isinstance(n, ast.Assign)
+                and ast.unparse(n.value) == f"envs.{ENV_NAME}"
+                and any(_is_backend(t) for t in n.targets)
+            ):  # decides the backend (not a hash or an assert)
                 if_node = parents.get(n)
                 test = ast.unparse(if_node.test) if isinstance(if_node, ast.If) else ""
                 when = test if "all2all_backend" in test or ENV_NAME in test else None  # a condition on the choice
@@ -418,19 +462,30 @@ def env(release: Release) -> dict[str, Any]:
 def flag(release: Release) -> dict[str, Any]:
     """`add_argument("--all2all-backend", ...)` in arg_utils.py, and choices it removes from the Literal."""
     tree = release.need(ARG_UTILS)
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and any(isinstance(a, ast.Constant) and a.value == FLAG for a in n.args)]
+    calls = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and any(isinstance(a, ast.Constant) and a.value == FLAG for a in n.args)
+    ]
     if not calls:
         return {"exists": False}
     removed = []
     constants = _module_constants(release)
     for n in ast.walk(tree):
-        if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "remove"
-                and "all2all_backend" in ast.unparse(n.func.value) and n.args):
+        if (
+            isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "remove"
+            and "all2all_backend" in ast.unparse(n.func.value)
+            and n.args
+        ):
             arg = n.args[0]
             value = arg.value if isinstance(arg, ast.Constant) else constants.get(ast.unparse(arg))
             if not isinstance(value, str):
-                raise FactsError(f"{release.name}: {ARG_UTILS}:{n.lineno}: removes {ast.unparse(arg)} from the choices, "
-                                 f"which is not a string constant of vllm/config")
+                raise FactsError(
+                    f"{release.name}: {ARG_UTILS}:{n.lineno}: removes {ast.unparse(arg)} from the choices, "
+                    f"which is not a string constant of vllm/config"
+                )
             removed.append({"name": value, "at": at(ARG_UTILS, n)})
     return {"exists": True, "at": at(ARG_UTILS, calls[0]), **({"removed_choices": removed} if removed else {})}
 
@@ -439,7 +494,11 @@ def _module_constants(release: Release) -> dict[str, Any]:
     out = {}
     for rel in release.files("vllm/config"):
         for n in release.need(rel).body:
-            target = n.target if isinstance(n, ast.AnnAssign) else (n.targets[0] if isinstance(n, ast.Assign) and len(n.targets) == 1 else None)
+            target = (
+                n.target
+                if isinstance(n, ast.AnnAssign)
+                else (n.targets[0] if isinstance(n, ast.Assign) and len(n.targets) == 1 else None)
+            )
             if isinstance(target, ast.Name) and isinstance(getattr(n, "value", None), ast.Constant):
                 out[target.id] = n.value.value  # type: ignore[union-attr]
     return out
@@ -465,22 +524,35 @@ def api_servers(release: Release) -> dict[str, Any]:
         raise FactsError(f"{release.name}: {rel}:{call.lineno}: {API_FLAG} has no constant default")
     out: dict[str, Any] = {"flag_default": kw["default"].value, "flag_at": at(rel, call)}
     tree = release.need(SERVE)
-    heads = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "args.api_server_count is None"]
+    heads = [
+        n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "args.api_server_count is None"
+    ]
     if not heads:
         out["internal_lb"] = {"value": str(kw["default"].value), "at": at(rel, call)}
         return out
     if len(heads) != 1:
-        raise FactsError(f"{release.name}: {SERVE}: expected one 'if args.api_server_count is None', found {len(heads)}")
+        raise FactsError(
+            f"{release.name}: {SERVE}: expected one 'if args.api_server_count is None', found {len(heads)}"
+        )
     rules = []
     inner = [s for s in heads[0].body if isinstance(s, ast.If)]
     if len(inner) != 1:
         raise FactsError(f"{release.name}: {SERVE}:{heads[0].lineno}: expected one if/elif chain choosing the default")
     for test, body, _ in _if_chain(inner[0]):
-        assigns = [s for s in body if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) == "args.api_server_count"]
+        assigns = [
+            s for s in body if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) == "args.api_server_count"
+        ]
         if len(assigns) != 1:
-            raise FactsError(f"{release.name}: {SERVE}: a branch of the api_server_count default assigns it {len(assigns)} times")
-        rules.append({"when": ast.unparse(test) if test is not None else "otherwise",
-                      "value": ast.unparse(assigns[0].value).removeprefix("args."), "at": at(SERVE, assigns[0])})
+            raise FactsError(
+                f"{release.name}: {SERVE}: a branch of the api_server_count default assigns it {len(assigns)} times"
+            )
+        rules.append(
+            {
+                "when": ast.unparse(test) if test is not None else "otherwise",
+                "value": ast.unparse(assigns[0].value).removeprefix("args."),
+                "at": at(SERVE, assigns[0]),
+            }
+        )
     out["when_unset"] = rules
     last = rules[-1]
     if last["when"] != "otherwise":
@@ -523,7 +595,7 @@ def load(path: Path = TABLE) -> list[dict[str, Any]]:
 def dump(rows: list[dict[str, Any]], path: Path = TABLE) -> None:
     doc = {
         "about": "What each vLLM release accepts, read from its wheel by `python -m launch.vllm_facts` "
-                 "(see docs/vllm-versions.md). Do not edit by hand: re-run the tool.",
+        "(see docs/vllm-versions.md). Do not edit by hand: re-run the tool.",
         "releases": sorted(rows, key=lambda r: _vkey(r["version"])),
     }
     path.write_text(_format(doc) + "\n")
@@ -576,20 +648,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         names = sorted(r["backends"])
         if r["accepted"] is not None:
-            names = [n for n in names if n in r["accepted"]["names"]] + [f"~~{n}~~" for n in names if n not in r["accepted"]["names"]]
+            names = [n for n in names if n in r["accepted"]["names"]] + [
+                f"~~{n}~~" for n in names if n not in r["accepted"]["names"]
+            ]
         removed = {c["name"] for c in r["flag"].get("removed_choices", [])}
         flag_text = "yes" + (f" (not {', '.join(sorted(removed))})" if removed else "") if r["flag"]["exists"] else "no"
         env_text = "no"
         if r["env"]["read"]:
             whens = [u.get("when") for u in r["env"]["uses"]]
-            env_text = "over the flag" if any(w and "is_set" in w for w in whens) else (
-                "if the flag is unset" if any(w and "is None" in w for w in whens) else "yes (the only way)")
+            env_text = (
+                "over the flag"
+                if any(w and "is_set" in w for w in whens)
+                else ("if the flag is unset" if any(w and "is None" in w for w in whens) else "yes (the only way)")
+            )
         rw = ", ".join(f"{k} → {v['to']}" for k, v in sorted(r["rewrites"].items())) or "-"
-        lines.append(f"| {r['version']} | {', '.join(names)} | {rw} | {r['default']['name']} | {flag_text} | {env_text} "
-                     f"| {r['api_server_count']['internal_lb']['value']} |")
+        lines.append(
+            f"| {r['version']} | {', '.join(names)} | {rw} | {r['default']['name']} | {flag_text} | {env_text} "
+            f"| {r['api_server_count']['internal_lb']['value']} |"
+        )
+    if any("~~" in line for line in lines):
+        lines += ["", "~~struck~~: dispatched by the communicator but not accepted by that release's configuration."]
     lines += [
-        "",
-        "~~struck~~: dispatched by the communicator but not accepted by that release's configuration.",
         "",
         "## Manager names `launch verify` matches",
         "",
@@ -598,25 +677,73 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "| backend | logged | releases |",
         "|---|---|---|",
     ]
-    seen: dict[tuple[str, str], list[str]] = {}
-    for r in rows:
+    seen: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
         for name, entries in r["backends"].items():
             for e in entries:
-                seen.setdefault((name, e["log"] or e["manager"]), []).append(r["version"])
-    for (name, log), versions in sorted(seen.items()):
-        span = versions[0] if len(versions) == 1 else f"{versions[0]} .. {versions[-1]}"
-        lines.append(f"| {name} | `{log}` | {span} |")
+                seen.setdefault((name, e["log"] or e["manager"]), []).append(i)
+    for (name, log), indexes in sorted(seen.items()):
+        lines.append(f"| {name} | `{log}` | {_spans([rows[i]['version'] for i in indexes], indexes)} |")
+    lines += [
+        "",
+        "## How the launcher uses this table",
+        "",
+        "- `all2all_backend` is checked against the target's row: a name the release does not dispatch, or its",
+        "  configuration does not accept, is refused in one line naming the releases that have it. ROCm's `mori*`",
+        "  backends are left out (the toolkit plans for NVIDIA GPUs).",
+        "- A name the release's configuration silently replaces (the rewritten column) is planned as what it",
+        "  becomes, and the plan prints a note with the line that replaces it.",
+        "- Releases with `--all2all-backend` get the flag; older ones get `VLLM_ALL2ALL_BACKEND`. Where the",
+        "  variable's column says \"over the flag\", an exported `VLLM_ALL2ALL_BACKEND` wins over the flag.",
+        "- `launch verify` recognises every manager line above; with the version found in the logs it expects the",
+        "  manager that release builds for the backend asked for (or for its default when none was asked).",
+        "",
+        "## API servers: the toolkit's rule",
+        "",
+        "All API servers of a data parallel deployment run on the primary. When `--api-server-count` is not given,",
+        "vLLM before 0.15 starts one; from 0.15 on, in internal load balancing (the primary of this toolkit's layout:",
+        "no `--data-parallel-start-rank`, secondaries `--headless`), it starts `data_parallel_size`, one per engine of",
+        "the whole cluster (the column above; the rule is in vllm/entrypoints/cli/serve.py).",
+        "",
+        "The toolkit passes `--api-server-count` always, so the plan shows the number. Unless the deploy file sets",
+        "`api_server_count` (or the guide's `API_SERVERS` argument gives it), the number is the primary's local data",
+        "parallel size: one front-end process per engine on the node that runs them all. vLLM's own default since",
+        "0.15 grows the primary's front-end processes with the number of nodes (64 on 8 nodes of 8 GPUs), on a host",
+        "whose CPUs also drive its own engines; the default of 1 before 0.15 funnels a multi-node group through one",
+        "front end. Local DP is the guide's choice and gives every version the same argv. The plan says which rule",
+        "it used and what the target vLLM would start on its own, for example:",
+        "",
+        "```",
+        "# note: api servers: 8, the primary's local data parallel size (the toolkit's rule, docs/vllm-versions.md);",
+        "#       vLLM 0.26.0 alone would start 16 (data_parallel_size when --api-server-count is unset,",
+        "#       vllm/entrypoints/cli/serve.py:117)",
+        "```",
+        "",
+        "Set `api_server_count` in the deploy file to follow vLLM's default or any other number.",
+    ]
     lines += ["", "## Sources", "", "| vLLM | read from |", "|---|---|"]
     lines += [f"| {r['version']} | {r['source']} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+def _spans(versions: list[str], indexes: list[int]) -> str:
+    """Consecutive rows as 'first .. last', gaps as separate spans."""
+    runs: list[list[str]] = []
+    for k, (v, i) in enumerate(zip(versions, indexes, strict=True)):
+        if k and i == indexes[k - 1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(run[0] if len(run) == 1 else f"{run[0]} .. {run[-1]}" for run in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.vllm_facts", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", type=Path, help="vLLM wheels or folders holding vllm/")
-    parser.add_argument("--update", action="store_true", help=f"merge the rows into {TABLE.name} and regenerate the doc")
-    parser.add_argument("--markdown", action="store_true", help=f"regenerate {DOC.name} from the table")
-    parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument("--update", action="store_true", help="merge the rows into the table and regenerate the doc")
+    parser.add_argument("--markdown", action="store_true", help="regenerate the doc from the table")
+    parser.add_argument("--table", type=Path, default=TABLE, help="the facts table (default: %(default)s)")
+    parser.add_argument("--doc", type=Path, default=DOC, help="its markdown rendering (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         rows = [derive(p) for p in args.paths]
@@ -625,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             known.update({r["version"]: r for r in rows})
             dump(list(known.values()), args.table)
         if args.update or args.markdown:
-            DOC.write_text(markdown(load(args.table)))
+            args.doc.write_text(markdown(load(args.table)))
         elif rows:
             print(json.dumps(rows, indent=1))
         else:

@@ -36,8 +36,10 @@ def row_for(version: Version) -> tuple[dict[str, Any], str | None]:
     table = rows()
     older = [r for r in table if Version(r["version"]) <= version]
     if not older:
-        raise ConfigError(f"vllm_version: {version} is older than the oldest release the toolkit has read "
-                          f"({table[0]['version']}; expected >= {table[0]['version']})")
+        raise ConfigError(
+            f"vllm_version: {version} is older than the oldest release the toolkit has read "
+            f"({table[0]['version']}; expected >= {table[0]['version']})"
+        )
     row = older[-1]
     if Version(row["version"]) == version:
         return row, None
@@ -143,28 +145,39 @@ class Target:
         row = self.row
         choices = ", ".join(self.backends())
         if name.startswith(ROCM_ONLY):
-            raise ConfigError(f"all2all_backend: {name!r} is ROCm's (AMD MoRI); the toolkit plans for NVIDIA GPUs "
-                              f"(expected one of: {choices})")
+            raise ConfigError(
+                f"all2all_backend: {name!r} is ROCm's (AMD MoRI); the toolkit plans for NVIDIA GPUs "
+                f"(expected one of: {choices})"
+            )
         used = _plannable(row, name)
         removed = {c["name"]: c["at"] for c in row["flag"].get("removed_choices", [])}
         if used is None and name in removed:
-            raise ConfigError(f"all2all_backend: {name!r} is not a choice of --all2all-backend in vLLM {self.version} "
-                              f"({removed[name]} removes it: vLLM sets it itself; expected one of: {choices})")
+            raise ConfigError(
+                f"all2all_backend: {name!r} is not a choice of --all2all-backend in vLLM {self.version} "
+                f"({removed[name]} removes it: vLLM sets it itself; expected one of: {choices})"
+            )
         if used is None:
             known = {b.name: b for b in BACKENDS}
             backend = known.get(name)
             if backend is None:
                 raise ConfigError(f"all2all_backend: unknown backend {name!r} (expected one of: {choices})")
             if self.version < backend.since:
-                raise ConfigError(f"all2all_backend: {name!r} needs vLLM >= {backend.since}, the target is "
-                                  f"{self.version} (expected one of: {choices})")
-            raise ConfigError(f"all2all_backend: {name!r} was removed in vLLM {backend.removed} and the target is "
-                              f"{self.version} (expected one of: {choices})")
+                raise ConfigError(
+                    f"all2all_backend: {name!r} needs vLLM >= {backend.since}, the target is "
+                    f"{self.version} (expected one of: {choices})"
+                )
+            raise ConfigError(
+                f"all2all_backend: {name!r} was removed in vLLM {backend.removed} and the target is "
+                f"{self.version} (expected one of: {choices})"
+            )
         if used == name:
             return BackendChoice(name, used)
         where = row["rewrites"][name]["at"]
-        return BackendChoice(name, used, f"all2all backend {name!r}: vLLM {self.version} replaces it with {used!r} "
-                                         f"({where}); planned as {used}")
+        return BackendChoice(
+            name,
+            used,
+            f"all2all backend {name!r}: vLLM {self.version} replaces it with {used!r} ({where}); planned as {used}",
+        )
 
     def check_backend(self, name: str) -> str:
         """Refuses a backend this version removed or never had; returns the backend vLLM will really use."""
