@@ -199,14 +199,9 @@ def _logger_calls(body: list[ast.stmt]) -> list[ast.Call]:
 
 
 def _message(call: ast.Call) -> str | None:
-    if not call.args:
-        return None
-    first = call.args[0]
-    if isinstance(first, ast.Constant) and isinstance(first.value, str):
-        return first.value
-    if isinstance(first, ast.JoinedStr | ast.BinOp):
-        return None
-    return None
+    """The constant format string a logger call starts with (None for f-strings and the like)."""
+    first = call.args[0] if call.args else None
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
 
 
 def _raises_unknown(body: list[ast.stmt]) -> ast.Raise | None:
@@ -282,7 +277,9 @@ def dispatch(release: Release) -> dict[str, Any]:
             )
         func = managers[0].value.func  # type: ignore[attr-defined]
         cls = func.id if isinstance(func, ast.Name) else func.attr
-        own = next((m for c in _logger_calls(body) if (m := _message(c)) and "manager" in m and "%s" not in m), None)
+        own = next(
+            (m for c in _logger_calls(body) if (m := _message(c)) and m.startswith("Using") and "%s" not in m), None
+        )
         log = own or (generic.replace("%s", cls) if generic else None)
         branches.append(_Branch(names, [ast.unparse(e) for e in extra], cls, log, node, _deprecated(body, names)))
     defined = _manager_classes(release)
@@ -340,17 +337,22 @@ def _manager_classes(release: Release) -> dict[str, str]:
 
 
 def accepted(release: Release) -> dict[str, Any] | None:
-    """The All2AllBackend Literal of the config, else the env variable's choices; None if any string passes."""
+    """The names the config validates: the Literal annotating ParallelConfig.all2all_backend (inline, or the
+    All2AllBackend alias), else the choices of VLLM_ALL2ALL_BACKEND; None where any string passes."""
     tree = release.tree(PARALLEL)
     if tree is not None:
-        for n in tree.body:
-            if isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["All2AllBackend"]:
-                names = _literal(n.value)
-                if names is None:
+        aliases = {ast.unparse(n.targets[0]): n for n in tree.body if isinstance(n, ast.Assign) and len(n.targets) == 1}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "all2all_backend":
+                annotation: ast.AST = n.annotation
+                if isinstance(annotation, ast.Name) and annotation.id in aliases:
+                    annotation = aliases[annotation.id].value
+                literal = next((x for x in ast.walk(annotation) if _literal(x) is not None), None)
+                if literal is None:
                     raise FactsError(
-                        f"{release.name}: {PARALLEL}:{n.lineno}: All2AllBackend is not a Literal of strings"
+                        f"{release.name}: {PARALLEL}:{n.lineno}: all2all_backend is not typed by a Literal of strings"
                     )
-                return {"names": names, "at": at(PARALLEL, n)}
+                return {"names": _literal(literal), "at": at(PARALLEL, literal)}
     entry = _env_entry(release)
     if entry is not None:
         call = _env_call(entry)
@@ -694,7 +696,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "- A name the release's configuration silently replaces (the rewritten column) is planned as what it",
         "  becomes, and the plan prints a note with the line that replaces it.",
         "- Releases with `--all2all-backend` get the flag; older ones get `VLLM_ALL2ALL_BACKEND`. Where the",
-        "  variable's column says \"over the flag\", an exported `VLLM_ALL2ALL_BACKEND` wins over the flag.",
+        '  variable\'s column says "over the flag", an exported `VLLM_ALL2ALL_BACKEND` wins over the flag.',
         "- `launch verify` recognises every manager line above; with the version found in the logs it expects the",
         "  manager that release builds for the backend asked for (or for its default when none was asked).",
         "",

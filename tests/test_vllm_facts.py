@@ -96,7 +96,7 @@ NEW_COMMUNICATOR = """
 """
 MINIMAL = {
     vllm_facts.ENVS: """environment_variables = {"VLLM_HOST_IP": lambda: os.getenv("VLLM_HOST_IP", "")}""",
-    vllm_facts.PARALLEL: """class ParallelConfig:\n    all2all_backend: str = "allgather_reducescatter"\n""",
+    vllm_facts.PARALLEL: """class ParallelConfig:\n    all2all_backend: Literal["allgather_reducescatter"] = "allgather_reducescatter"\n""",
     vllm_facts.ARG_UTILS: "",
     vllm_facts.SERVE: "",
     "vllm/entrypoints/openai/cli_args.py": """parser.add_argument("--api-server-count", "-asc", type=int, default=1)""",
@@ -172,6 +172,12 @@ def test_an_unrecognised_communicator_is_an_error_not_a_guess(tmp_path, source, 
             "",
             """environment_variables = {"VLLM_ALL2ALL_BACKEND": env_with_choices("VLLM_ALL2ALL_BACKEND", "agrs", ["agrs", "pplx"])}""",
             (["agrs", "pplx"], "agrs"),
+        ),
+        # 0.11.1 - 0.13: the config's field, typed inline, defaults to None: the variable's default applies
+        (
+            """class ParallelConfig:\n    all2all_backend: Literal["pplx", "agrs"] | None = None\n""",
+            """environment_variables = {"VLLM_ALL2ALL_BACKEND": env_with_choices("VLLM_ALL2ALL_BACKEND", "agrs", ["agrs"])}""",
+            (["pplx", "agrs"], "agrs"),
         ),
         # 0.14 on: the config's Literal and its field's default
         (
