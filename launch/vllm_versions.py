@@ -59,7 +59,26 @@ def _plannable(row: dict[str, Any], name: str) -> str | None:
     if row["flag"]["exists"] and name in {c["name"] for c in row["flag"].get("removed_choices", [])}:
         return None
     used = row["rewrites"].get(name, {}).get("to", name)
-    return used if used in row["backends"] else None
+    if used not in row["backends"]:
+        return None
+    return _current_name(row, used) or used
+
+
+def _current_name(row: dict[str, Any], name: str) -> str | None:
+    """For a name the communicator marks deprecated, the one current name it shares the branch with
+    (flashinfer_all2allv -> flashinfer_nvlink_two_sided from 0.18): same manager, no deprecation warning."""
+    entries = row["backends"][name]
+    if not all(e.get("deprecated") for e in entries):
+        return None
+    branch = {e["at"] for e in entries}
+    current = [
+        other
+        for other, others in row["backends"].items()
+        if other != name
+        and not other.startswith(ROCM_ONLY)
+        and any(e["at"] in branch and not e.get("deprecated") for e in others)
+    ]
+    return current[0] if len(current) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -172,12 +191,11 @@ class Target:
             )
         if used == name:
             return BackendChoice(name, used)
-        where = row["rewrites"][name]["at"]
-        return BackendChoice(
-            name,
-            used,
-            f"all2all backend {name!r}: vLLM {self.version} replaces it with {used!r} ({where}); planned as {used}",
-        )
+        if name in row["rewrites"]:
+            why = f"vLLM {self.version} replaces it with {used!r} ({row['rewrites'][name]['at']})"
+        else:
+            why = f"deprecated in vLLM {self.version}, which builds the same manager for {used!r} ({row['backends'][name][0]['at']})"
+        return BackendChoice(name, used, f"all2all backend {name!r}: {why}; planned as {used}")
 
     def check_backend(self, name: str) -> str:
         """Refuses a backend this version removed or never had; returns the backend vLLM will really use."""

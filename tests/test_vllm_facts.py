@@ -332,6 +332,8 @@ def target(version: str) -> Target:
         ("0.18.0", "flashinfer_nvlink_two_sided", "flashinfer_nvlink_two_sided"),
         ("0.18.0", "flashinfer_nvlink_one_sided", "flashinfer_nvlink_one_sided"),
         ("0.24.0", "deepep_v2", "deepep_v2"),
+        ("0.17.0", "flashinfer_all2allv", "flashinfer_all2allv"),
+        ("0.26.0", "flashinfer_all2allv", "flashinfer_nvlink_two_sided"),  # a deprecated alias of the same manager
     ],
 )
 def test_accepted_backends_plan_as_what_vllm_builds(version, backend, used):
