@@ -31,13 +31,13 @@ def rows() -> tuple[dict[str, Any], ...]:
     return tuple(vllm_facts.load())
 
 
-def row_for(version: Version) -> tuple[dict[str, Any], str | None]:
+def row_for(version: Version, field: str = "vllm_version") -> tuple[dict[str, Any], str | None]:
     """The row that describes `version` and, when it is not that release's own row, a note saying which."""
     table = rows()
     older = [r for r in table if Version(r["version"]) <= version]
     if not older:
         raise ConfigError(
-            f"vllm_version: {version} is older than the oldest release the toolkit has read "
+            f"{field}: {version} is older than the oldest release the toolkit has read "
             f"({table[0]['version']}; expected >= {table[0]['version']})"
         )
     row = older[-1]
@@ -136,7 +136,12 @@ class Target:
 
     @property
     def row(self) -> dict[str, Any]:
-        return row_for(self.version)[0]
+        return row_for(self.version, self._field)[0]
+
+    @property
+    def _field(self) -> str:
+        """Where the version came from, as the user would name it in an error."""
+        return {"given": "--vllm-version", "installed": "installed vLLM"}.get(self.source, "vllm_version")
 
     @property
     def all2all_as_flag(self) -> bool:
@@ -213,7 +218,7 @@ class Target:
         return rule["value"], rule["at"]
 
     def describe(self) -> str:
-        note = row_for(self.version)[1]
+        note = row_for(self.version, self._field)[1]
         return f"vLLM {self.version} ({self.source}{'; ' + note if note else ''})"
 
 

@@ -397,7 +397,7 @@ def test_versions_between_and_past_the_rows():
     assert target("9.0.0").row["version"] == newest
     assert f"newer than the newest release read ({newest})" in target("9.0.0").describe()
     with pytest.raises(
-        ConfigError, match=r"vllm_version: 0.9.2 is older than the oldest release the toolkit has read \(0.10.1.1"
+        ConfigError, match=r"--vllm-version: 0.9.2 is older than the oldest release the toolkit has read \(0.10.1.1"
     ):
         target("0.9.2").backends()
 
