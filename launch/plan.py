@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from env.paths import StackPaths
 from launch.config import DeployConfig
-from launch.layout import NodeLayout
+from launch.layout import NodeLayout, api_server_note
 from launch.netif import AutoIfname
 from launch.vllm_versions import Target
 
@@ -78,8 +78,12 @@ def build(
     """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND)."""
     notes: list[str] = [f"target {target.describe()}"]
     backend = all2all_backend or config.all2all_backend
-    if backend:
-        target.check_backend(backend)
+    if backend:  # a name vLLM's config silently replaces is planned as what it becomes
+        choice = target.choose_backend(backend)
+        backend = choice.used
+        notes += [choice.note] if choice.note else []
+    if note := api_server_note(layout, target):
+        notes.append(note)
 
     env: dict[str, EnvValue] = {}
     env.update(stack.env)
