@@ -14,7 +14,7 @@ from typing import Literal
 
 from env.paths import StackPaths
 from launch.config import DeployConfig
-from launch.layout import NodeLayout
+from launch.layout import NodeLayout, api_server_note
 from launch.netif import AutoIfname
 from launch.vllm_versions import Target
 
@@ -199,8 +199,12 @@ def build(
     ``passthrough`` are the arguments after ``--`` (launcher-owned flags already taken out by launch/request.py)."""
     notes: list[str] = [f"target {target.describe()}"]
     backend = all2all_backend or config.all2all_backend
-    if backend:
-        target.check_backend(backend)
+    if backend:  # a name vLLM's config silently replaces is planned as what it becomes
+        choice = target.choose_backend(backend)
+        backend = choice.used
+        notes += [choice.note] if choice.note else []
+    if note := api_server_note(layout, target):
+        notes.append(note)
 
     env: dict[str, EnvValue] = {}
     chosen = config.ifname(layout.node_rank) if layout.node_rank < len(config.nodes) else config.network.socket_ifname

@@ -2,23 +2,34 @@
 
     python -m launch verify LOGFILE... [--deploy FILE | --all2all-backend NAME]
 
-Recognised (vLLM 0.10 .. 0.33 wordings): the vLLM version, the all2all manager vLLM chose
-("Using AgRsAll2AllManager all2all manager." / older "Using PPLX all2all manager."), the MoE and
-attention backends, FlashAttention's version, each DP/EP rank and the experts it holds, the NCCL version
-(with NCCL_DEBUG=INFO), DeepGEMM use, and vLLM's own fall-back warnings. A backend that differs from the
-one asked for fails, naming both.
+Recognised: the vLLM version, the all2all manager vLLM chose (every line the releases of
+launch/vllm_facts.json log: "Using AgRsAll2AllManager all2all manager.", older "Using PPLX all2all
+manager.", "Using Flashinfer all2allv manager."), the MoE and attention backends, FlashAttention's version,
+each DP/EP rank and the experts it holds, the NCCL version (with NCCL_DEBUG=INFO), DeepGEMM use, and vLLM's
+own fall-back warnings. A backend that differs from the one asked for fails, naming both; with the version
+found in the logs, "asked for" follows that release's facts (its default, the names its config rewrites).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
+from launch import vllm_versions
+from launch.config import ConfigError
+
+_VERSION = r"(\d+\.\d+(?:\.\d+)*(?:[.+-][\w.+]*)?)"
 _PATTERNS = {
-    "version": re.compile(r"(?:vLLM API server version|version) (\d+\.\d+\.\d+[\w.+]*)\s*$"),
-    "engine_version": re.compile(r"Initializing a V1 LLM engine \(v([\w.+]+)\)"),
-    "all2all": re.compile(r"Using (.+?) all2all manager"),
+    # Only vLLM's own wordings: the engine's first line, the API server's, and the start-up banner's
+    # "<logo> version X". A bare "version X" would also take NCCL's "NCCL version 2.28.9".
+    "engine_version": re.compile(r"Initializing a V1 LLM engine \(v" + _VERSION + r"\)"),
+    "version": re.compile(r"vLLM (?:API )?server version " + _VERSION),
+    "banner_version": re.compile(r"[\u2580-\u259f]\s+version " + _VERSION + r"\s*$"),
+    "all2all": re.compile(r"Using (.+?) all2allv? manager"),
     "moe": re.compile(r"Using (\S+(?: \S+)?) (?:Unquantized |Fp8 |FP8 |Quantized )?MoE backend(?! out)"),
     "moe_choice": re.compile(r"Using (\S+) (?:\w+ )?MoE backend out of potential backends"),
     "attention": re.compile(r"Using (\S+) attention backend"),
@@ -31,23 +42,35 @@ _PATTERNS = {
     "fallback": re.compile(r"(has been removed\. Falling back to '?(\w+)'?|falling back to \S+ all2all)", re.IGNORECASE),
 }
 
-# The class or label vLLM logs for each backend, squeezed to lowercase letters and digits.
-_MANAGERS = {
-    "agrs": "allgather_reducescatter", "allgatherreducescatter": "allgather_reducescatter",
-    "naive": "naive", "pplx": "pplx",
-    "deepepht": "deepep_high_throughput", "deepephighthroughput": "deepep_high_throughput",
-    "deepepll": "deepep_low_latency", "deepeplowlatency": "deepep_low_latency",
-    "deepepv2": "deepep_v2", "nixlep": "nixl_ep",
-    "flashinferalltoall": "flashinfer_all2allv", "flashinferall2allv": "flashinfer_all2allv",
-}
+def _squeeze(label: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", label.lower())
+
+
+def label_of(log_line: str) -> str | None:
+    """'Using PPLX all2all manager.' -> 'PPLX': what the all2all pattern captures from a line vLLM logs."""
+    m = _PATTERNS["all2all"].search(log_line)
+    return m.group(1) if m else None
+
+
+@functools.cache
+def _managers() -> dict[str, str]:
+    """Every manager label the releases of the facts table log, squeezed, -> the backend it stands for.
+    A label several names share (AgRsAll2AllManager: naive and allgather_reducescatter) stands for the name
+    that is neither rewritten by that release's config nor deprecated in its communicator."""
+    out: dict[str, str] = {}
+    for row in vllm_versions.rows():
+        for name, entries in row["backends"].items():
+            for entry in entries:
+                label = label_of(entry["log"] or "") or entry["manager"]
+                secondary = entry.get("deprecated") or name in row["rewrites"]
+                if not secondary or _squeeze(label) not in out:
+                    out[_squeeze(label)] = name
+    return out
 
 
 def backend_of(manager: str) -> str | None:
-    """'AgRsAll2AllManager' -> allgather_reducescatter; 'PPLX' -> pplx; None when unknown."""
-    key = re.sub(r"[^a-z0-9]", "", manager.lower()).removesuffix("all2allmanager").removesuffix("manager")
-    if key in _MANAGERS:
-        return _MANAGERS[key]
-    return next((v for k, v in _MANAGERS.items() if key.startswith(k)), None)
+    """'AgRsAll2AllManager' -> allgather_reducescatter; 'PPLX' -> pplx; None when no release logs it."""
+    return _managers().get(_squeeze(manager))
 
 
 @dataclass
@@ -108,7 +131,7 @@ def read(paths: list[Path]) -> Findings:
 
 def _scan(line: str, found: Findings) -> None:
     p = _PATTERNS
-    if (m := p["engine_version"].search(line)) or ("version" in line and (m := p["version"].search(line))):
+    if ("version" in line or "engine (v" in line) and any(m := p[k].search(line) for k in ("engine_version", "version", "banner_version")):
         found.version = found.version or m.group(1)
     if m := p["all2all"].search(line):
         found.all2all_manager = m.group(1)
@@ -135,11 +158,13 @@ def _scan(line: str, found: Findings) -> None:
 def problems(found: Findings, *, backend: str | None, ep_size: int | None = None, deep_gemm: bool = False) -> list[str]:
     """Where what ran differs from what was asked for; empty when it matches."""
     out = []
-    asked = backend or "allgather_reducescatter"  # vLLM's default since 0.11
+    target = _target(found.version)
+    # Without a version in the logs: vLLM's default from 0.11 on (0.10 defaulted to naive).
+    asked = backend or (target.default_backend if target else "allgather_reducescatter")
     if found.all2all_manager is None:
         if ep_size and ep_size > 1:
             out.append("no all2all manager in the logs (expected one with expert parallelism; is this the primary's log?)")
-    elif found.all2all_backend != asked:
+    elif not _as_asked(found.all2all_manager, asked, target):
         out.append(f"all2all backend: asked for {asked}, vLLM used {found.all2all_manager} ({found.all2all_backend or 'unknown'})")
     if ep_size:
         missing = sorted(set(range(ep_size)) - set(found.ep_ranks))
@@ -152,3 +177,24 @@ def problems(found: Findings, *, backend: str | None, ep_size: int | None = None
         out.append("DeepGEMM: asked for (VLLM_USE_DEEP_GEMM=1) but the logs never show it in use")
     out += [f"vLLM fell back: {f}" for f in found.fallbacks]
     return out
+
+
+def _target(version: str | None) -> vllm_versions.Target | None:
+    """The facts of the release the logs name; None when they name none the table covers."""
+    if version is None:
+        return None
+    try:
+        target = vllm_versions.Target(Version(Version(version).base_version), "logs")
+        target.row  # noqa: B018 - refuses a version older than the table
+    except (InvalidVersion, ConfigError):
+        return None
+    return target
+
+
+def _as_asked(manager: str, asked: str, target: vllm_versions.Target | None) -> bool:
+    """The logged manager is the one vLLM builds for `asked` (in that release, when the logs name it)."""
+    if target is not None:
+        expected = {_squeeze(label_of(line) or line) for line in target.managers(asked)}
+        if expected:
+            return _squeeze(manager) in expected
+    return backend_of(manager) == asked

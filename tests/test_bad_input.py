@@ -33,8 +33,8 @@ CASES = {
     "env name that is no variable": (GOOD + "env: {'MY-VAR': x}\n", "env.MY-VAR: expected a shell variable name"),
     "EFA settings on InfiniBand": (GOOD + "network: {transport: ib, efa: {FI_PROVIDER: efa}}\n", "network: efa settings given but transport is 'ib'"),
     "NCCL setting without its prefix": (GOOD + "network: {nccl: {IB_HCA: mlx5}}\n", "network.nccl: expected variable names starting with NCCL_, got 'IB_HCA'"),
-    "removed backend": (GOOD + "vllm_version: 0.26.0\nall2all_backend: pplx\n",
-                        "all2all_backend: 'pplx' was removed in vLLM 0.16.0 and the target is 0.26.0"),
+    "backend the target does not have yet": (GOOD + "vllm_version: 0.16.0\nall2all_backend: nixl_ep\n",
+                                             "all2all_backend: 'nixl_ep' needs vLLM >= 0.18.0, the target is 0.16.0"),
     "unknown backend": (GOOD + "all2all_backend: deepep_fast\n", "all2all_backend: unknown backend 'deepep_fast' (expected one of:"),
     "backend newer than the target": (GOOD + "vllm_version: 0.10.1.1\nall2all_backend: deepep_v2\n", "all2all_backend: 'deepep_v2' needs vLLM >= "),
     "version that is no version": (GOOD + "vllm_version: latest\n", "vllm_version: 'latest' is not a version"),
@@ -84,8 +84,8 @@ def test_missing_file(launch, tmp_path):
         (["primary", "10.1.59.30", "13345", "m", "sixteen", "8", "8"], "TOTAL_DP: expected an integer, got 'sixteen'"),
         (["primary", "127.0.0.1", "13345", "m", "2", "1", "1", "--socket-ifname", "nosuch0"],
          "socket_ifname: interface 'nosuch0' does not exist on this machine (expected one of:"),
-        (["primary", "127.0.0.1", "13345", "m", "2", "1", "1", "--all2all-backend", "naive", "--vllm-version", "0.33.0"],
-         "all2all_backend: 'naive' was removed in vLLM 0.16.0"),
+        (["primary", "127.0.0.1", "13345", "m", "2", "1", "1", "--all2all-backend", "moonep", "--vllm-version", "0.26.0"],
+         "all2all_backend: 'moonep' needs vLLM >= 0.31.0"),
     ],
 )
 def test_bad_arguments_are_one_line(args, expected, launch):

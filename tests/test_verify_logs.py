@@ -67,3 +67,42 @@ def test_fallback_warning_is_a_mismatch(tmp_path):
 def test_missing_log_is_one_line(launch, tmp_path):
     res = launch("verify", str(tmp_path / "nope.log"))
     assert res.code == 2 and res.err.strip() == f"error: {tmp_path / 'nope.log'}: no such log file (expected vLLM's output, e.g. from --log-file)"
+
+
+def test_the_version_is_vllms_never_nccls(tmp_path):
+    log = tmp_path / "p.log"
+    log.write_text("(Worker pid=3) node1:3:3 [0] NCCL INFO NCCL version 2.28.9\n"
+                   "(APIServer pid=1) INFO 01-01 00:00:00 [api_utils.py:345]  ▄▄ ▄█ █     █     █ ▀▄▀ █  version 0.26.0\n")
+    assert verify.read([log]).version == "0.26.0"
+    log.write_text("(Worker pid=3) node1:3:3 [0] NCCL INFO NCCL version 2.28.9\n")
+    found = verify.read([log])
+    assert found.version is None and found.nccl == "2.28.9"
+
+
+@pytest.mark.parametrize("lines, backend, problems", [
+    # 0.10.1.1 defaulted to naive (VLLM_ALL2ALL_BACKEND's default in its vllm/envs.py)
+    (["INFO [api_server.py:1805] vLLM API server version 0.10.1.1", "INFO Using naive all2all manager."], None, []),
+    # 0.11.0's FlashInfer line says "all2allv manager"
+    (["INFO Initializing a V1 LLM engine (v0.11.0) with config: x", "INFO Using Flashinfer all2allv manager."],
+     "flashinfer_all2allv", []),
+    # 0.26.0 replaces pplx with allgather_reducescatter in its config: the AgRs manager is what pplx becomes there
+    (["INFO Initializing a V1 LLM engine (v0.26.0) with config: x", "INFO Using AgRsAll2AllManager all2all manager."], "pplx", []),
+    # 0.16.0 still builds the PPLX manager for pplx
+    (["INFO Initializing a V1 LLM engine (v0.16.0) with config: x", "INFO Using AgRsAll2AllManager all2all manager."], "pplx",
+     ["all2all backend: asked for pplx, vLLM used AgRsAll2AllManager (allgather_reducescatter)"]),
+])
+def test_what_was_asked_follows_the_release_in_the_logs(tmp_path, lines, backend, problems):
+    log = tmp_path / "p.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert verify.problems(verify.read([log]), backend=backend) == problems
+
+
+def test_every_manager_line_of_the_facts_table_is_recognised():
+    from launch import vllm_facts
+
+    for row in vllm_facts.load():
+        for entries in row["backends"].values():
+            for entry in entries:
+                label = verify.label_of(entry["log"])
+                assert label is not None, (row["version"], entry["log"])
+                assert verify.backend_of(label) is not None
