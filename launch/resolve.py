@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from env.paths import StackPaths, stack_paths
-from launch import netif
-from launch import plan as planning
+from launch import netif, plan as planning
 from launch.config import DeployConfig, load_deploy, parse_deploy, parse_deploy_text
 from launch.errors import ConfigError
 from launch.layout import NodeLayout, layouts

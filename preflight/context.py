@@ -12,8 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from launch import netif
-from launch import plan as planning
+from launch import netif, plan as planning
 from launch.config import DeployConfig
 from launch.netif import AutoIfname
 from launch.plan import NodePlan

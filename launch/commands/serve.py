@@ -12,8 +12,7 @@ import sys
 from dataclasses import replace
 
 from env.paths import joined
-from launch import netif, render
-from launch import plan as planning
+from launch import netif, plan as planning, render
 from launch.commands import RAY_FIX, VLLM_FIX, executable, say
 from launch.errors import ConfigError, NodeDown
 from launch.netif import AutoIfname
