@@ -70,9 +70,9 @@ GID_VARS = ("NCCL_IB_GID_INDEX", "NVSHMEM_IB_GID_INDEX")
 """What ``network.gid_index`` sets: one index for both libraries."""
 
 
-def uses_nvshmem(backend: str | None, nodes: int) -> bool:
+def uses_nvshmem(backend: str | None, across_nodes: bool) -> bool:
     """Whether NVSHMEM carries traffic between nodes (within one node it uses NVLink and needs nothing here)."""
-    return nodes > 1 and backend in NVSHMEM_BACKENDS
+    return across_nodes and backend in NVSHMEM_BACKENDS
 
 
 def hca_lists(hcas: list[str]) -> dict[str, str]:
@@ -84,8 +84,13 @@ def hca_lists(hcas: list[str]) -> dict[str, str]:
 def kv_over_ucx(vllm_args: list[str]) -> bool:
     """Whether ``--kv-transfer-config`` names NIXL with its UCX backend (the default when no backend is named)."""
     for i, arg in enumerate(vllm_args):
-        raw = vllm_args[i + 1] if arg == "--kv-transfer-config" and i + 1 < len(vllm_args) else \
-            arg.partition("=")[2] if arg.startswith("--kv-transfer-config=") else None
+        raw = (
+            vllm_args[i + 1]
+            if arg == "--kv-transfer-config" and i + 1 < len(vllm_args)
+            else arg.partition("=")[2]
+            if arg.startswith("--kv-transfer-config=")
+            else None
+        )
         if raw is None:
             continue
         try:
@@ -99,13 +104,13 @@ def kv_over_ucx(vllm_args: list[str]) -> bool:
     return False
 
 
-def fabric_env(network: Network, backend: str | None, *, nodes: int, ucx: bool = False) -> dict[str, str]:
-    """The transport's variables for this deployment. ``nodes``: nodes of this deployment (of the group, with
-    prefill/decode); ``ucx``: a NIXL connector over UCX moves the KV cache. Raises ConfigError (one line) when the
+def fabric_env(network: Network, backend: str | None, *, across_nodes: bool, ucx: bool = False) -> dict[str, str]:
+    """The transport's variables for this deployment. ``across_nodes``: the deployment (the group, with
+    prefill/decode) spans more than one node; ``ucx``: a NIXL connector over UCX moves the KV cache. Raises ConfigError (one line) when the
     deploy file sets a variable that ``network.hcas`` / ``network.gid_index`` own, or those on the wrong transport."""
     transport = network.transport
     _refuse_conflicts(network)
-    nvshmem = uses_nvshmem(backend, nodes)
+    nvshmem = uses_nvshmem(backend, across_nodes)
     env: dict[str, str] = {}
     if transport in ("ib", "roce"):
         lists = hca_lists(network.hcas) if network.hcas else {}
@@ -124,8 +129,13 @@ def fabric_env(network: Network, backend: str | None, *, nodes: int, ucx: bool =
             env["UCX_NET_DEVICES"] = lists["UCX_NET_DEVICES"]
     elif transport == "efa":
         if nvshmem:
-            env.update({"NVSHMEM_REMOTE_TRANSPORT": "libfabric", "NVSHMEM_LIBFABRIC_PROVIDER": "efa",
-                        "FI_EFA_ENABLE_SHM_TRANSFER": "0"})
+            env.update(
+                {
+                    "NVSHMEM_REMOTE_TRANSPORT": "libfabric",
+                    "NVSHMEM_LIBFABRIC_PROVIDER": "efa",
+                    "FI_EFA_ENABLE_SHM_TRANSFER": "0",
+                }
+            )
     else:  # tcp
         env["NCCL_IB_DISABLE"] = "1"
     return env
@@ -134,26 +144,38 @@ def fabric_env(network: Network, backend: str | None, *, nodes: int, ucx: bool =
 def _refuse_conflicts(network: Network) -> None:
     transport = network.transport
     if network.hcas and transport not in ("ib", "roce"):
-        raise ConfigError(f"network.hcas: names InfiniBand / RoCE devices, the transport is {transport} "
-                          f"(expected transport ib or roce, or no hcas)")
+        raise ConfigError(
+            f"network.hcas: names InfiniBand / RoCE devices, the transport is {transport} "
+            f"(expected transport ib or roce, or no hcas)"
+        )
     if network.gid_index is not None and transport != "roce":
-        raise ConfigError(f"network.gid_index: a RoCE GID index, the transport is {transport} (expected transport roce, or no gid_index)")
+        raise ConfigError(
+            f"network.gid_index: a RoCE GID index, the transport is {transport} (expected transport roce, or no gid_index)"
+        )
     given = {**network.nccl, **network.nvshmem}
     if network.hcas:
         for var in HCA_VARS:
             if var in given:
-                raise ConfigError(f"network.{_section(var)}.{var}: also set by network.hcas (expected one of the two; "
-                                  f"network.hcas sets NCCL_IB_HCA, NVSHMEM_HCA_LIST and UCX_NET_DEVICES alike)")
+                raise ConfigError(
+                    f"network.{_section(var)}.{var}: also set by network.hcas (expected one of the two; "
+                    f"network.hcas sets NCCL_IB_HCA, NVSHMEM_HCA_LIST and UCX_NET_DEVICES alike)"
+                )
     gids = [var for var in GID_VARS if var in given]
     if gids and network.gid_index is not None:
-        raise ConfigError(f"network.{_section(gids[0])}.{gids[0]}: also set by network.gid_index (expected one of the two)")
+        raise ConfigError(
+            f"network.{_section(gids[0])}.{gids[0]}: also set by network.gid_index (expected one of the two)"
+        )
     if len(gids) == 2 and given[gids[0]] != given[gids[1]]:
-        raise ConfigError(f"network.nvshmem.{gids[1]}: {given[gids[1]]}, but network.nccl.{gids[0]} is {given[gids[0]]} "
-                          f"(expected one index for both: network.gid_index)")
+        raise ConfigError(
+            f"network.nvshmem.{gids[1]}: {given[gids[1]]}, but network.nccl.{gids[0]} is {given[gids[0]]} "
+            f"(expected one index for both: network.gid_index)"
+        )
     if len(gids) == 1:
         other = GID_VARS[1 - GID_VARS.index(gids[0])]
-        raise ConfigError(f"network.{_section(gids[0])}.{gids[0]}: set for one library only ({other} would pick its own GID; "
-                          f"expected network.gid_index: {given[gids[0]]}, which sets both)")
+        raise ConfigError(
+            f"network.{_section(gids[0])}.{gids[0]}: set for one library only ({other} would pick its own GID; "
+            f"expected network.gid_index: {given[gids[0]]}, which sets both)"
+        )
 
 
 def _section(var: str) -> str:

@@ -38,6 +38,7 @@ from packaging.version import Version
 from env.pins import PROFILES
 from launch.config import ConfigError, DeployConfig
 from launch.fabric import DEEPEP_V1
+from launch.layout import NodeLayout
 from launch.vllm_versions import Target
 
 DEEPEP_V2_MIN_NCCL = Version("2.30.4")
@@ -50,29 +51,39 @@ RDMA = ("ib", "roce")
 NVSHMEM_IBGDA_PREFIXES = ("NVSHMEM_IB_ENABLE_IBGDA", "NVSHMEM_IBGDA_")
 
 
-def check(config: DeployConfig, target: Target, backend: str | None, passthrough: list[str] | None = None) -> list[str]:
+def across_nodes(config: DeployConfig, layout: NodeLayout) -> bool:
+    """Whether the deployment spans nodes: more than one in the file, or (the guide's positional arguments, which
+    describe this node only) more data parallel ranks than this node holds."""
+    return len(config.nodes) > 1 or layout.data_parallel_size > layout.data_parallel_size_local
+
+
+def check(
+    config: DeployConfig, layout: NodeLayout, target: Target, backend: str | None, passthrough: list[str] | None = None
+) -> list[str]:
     """Warnings for the plan's notes; raises ConfigError (one line) for a combination that cannot run."""
     if not backend:
         return []
     transport = config.network.transport
-    nodes = len(config.nodes)
-    where = f"across {nodes} nodes on {transport}"
-    if nodes > 1 and transport not in RDMA:
+    where = f"across nodes on {transport}"
+    if across_nodes(config, layout) and transport not in RDMA:
         if backend in DEEPEP_V1:
             raise ConfigError(
                 f"all2all_backend: {backend} cannot run {where}: DeepEP v1 drives InfiniBand / RoCE NICs from the GPU "
-                f"(NVSHMEM IBGDA) (expected {_portable(target, transport)} on {transport}; DeepEP needs transport ib or roce)")
+                f"(NVSHMEM IBGDA) (expected {_portable(target, transport)} on {transport}; DeepEP needs transport ib or roce)"
+            )
         if backend == "deepep_v2":
             raise ConfigError(
                 f"all2all_backend: deepep_v2 cannot run {where}: NCCL GIN needs NVIDIA InfiniBand / RoCE NICs "
-                f"(expected {_portable(target, transport)} on {transport}; deepep_v2 needs transport ib or roce)")
+                f"(expected {_portable(target, transport)} on {transport}; deepep_v2 needs transport ib or roce)"
+            )
         if backend == "pplx" and transport == "tcp":
             raise ConfigError(
                 f"all2all_backend: pplx cannot run {where}: pplx-kernels reach other nodes over IBGDA, IBRC or EFA only "
-                f"(expected {_portable(target, transport)} on tcp)")
+                f"(expected {_portable(target, transport)} on tcp)"
+            )
     if backend == "deepep_v2":
         _deepep_v2_requirements(config, target)
-    return _low_latency_warning(config, target, backend, list(config.vllm_args) + list(passthrough or []))
+    return _low_latency_warning(config, layout, target, backend, list(config.vllm_args) + list(passthrough or []))
 
 
 def _portable(target: Target, transport: str) -> str:
@@ -93,14 +104,17 @@ def _deepep_v2_requirements(config: DeployConfig, target: Target) -> None:
             raise ConfigError(
                 f"all2all_backend: deepep_v2 needs NCCL >= {DEEPEP_V2_MIN_NCCL} where torch loads it, the stack profile "
                 f"{profile.name} for vLLM {target.version} pins NCCL {pinned} (expected a profile with nvidia-nccl >= "
-                f"{DEEPEP_V2_MIN_NCCL}, or another backend: {', '.join(b for b in target.backends() if b != 'deepep_v2')})")
+                f"{DEEPEP_V2_MIN_NCCL}, or another backend: {', '.join(b for b in target.backends() if b != 'deepep_v2')})"
+            )
     sources = {f"network.nvshmem.{k}": k for k in config.network.nvshmem}
     sources |= {f"env.{k}": k for k in config.env}
     sources |= {f"nodes[{i}].env.{k}": k for i, n in enumerate(config.nodes) for k in n.env}
     for field, name in sources.items():
         if name.startswith(NVSHMEM_IBGDA_PREFIXES):
-            raise ConfigError(f"{field}: deepep_v2 runs on NCCL GIN, not NVSHMEM (expected no NVSHMEM IBGDA settings "
-                              f"with deepep_v2; they belong to deepep_high_throughput / deepep_low_latency)")
+            raise ConfigError(
+                f"{field}: deepep_v2 runs on NCCL GIN, not NVSHMEM (expected no NVSHMEM IBGDA settings "
+                f"with deepep_v2; they belong to deepep_high_throughput / deepep_low_latency)"
+            )
 
 
 def pinned_nccl(profile) -> Version | None:
@@ -116,15 +130,28 @@ def pinned_nccl(profile) -> Version | None:
     return None
 
 
-def _low_latency_warning(config: DeployConfig, target: Target, backend: str, args: list[str]) -> list[str]:
-    dp = sum(config.local_dp(rank) for rank in range(len(config.nodes)))
+def _low_latency_warning(
+    config: DeployConfig, layout: NodeLayout, target: Target, backend: str, args: list[str]
+) -> list[str]:
+    dp = layout.data_parallel_size
     split = "--kv-transfer-config" in args
     chosen = any(a == "--max-num-batched-tokens" or a.startswith("--max-num-batched-tokens=") for a in args)
-    if (backend not in LOW_LATENCY or split or chosen or not config.enable_expert_parallel or dp < 2
-            or target.version < BATCHED_DP_DEFAULT_SINCE):
+    if (
+        backend not in LOW_LATENCY
+        or split
+        or chosen
+        or not config.enable_expert_parallel
+        or dp < 2
+        or target.version < BATCHED_DP_DEFAULT_SINCE
+    ):
         return []
-    both = "deepep_v2" if "deepep_v2" in target.backends() and (config.network.transport in RDMA or len(config.nodes) == 1) \
+    both = (
+        "deepep_v2"
+        if "deepep_v2" in target.backends() and (config.network.transport in RDMA or not across_nodes(config, layout))
         else _portable(target, config.network.transport)
-    return [f"warning: {backend} without a prefill/decode split: vLLM {target.version} then defaults "
-            f"max_num_batched_tokens to 256, so long prompts prefill in 256-token chunks (for prefill and decode on the "
-            f"same engines use {both}; or split them with disaggregation; or pass --max-num-batched-tokens)"]
+    )
+    return [
+        f"warning: {backend} without a prefill/decode split: vLLM {target.version} then defaults "
+        f"max_num_batched_tokens to 256, so long prompts prefill in 256-token chunks (for prefill and decode on the "
+        f"same engines use {both}; or split them with disaggregation; or pass --max-num-batched-tokens)"
+    ]

@@ -60,7 +60,7 @@ def build(
     backend = all2all_backend or config.all2all_backend
     if backend:
         target.check_backend(backend)
-    notes += matrix.check(config, target, backend, passthrough)
+    notes += matrix.check(config, layout, target, backend, passthrough)
 
     env: dict[str, EnvValue] = {}
     env.update(stack.env)
@@ -73,7 +73,8 @@ def build(
     for var in IFNAME_VARS:
         env[var] = iface
 
-    env.update(fabric_env(config.network, backend, nodes=len(config.nodes), ucx=kv_over_ucx(config.vllm_args)))
+    env.update(fabric_env(config.network, backend, across_nodes=matrix.across_nodes(config, layout),
+                          ucx=kv_over_ucx(config.vllm_args)))
     env.update(config.network.nccl)
     env.update(config.network.nvshmem)
     env.update(config.network.efa)
