@@ -13,9 +13,10 @@ InfiniBand / RoCE, every backend
                          NVIDIA/nccl docs/userguide/source/env.rst, sections NCCL_IB_GID_INDEX, NCCL_IB_ADDR_FAMILY.
 
 InfiniBand / RoCE, NVSHMEM across nodes (DeepEP v1 high-throughput / low-latency, pplx)
-  NVSHMEM_IB_ENABLE_IBGDA=1   DeepEP v1 only. DeepEP's Buffer sets it itself when it has RDMA buffers
-                              (deep_ep/buffer.py at c18eabd, the `num_rdma_bytes > 0` branch); set here too so
-                              that preflight judges the node for IBGDA.
+  NVSHMEM_IB_ENABLE_IBGDA=1   DeepEP v1 only. DeepEP's Buffer sets it itself across nodes or in low-latency mode
+                              (deepseek-ai/DeepEP deep_ep/buffer.py at c18eabd, the "Enable IBGDA" branch under
+                              `get_num_rdma_ranks() > 1 or low_latency_mode`); set here too so that preflight
+                              judges the node for IBGDA.
   (no NVSHMEM_IBGDA_NIC_HANDLER)  its default ``auto`` uses the GPU and falls back to the CPU-assisted path
                               (NVIDIA/nvshmem src/modules/transport/common/env_defs.h at v3.4.5-0, IBGDA_NIC_HANDLER).
                               DeepEP stopped forcing ``gpu`` for that reason: deepseek-ai/DeepEP commit e6b4f52
@@ -40,14 +41,16 @@ AWS EFA (aws/aws-ofi-nccl doc/efa-env-var.md, "EFA Cheatsheet")
   FI_EFA_ENABLE_SHM_TRANSFER "not needed" for NCCL (the plugin turns SHM off through FI_OPT_CUDA_API_PERMITTED).
   NVSHMEM over libfabric (pplx across nodes):
   NVSHMEM_REMOTE_TRANSPORT=libfabric, NVSHMEM_LIBFABRIC_PROVIDER=efa   NVSHMEM's default provider is cxi
-                              (env_defs.h, LIBFABRIC_PROVIDER "cxi, efa, verbs").
-  FI_EFA_ENABLE_SHM_TRANSFER=0  "the user is responsible for ensuring that ... FI_EFA_ENABLE_SHM_TRANSFER is set to
-                              0 before launching" with NVSHMEM_LIBFABRIC_PROVIDER=EFA: NVSHMEM release notes
-                              (docs.nvidia.com/nvshmem/release-notes-install-guide, 3.3.24, Limitations).
+                              (env_defs.h, LIBFABRIC_PROVIDER "cxi, efa, verbs"; compared in lower case:
+                              src/modules/transport/libfabric/libfabric.cpp, strcmp(..., "efa"), v3.4.5-0).
+  FI_EFA_ENABLE_SHM_TRANSFER=0  "the user is responsible for ensuring that the libfabric environment variable
+                              FI_EFA_ENABLE_SHM_TRANSFER is set to 0 before launching" with the EFA provider:
+                              NVSHMEM 3.3.24 release notes, Limitations (https://docs.nvidia.com/nvshmem/
+                              release-notes-install-guide/prior-releases/release-3324.html).
 
 TCP
-  NCCL_IB_DISABLE=1      keeps NCCL off InfiniBand verbs it would otherwise probe for; it then uses IP sockets
-                         (NVIDIA/nccl docs/userguide/source/env.rst, section NCCL_IB_DISABLE).
+  NCCL_IB_DISABLE=1      "prevents the IB/RoCE transport from being used by NCCL. Instead, NCCL will fall back to
+                         using IP sockets" (NVIDIA/nccl docs/userguide/source/env.rst, section NCCL_IB_DISABLE).
 
 Deploy-file values (network.nccl / nvshmem / efa, env) are applied after these and win; the variables that
 ``network.hcas`` and ``network.gid_index`` own may not also be given by hand, so the libraries cannot disagree.
