@@ -12,6 +12,20 @@ import pytest
 from preflight import imports, model, rdma
 from tests.test_preflight_interconnect import H200_PARAMS, IBGDA_PARAMS, MODULES_PEERMEM, MODULES_PLAIN, proc_tree
 
+# The library probe's lookups (preflight.imports._LIBS_PROBE) run on the H200 machine on 2026-12-02, after
+# `import torch` (torch 2.11.0+cu130): ncclGetVersion, nvshmemx_vendor_get_version_info, /proc/self/maps,
+# /proc/modules and /proc/driver/nvidia/params, as printed there.
+H200_PROBE = {
+    "nccl": [22809, ["/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2"]],
+    "nvshmem": [3, 4, 5, ["/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nvshmem/lib/libnvshmem_host.so.3"]],
+    "torch_nccl": [2, 28, 9],
+    "gdrdrv": False,
+    "peermem": False,
+    "params": ["0", '""'],
+}
+H200_NCCL = imports.Library(imports.nccl_version(H200_PROBE["nccl"][0]), H200_PROBE["nccl"][1][0])
+H200_NVSHMEM = tuple(H200_PROBE["nvshmem"][:3])
+
 
 def params(tmp_path, text):
     return rdma.nvidia_params(proc_tree(tmp_path, MODULES_PLAIN, text))
@@ -44,7 +58,7 @@ IBGDA = {
     "H200 machine: neither, NVSHMEM 3.4.5": (
         H200_PARAMS,
         MODULES_PLAIN,
-        (3, 4, 5),
+        H200_NVSHMEM,
         True,
         "note: neither regkeys nor GDRCopy",
     ),
@@ -193,9 +207,15 @@ def test_nccl_version_codes(code, version):
     assert imports.nccl_version(code) == version
 
 
+def test_the_h200_probe_agrees_with_torch():
+    """What ncclGetVersion said there is what torch.cuda.nccl.version() said in the same process."""
+    assert H200_NCCL.version == tuple(H200_PROBE["torch_nccl"])
+    assert not H200_PROBE["gdrdrv"] and H200_PROBE["params"][0] == "0"  # the IBGDA row "H200 machine" above
+
+
 NCCL = {
     # the H200 machine's image: torch 2.11 with nvidia-nccl-cu13 2.28.9, where DeepEP v2 failed to import
-    "H200 image, NCCL 2.28.9": (imports.Library((2, 28, 9), "/site-packages/nvidia/nccl/lib/libnccl.so.2"), False),
+    "H200 machine, NCCL 2.28.9 (DeepEP v2 failed to import there)": (H200_NCCL, False),
     "the wheel that made DeepEP v2 build there, 2.31.2": (
         imports.Library((2, 31, 2), "/site-packages/nvidia/nccl/lib/libnccl.so.2"),
         True,
