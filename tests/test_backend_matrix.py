@@ -201,3 +201,48 @@ def test_the_guides_positional_arguments_count_as_several_nodes():
     )
     (plan,) = make_plans(args, [], role="primary")  # all 8 ranks on this node: NVLink
     assert plan.argv[plan.argv.index("--all2all-backend") + 1] == "deepep_low_latency"
+
+
+# ---- the version facts the matrix uses, re-read in the installed wheels (tests/vllm/install-parsers.sh)
+
+
+def wheel_text(version: str, path: str) -> str:
+    """A file of an installed vLLM release ("" when that release has no such file); skips where it is not installed."""
+    import os
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    folder = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers")) / f"vllm-{version}"
+    if not (folder / "vllm").is_dir():
+        if os.environ.get("EP_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM {version} is not installed in {folder.parent} (bash tests/vllm/install-parsers.sh)")
+        pytest.skip(f"vLLM {version} is not installed (bash tests/vllm/install-parsers.sh)")
+    file = folder / path
+    return file.read_text() if file.is_file() else ""
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.33.0"])
+def test_low_latency_backends_and_the_256_default_are_the_wheels(version):
+    import re
+
+    from launch.matrix import LOW_LATENCY
+
+    parallel = wheel_text(version, "vllm/config/parallel.py")
+    body = parallel.split("def use_batched_dp_moe", 1)[1].split("def ", 1)[0]
+    assert set(re.findall(r'"(\w+)"', body)) == set(LOW_LATENCY)
+    assert "DEFAULT_MAX_NUM_BATCHED_TOKENS_FOR_BATCHED_DP: ClassVar[int] = 256" in wheel_text(
+        version, "vllm/config/scheduler.py"
+    )
+    assert "use_batched_dp_moe" in wheel_text(version, "vllm/engine/arg_utils.py")
+
+
+def test_the_guides_vllm_has_no_256_default():
+    assert "use_batched_dp_moe" not in wheel_text("0.10.1.1", "vllm/engine/arg_utils.py")
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.33.0"])
+def test_deepep_v2_nccl_floor_is_the_wheels(version):
+    text = wheel_text(version, "vllm/utils/import_utils.py")
+    raw = DEEPEP_V2_MIN_NCCL.major * 10000 + DEEPEP_V2_MIN_NCCL.minor * 100 + DEEPEP_V2_MIN_NCCL.micro
+    assert f"DEEPEP_V2_MIN_NCCL_VERSION_RAW = {raw}" in text

@@ -281,3 +281,14 @@ def test_the_probe_asks_for_vllms_copy_only_where_deep_gemm_is_needed():
     need = imports.required("deepep_low_latency", {"VLLM_USE_DEEP_GEMM": "1"})
     assert imports.to_probe(need) == ["torch", "vllm", "deep_ep", "deep_gemm", "vllm.third_party.deep_gemm"]
     assert "vllm.third_party.deep_gemm" not in imports.to_probe(imports.required("deepep_low_latency", {}))
+
+
+@pytest.mark.parametrize("version, vendored", [("0.10.1.1", False), ("0.26.0", True), ("0.33.0", True)])
+def test_vllms_own_deep_gemm_in_the_installed_wheels(version, vendored):
+    """The stand-in preflight accepts is the module vLLM itself falls back to (vllm/utils/import_utils.py)."""
+    from tests.test_backend_matrix import wheel_text
+
+    (stand_in,) = imports.ALTERNATIVES["deep_gemm"]
+    package = wheel_text(version, stand_in.replace(".", "/") + "/__init__.py")
+    assert bool(package) is vendored
+    assert (f'_has_module("{stand_in}")' in wheel_text(version, "vllm/utils/import_utils.py")) is vendored
