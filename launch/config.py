@@ -9,6 +9,7 @@ is one line: ``FILE: FIELD: what was expected``.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +77,19 @@ class Network(_Strict):
     """Extra NVSHMEM_* variables, applied after the transport's defaults."""
     efa: dict[str, str] = {}
     """Extra FI_* (libfabric) variables; only for transport efa."""
+    hcas: list[str] = []
+    """InfiniBand / RoCE devices to use, exact names (``mlx5_0`` or ``mlx5_0:1``); one list for NCCL, NVSHMEM and
+    UCX (launch/fabric.py writes each library's syntax). Default: each library picks its own."""
+    gid_index: int | None = Field(default=None, ge=0)
+    """RoCE: the GID index NCCL and NVSHMEM both use. Default: both pick a RoCE v2 GID themselves."""
+
+    @field_validator("hcas")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+(:[0-9]+)?", name):
+                raise ValueError(f"{name!r} is not a device name (expected e.g. mlx5_0 or mlx5_0:1, one per entry)")
+        return value
 
     @field_validator("nccl", "nvshmem", "efa")
     @classmethod

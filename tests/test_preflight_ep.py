@@ -576,7 +576,7 @@ def test_two_nodes_meet_for_the_ep_check_and_each_names_the_other(tmp_path):
     path.write_text(
         f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 1}}\n  - {{address: 127.0.0.2, gpus: 1}}\n"
         f"rpc_port: {rpc}\nport: {rpc + 7}\nall2all_backend: deepep_low_latency\nvllm_version: '0.26.0'\n"
-        "network: {transport: tcp, socket_ifname: lo}\npreflight: {rendezvous_timeout_s: 60}\n"
+        "network: {transport: ib, socket_ifname: lo}\npreflight: {rendezvous_timeout_s: 60}\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(rendezvous.PORT_VAR, None)
