@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -131,6 +131,13 @@ class _Tree:
         self.mark = mark
         self.members: dict[int, psutil.Process] = {root.pid: root}
         self.strangers: set[tuple[int, float]] = set()  # below the launcher, not vLLM's (the watcher, a Ray head)
+        self.strays: dict[int, str] = {}  # signalled one by one: outside vLLM's group, or left after it exited
+
+    def stray(self, procs: Sequence[psutil.Process], pgid: int, sig: int) -> None:
+        """Signals ``procs`` and remembers them by name for the report."""
+        for proc in procs:
+            self.strays.setdefault(proc.pid, _label(proc, pgid))
+        _send(procs, sig)
 
     def scan(self) -> list[psutil.Process]:
         """Adds what belongs to the tree now; returns the members alive."""
@@ -298,7 +305,6 @@ class _Stop:
     now: bool = False  # a second Ctrl-C
     announced: bool = False
     killed: bool = False
-    seen: list[str] = field(default_factory=list)
 
 
 def run(
@@ -356,7 +362,7 @@ def run(
                 stop.announced = True
                 say(f"{stop.signal_name}: stopping {what} (process group {pgid}), up to {stop_timeout:g} s")
                 _signal_group(pgid, signal.SIGTERM)
-                _send([p for p in tree.scan() if _outside(p, pgid)], signal.SIGTERM)
+                tree.stray([p for p in tree.scan() if _outside(p, pgid)], pgid, signal.SIGTERM)
             if stop.now and not stop.killed:
                 say(f"SIGINT again: sending SIGKILL to {what}'s process group {pgid} and its other processes")
             elif stop.deadline is not None and not stop.killed and time.monotonic() >= stop.deadline:
@@ -382,6 +388,9 @@ def run(
         # vLLM is gone; its helpers may not be. Stop them within the same bound.
         deadline = stop.deadline if stop.deadline is not None else time.monotonic() + stop_timeout
         _stop_rest(tree, pgid, deadline, ours, say, what, now=stop.killed)
+        if tree.strays:
+            plural = "es" if len(tree.strays) > 1 else ""
+            say(f"stopped {len(tree.strays)} stray process{plural} of {what}: {_names(list(tree.strays.values()))}")
         if copier:
             copier.join(timeout=5)
         return 128 - code if code < 0 else code
@@ -405,7 +414,7 @@ def _outside(proc: psutil.Process, pgid: int) -> bool:
 
 
 def _stop_rest(tree: _Tree, pgid: int, deadline: float, ours: set[int], say, what: str, now: bool) -> None:
-    """SIGTERM (SIGKILL with ``now``) to what is left of vLLM's tree, SIGKILL at ``deadline``; names what it stopped."""
+    """SIGTERM (SIGKILL with ``now``) to what is left of vLLM's tree, SIGKILL at ``deadline``."""
     _reap_orphans(ours)
     left = tree.scan()
     if not left and not _group_alive(pgid):
@@ -413,35 +422,31 @@ def _stop_rest(tree: _Tree, pgid: int, deadline: float, ours: set[int], say, wha
     sig = signal.SIGKILL if now else signal.SIGTERM
     if now:
         deadline = time.monotonic() + 5
-    labels = {p.pid: _label(p, pgid) for p in left}
     _signal_group(pgid, sig)
-    _send(left, sig)
+    tree.stray(left, pgid, sig)
+    signalled = {p.pid for p in left}
     while True:
         time.sleep(0.1)
         _reap_orphans(ours)
         left = tree.scan()
-        fresh = [p for p in left if p.pid not in labels]
-        labels.update({p.pid: _label(p, pgid) for p in fresh})
-        _send(fresh, sig)
+        tree.stray([p for p in left if p.pid not in signalled], pgid, sig)
+        signalled |= {p.pid for p in left}
         if not left and not _group_alive(pgid):
             break
         if sig == signal.SIGTERM and time.monotonic() >= deadline:
             say(
                 f"processes left by {what} still running at the stop timeout: sending SIGKILL to "
-                f"{_names([labels[p.pid] for p in left])}"
+                f"{_names([tree.strays[p.pid] for p in left])}"
             )
             sig = signal.SIGKILL
             _signal_group(pgid, sig)
-            _send(left, sig)
+            tree.stray(left, pgid, sig)
             deadline = time.monotonic() + 5
         elif sig == signal.SIGKILL and time.monotonic() >= deadline:
             say(
-                f"processes left by {what} survive SIGKILL (uninterruptible sleep?): {_names([labels[p.pid] for p in left])}"
+                f"processes left by {what} survive SIGKILL (uninterruptible sleep?): {_names([tree.strays[p.pid] for p in left])}"
             )
             break
-    if labels:
-        plural = "es" if len(labels) > 1 else ""
-        say(f"stopped {len(labels)} process{plural} left by {what}: {_names(list(labels.values()))}")
 
 
 def _watch(mark: str) -> int:

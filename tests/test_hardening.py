@@ -1,0 +1,236 @@
+"""Hostile inputs and hostile children, tried for real: processes that leave vLLM's process group, a launcher
+killed by SIGKILL, output without newlines, a full log disk, YAML alias bombs and deep nesting, and a peer
+that accepts a connection and never answers. Every case is bounded to a few seconds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+GUIDE_ARGS = ["primary", "127.0.0.1", "13345", "tiny-moe", "1", "1", "1", "--socket-ifname", "lo"]
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a zombie holds no memory and no GPU)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def survivors(pids, within: float) -> list[int]:
+    """The pids still alive after ``within`` seconds (returns as soon as none is)."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not [p for p in pids if alive(p)]:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):
+    """Whatever a failing case leaves running is killed afterwards (and the case says so)."""
+    yield
+    pidfile = tmp_path / "pids"
+    noted = [int(line.split()[1]) for line in pidfile.read_text().splitlines()] if pidfile.exists() else []
+    for pid in noted:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def finish(proc: subprocess.Popen, within: float = 15) -> tuple[int, str]:
+    """The launcher's exit code and stderr; fails when its stderr stays open (a process of the tree holds it)."""
+    try:
+        _, err = proc.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the launcher or a process holding its stderr was still running after {within} s")
+    return proc.returncode, err.decode()
+
+
+def stand_in(tmp_path: Path, body: str) -> Path:
+    """An executable that stands in for `vllm`: ``body`` is Python; PIDFILE receives `name pid` lines."""
+    script = tmp_path / "vllm"
+    head = f"#!{sys.executable}\nimport os, signal, sys, time\n\n"
+    head += "def note(name):\n    with open(os.environ['PIDFILE'], 'a') as f:\n        f.write(f'{name} {os.getpid()}\\n')\n\n"
+    script.write_text(head + textwrap.dedent(body))
+    script.chmod(0o755)
+    return script
+
+
+def launch(tmp_path: Path, body: str, *extra: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDFILE": str(tmp_path / "pids")}
+    exe = stand_in(tmp_path, body)
+    return subprocess.Popen([sys.executable, "-m", "launch", *GUIDE_ARGS, "--vllm-bin", str(exe), *extra],
+                            env=env, stdout=stdout, stderr=stderr)
+
+
+def pids(tmp_path: Path, names: set[str], proc: subprocess.Popen, within: float = 15) -> dict[str, int]:
+    """Waits until the stand-in has noted every name in ``names``."""
+    pidfile = tmp_path / "pids"
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        lines = pidfile.read_text().split("\n") if pidfile.exists() else []
+        found = dict(line.split() for line in lines if line.count(" ") == 1)
+        if names <= found.keys():
+            return {k: int(v) for k, v in found.items()}
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the stand-in did not note {names} within {within} s: {proc.communicate()[1]}")
+
+
+# A vLLM whose helper leaves the process group, as a daemonizing library would.
+LEAVES_THE_GROUP = """
+if os.fork() == 0:
+    {leave}
+    note("escaped")
+    while True:
+        time.sleep(1)
+note("parent")
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize(("leave", "said"), [("os.setsid()", "own session"), ("os.setpgid(0, 0)", "own process group")])
+def test_a_process_that_left_vllms_group_is_stopped_and_named(leave, said, tmp_path):
+    proc = launch(tmp_path, LEAVES_THE_GROUP.format(leave=leave), "--stop-timeout", "3")
+    found = pids(tmp_path, {"parent", "escaped"}, proc)
+    assert os.getpgid(found["escaped"]) != found["parent"]  # it did leave the group
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert not survivors(found.values(), 1)
+    assert f"stopped 1 stray process of vLLM: {found['escaped']} vllm ({said})" in err, err
+
+
+def test_a_daemon_whose_parent_exited_is_found_through_the_subreaper(tmp_path):
+    # the classic double fork: the middle process exits at once, the daemon is re-parented (to the launcher)
+    body = """
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            note("daemon")
+            while True:
+                time.sleep(1)
+        os._exit(0)
+    note("parent")
+    time.sleep(0.5)
+    sys.exit(3)
+    """
+    proc = launch(tmp_path, body, "--stop-timeout", "3")
+    code, err = finish(proc)
+    daemon = pids(tmp_path, {"daemon"}, proc)["daemon"]
+    assert code == 3, err  # vLLM's own exit code
+    assert not survivors([daemon], 1)
+    assert f"stopped 1 stray process of vLLM: {daemon}" in err, err
+
+
+def test_sigkill_of_the_launcher_leaves_no_process_behind(tmp_path):
+    body = """
+    if os.fork() == 0:           # a worker in vLLM's group, SIGTERM ignored
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        note("worker")
+        while True:
+            time.sleep(1)
+    if os.fork() == 0:           # a helper in a session of its own
+        os.setsid()
+        note("escaped")
+        while True:
+            time.sleep(1)
+    note("parent")
+    while True:
+        time.sleep(1)
+    """
+    proc = launch(tmp_path, body)
+    found = pids(tmp_path, {"parent", "worker", "escaped"}, proc)
+    proc.kill()
+    assert not survivors(found.values(), 5), "still running 5 s after the launcher's SIGKILL"
+    _, err = finish(proc)
+    assert "the launcher was killed: sent SIGKILL to" in err, err
+
+
+def test_output_without_newlines_does_not_grow_the_launcher(tmp_path):
+    # 50 MB in one line: a line-by-line copy would hold all of it
+    body = """
+    sys.stdout.buffer.write(b"S")
+    sys.stdout.flush()
+    time.sleep(1)
+    block = b"x" * (1 << 20)
+    for _ in range(50):
+        sys.stdout.buffer.write(block)
+    sys.stdout.flush()
+    note("written")
+    while True:
+        time.sleep(1)
+    """
+    log = tmp_path / "vllm.log"
+    proc = launch(tmp_path, body, "--log-file", str(log), stdout=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 15
+        while (not log.exists() or log.stat().st_size < 1) and time.monotonic() < end:
+            time.sleep(0.05)
+        before = peak_rss(proc.pid)
+        while log.stat().st_size < 50 * (1 << 20) + 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert log.stat().st_size == 50 * (1 << 20) + 1
+        grew = peak_rss(proc.pid) - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert grew < 8 << 20, f"the launcher's peak memory grew by {grew >> 20} MiB while copying 50 MiB"
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM: the most resident memory the process ever held, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root), unmounted afterwards."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+# 4 MiB of lines, then a last line: a writer blocked on its pipe would never print it.
+CHATTY = """
+for i in range(64 * 1024):
+    print(f"line {i:08d} " + "y" * 50)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("target", ["tmpfs", "/dev/full"])
+def test_a_full_log_target_is_reported_once_and_vllm_goes_on(target, tmp_path, request):
+    log = request.getfixturevalue("full_disk") / "vllm.log" if target == "tmpfs" else Path("/dev/full")
+    proc = launch(tmp_path, CHATTY, "--log-file", str(log))
+    out, err = proc.communicate(timeout=30)
+    err = err.decode()
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines()[-1] == "finished"  # every line reached the terminal
+    failures = [line for line in err.splitlines() if "write failed" in line]
+    assert failures == [f"[launch] log file {log}: write failed (No space left on device); vLLM's output is no longer "
+                        f"copied there, vLLM goes on"]
+    assert "Traceback" not in err
