@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -72,8 +74,12 @@ def stand_in(tmp_path: Path, body: str) -> Path:
 def launch(tmp_path: Path, body: str, *extra: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDFILE": str(tmp_path / "pids")}
     exe = stand_in(tmp_path, body)
-    return subprocess.Popen([sys.executable, "-m", "launch", *GUIDE_ARGS, "--vllm-bin", str(exe), *extra],
-                            env=env, stdout=stdout, stderr=stderr)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch", *GUIDE_ARGS, "--vllm-bin", str(exe), *extra],
+        env=env,
+        stdout=stdout,
+        stderr=stderr,
+    )
 
 
 def pids(tmp_path: Path, names: set[str], proc: subprocess.Popen, within: float = 15) -> dict[str, int]:
@@ -231,6 +237,184 @@ def test_a_full_log_target_is_reported_once_and_vllm_goes_on(target, tmp_path, r
     assert proc.returncode == 0, err
     assert out.decode().splitlines()[-1] == "finished"  # every line reached the terminal
     failures = [line for line in err.splitlines() if "write failed" in line]
-    assert failures == [f"[launch] log file {log}: write failed (No space left on device); vLLM's output is no longer "
-                        f"copied there, vLLM goes on"]
+    assert failures == [
+        f"[launch] log file {log}: write failed (No space left on device); vLLM's output is no longer "
+        f"copied there, vLLM goes on"
+    ]
     assert "Traceback" not in err
+
+
+# --- Deploy files that try to exhaust the planner: one line, in well under a second, whatever the input ---
+
+GOOD = "model: tiny-moe\nnodes:\n  - {address: 10.1.59.30, gpus: 8}\n"
+
+
+def alias_bomb(levels: int) -> str:
+    """``levels`` lines of nine aliases each: 9**levels values, in a few hundred bytes."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return GOOD + "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    # 9**9 = 387 million values in 434 bytes
+    "alias bomb": (alias_bomb(9), "not valid YAML (aliases expand to more than 10,000 values"),
+    "nesting 500 deep": (
+        GOOD + "env: " + "[" * 500 + "]" * 500 + "\n",
+        "not valid YAML (nested deeper than 64 levels)",
+    ),
+    "a megabyte of text": (GOOD + "# " + "x" * (1 << 20) + "\n", "not valid YAML (longer than 262,144 characters"),
+    "an integer of 5,000 digits": (
+        GOOD + "port: " + "9" * 5000 + "\n",
+        "not valid YAML (Exceeds the limit (4300 digits)",
+    ),
+    "a list of 5,000 items where a name goes": (
+        GOOD.replace("tiny-moe", "[" + "a, " * 5000 + "]"),
+        "model: input should be a valid string, got a list of 5000 items",
+    ),
+    "a long string where a number goes": (
+        GOOD + "port: " + "p" * 100000 + "\n",
+        "port: input should be a valid integer",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_deploy_file_is_one_short_line_within_a_second(name, tmp_path):
+    text, expected = HOSTILE[name]
+    path = tmp_path / "deploy.yaml"
+    path.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "launch", "plan", str(path)], capture_output=True, text=True, env=env, timeout=30
+    )
+    took = time.monotonic() - start
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines[:3]
+    assert len(lines[0]) <= 500 + len(str(path)), len(lines[0])
+    # interpreter start and imports included; the refusal itself takes milliseconds
+    assert took < 5, took
+
+
+def test_a_long_value_is_shown_as_an_excerpt():
+    from launch.config import ConfigError, parse_deploy_text
+
+    with pytest.raises(ConfigError) as caught:
+        parse_deploy_text(GOOD + "port: " + "p" * 100000 + "\n", "d.yaml")
+    message = str(caught.value)
+    assert message.startswith("d.yaml: port: input should be a valid integer, got 'ppp")
+    assert message.endswith("…") and len(message) < 200
+
+
+def test_a_mistyped_secret_is_not_echoed():
+    from launch.config import ConfigError, parse_deploy_text
+
+    with pytest.raises(ConfigError) as caught:
+        parse_deploy_text(GOOD + "env: {DB_PASSWD: [hunter2]}\n", "d.yaml")
+    assert "hunter2" not in str(caught.value)
+    assert str(caught.value).endswith("got ***")
+
+
+def test_anchors_and_merge_keys_of_a_real_deploy_file_still_load():
+    from launch import yaml_safe
+
+    text = "defaults: &node {gpus: 8, env: {A: '1'}}\nnodes:\n" + "".join(
+        f"  - {{<<: *node, address: 10.0.0.{i}}}\n" for i in range(64)
+    )
+    data = yaml_safe.load(text)
+    assert data["nodes"][63] == {"gpus": 8, "env": {"A": "1"}, "address": "10.0.0.63"}
+
+
+# --- Rendezvous: a peer that accepts and never answers holds a secondary no longer than its bound ---
+
+
+@pytest.fixture
+def silent_listener():
+    """A TCP port that accepts every connection and never sends a byte."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_listener_that_never_answers_holds_the_wait_only_to_its_bound(silent_listener):
+    from launch import wait
+
+    said: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(wait.WaitTimeout) as caught:
+        wait.listener(
+            "127.0.0.1",
+            silent_listener,
+            3,
+            what="the primary's coordination port",
+            greeting=True,
+            say=said.append,
+            every=1,
+        )
+    took = time.monotonic() - start
+    assert 3 <= took < 3.5, took
+    assert str(caught.value) == (
+        "the primary's coordination port not ready within 3 s (last try: accepted, but sent 0 "
+        "of a ZeroMQ greeting's 10 bytes in time)"
+    )
+    assert said  # progress was reported meanwhile
+    assert wait.port_open("127.0.0.1", silent_listener)  # a bare connect would have called it ready
+
+
+def test_a_service_that_is_not_zeromq_is_named(tmp_path):
+    from launch import wait
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        why = wait.probe("127.0.0.1", server.getsockname()[1], 2, greeting=True)
+    finally:
+        server.close()
+    assert why == "answered 48545450..., not a ZeroMQ greeting (another service on this port?)"
+
+
+def test_a_real_zeromq_router_is_ready(tmp_path):
+    # vLLM's primary binds a ZeroMQ ROUTER on the coordination port (vllm/v1/engine/utils.py, e.g. 0.26.0:1179-1191)
+    from launch import wait
+    from tests.support import PARSER_PYTHON
+
+    if not PARSER_PYTHON.exists():
+        pytest.skip(f"no Python with pyzmq (the vLLM parsers' venv, {PARSER_PYTHON}, is not installed)")
+    code = (
+        "import sys, time, zmq; s = zmq.Context().socket(zmq.ROUTER); port = s.bind_to_random_port('tcp://127.0.0.1'); "
+        "print(port, flush=True); time.sleep(10)"
+    )
+    router = subprocess.Popen([str(PARSER_PYTHON), "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(router.stdout.readline())
+        took = wait.listener("127.0.0.1", port, 5, what="a ZeroMQ router", greeting=True, say=print)
+    finally:
+        router.kill()
+        router.wait()
+    assert took < 1
