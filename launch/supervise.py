@@ -246,7 +246,8 @@ def _open_log(log_file: str, say, what: str) -> int | None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        say(f"log file {log_file}: cannot open ({exc.strerror or exc}); {what} runs without it")
+        where = f": {exc.filename}" if exc.filename and exc.filename != log_file else ""
+        say(f"log file {log_file}: cannot open ({exc.strerror or exc}{where}); {what} runs without it")
         return None
 
 
