@@ -399,22 +399,38 @@ def test_a_service_that_is_not_zeromq_is_named(tmp_path):
     assert why == "answered 48545450..., not a ZeroMQ greeting (another service on this port?)"
 
 
-def test_a_real_zeromq_router_is_ready(tmp_path):
-    # vLLM's primary binds a ZeroMQ ROUTER on the coordination port (vllm/v1/engine/utils.py, e.g. 0.26.0:1179-1191)
+ROUTER = """
+import zmq
+router = zmq.Context().socket(zmq.ROUTER)
+print(router.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+if router.poll(5000):
+    print("got", router.recv_multipart()[-1].decode(), flush=True)
+"""
+DEALER = """
+import sys, zmq
+dealer = zmq.Context().socket(zmq.DEALER)
+dealer.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
+dealer.send(b"hello")
+dealer.close(linger=2000)
+"""
+
+
+def test_a_real_zeromq_router_is_ready_and_undisturbed_by_the_probe():
+    # vLLM's primary binds a ZeroMQ ROUTER on the coordination port for the engines' handshake
+    # (vllm/v1/engine/utils.py: 0.10.1.1 lines 671-682, 0.26.0 lines 1179-1191, 0.33.0 lines 1348-1363)
     from launch import wait
     from tests.support import PARSER_PYTHON
 
     if not PARSER_PYTHON.exists():
         pytest.skip(f"no Python with pyzmq (the vLLM parsers' venv, {PARSER_PYTHON}, is not installed)")
-    code = (
-        "import sys, time, zmq; s = zmq.Context().socket(zmq.ROUTER); port = s.bind_to_random_port('tcp://127.0.0.1'); "
-        "print(port, flush=True); time.sleep(10)"
-    )
-    router = subprocess.Popen([str(PARSER_PYTHON), "-c", code], stdout=subprocess.PIPE, text=True)
+    router = subprocess.Popen([str(PARSER_PYTHON), "-c", ROUTER], stdout=subprocess.PIPE, text=True)
     try:
         port = int(router.stdout.readline())
         took = wait.listener("127.0.0.1", port, 5, what="a ZeroMQ router", greeting=True, say=print)
+        subprocess.run([str(PARSER_PYTHON), "-c", DEALER, str(port)], check=True, timeout=10)
+        out, _ = router.communicate(timeout=10)
     finally:
         router.kill()
         router.wait()
     assert took < 1
+    assert out.strip() == "got hello"  # the engines' handshake still works after the probe
