@@ -244,6 +244,18 @@ def test_a_full_log_target_is_reported_once_and_vllm_goes_on(target, tmp_path, r
     assert "Traceback" not in err
 
 
+def test_a_closed_stdout_is_reported_once_and_the_log_gets_everything(tmp_path):
+    log = tmp_path / "vllm.log"
+    proc = launch(tmp_path, CHATTY, "--log-file", str(log))
+    proc.stdout.close()  # the terminal's reader is gone
+    code, err = finish(proc, within=30)
+    assert code == 0, err
+    assert log.read_text().splitlines()[-1] == "finished"
+    assert [line for line in err.splitlines() if "write failed" in line] == [
+        "[launch] stdout: write failed (Broken pipe); vLLM's output is no longer copied there, vLLM goes on"
+    ]
+
+
 # --- Deploy files that try to exhaust the planner: one line, in well under a second, whatever the input ---
 
 GOOD = "model: tiny-moe\nnodes:\n  - {address: 10.1.59.30, gpus: 8}\n"
