@@ -403,7 +403,7 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _prctl(_PR_SET_CHILD_SUBREAPER, 0)
-        if log is not None:
+        if log is not None and not (copier and copier.is_alive()):  # a copy still running keeps its file
             os.close(log)
 
 

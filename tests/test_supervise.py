@@ -36,17 +36,24 @@ def start(tmp_path, on_term="default", extra=()):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDFILE": str(pidfile), "FAKE_VLLM_ON_TERM": on_term}
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch", *GUIDE_ARGS, "--vllm-bin", str(FAKE), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         lines = pidfile.read_text().splitlines() if pidfile.exists() else []
         if len(lines) == 5:
             # the parent first, then its workers
-            return proc, [int(line.split()[1]) for line in sorted(lines, key=lambda line: not line.startswith("parent"))]
+            return proc, [
+                int(line.split()[1]) for line in sorted(lines, key=lambda line: not line.startswith("parent"))
+            ]
         time.sleep(0.05)
     proc.kill()
-    pytest.fail(f"the fake vLLM tree did not start within 20 s: {proc.stderr.read() if proc.poll() is not None else ''}")
+    pytest.fail(
+        f"the fake vLLM tree did not start within 20 s: {proc.stderr.read() if proc.poll() is not None else ''}"
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
