@@ -18,15 +18,18 @@ Exit code. vLLM's own; 128 + N when it died of signal N, as shells report it. Si
 the request; the main loop acts on it, so a signal never ends the launcher with a traceback, also when its
 stderr is gone (every message the launcher writes may fail silently).
 
-SIGKILL of the launcher (the one signal it cannot handle). vLLM's main process gets SIGKILL from the kernel
-(PR_SET_PDEATHSIG, set between fork and exec). A small watcher process, started before vLLM in a session of
-its own, holds a pipe from the launcher: when the pipe closes without the launcher's last word, it SIGKILLs
-every process whose environment carries the mark, until none is left (up to 5 s), and names them on the
-launcher's stderr. Not covered: a process that cleared its environment (env -i, execve with a fresh
-environment) and whose parent was killed too; a process of another user when the launcher is not root
-(its environment cannot be read); a process that outforks the kill loop for 5 s; processes started outside
-this process tree (container runtimes, other nodes). Killing the launcher and the watcher together (a kill
-of the whole cgroup, as Slurm and Kubernetes do at the end of a job) ends vLLM's tree with them.
+SIGKILL of the launcher (the one signal it cannot handle). vLLM's main process gets SIGKILL from the
+kernel (PR_SET_PDEATHSIG, set between fork and exec; it fires when the thread that forked ends, here the
+main thread, which lives as long as the launcher; the kernel clears it when a set-user-ID program is
+executed, which vLLM is not). vLLM's own children get nothing from the kernel: a small watcher process,
+started before vLLM in a session of its own, holds a pipe from the launcher; when the pipe closes without
+the launcher's last word, it SIGKILLs every process whose environment carries the mark, until none is
+left (up to 5 s), and names them on the launcher's stderr. Not covered: a process that cleared its
+environment (env -i, execve with a fresh environment) and whose parent was killed too; a process of
+another user when the launcher is not root (its environment cannot be read); a process that outforks the
+kill loop for 5 s; processes started outside this process tree (container runtimes, other nodes). A kill
+of the launcher and the watcher together (a kill of the whole cgroup, as Slurm and Kubernetes do at the
+end of a job) ends vLLM's tree with them.
 
 Logs. With ``log_file``, vLLM's output goes through a pipe that a thread copies in chunks of at most
 64 KiB to the launcher's stdout and to the file: output without newlines never grows the launcher's
