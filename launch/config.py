@@ -18,10 +18,12 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from launch import yaml_safe
+
 Transport = Literal["ib", "roce", "efa", "tcp"]
 """How the nodes reach each other: InfiniBand, RoCE, AWS EFA, or plain TCP sockets."""
 
-SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIAL")
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "PRIVATE_KEY", "CREDENTIAL")
 """An environment variable whose name contains one of these is shown as ``***`` in plans and logs."""
 
 
@@ -427,7 +429,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return field, msg.removeprefix("Value error, ")
     if kind.startswith("assertion"):
         return field, msg
-    return field, f"{msg[0].lower()}{msg[1:]}, got {given!r}"
+    shown = "***" if any(isinstance(p, str) and is_secret(p) for p in loc) else yaml_safe.excerpt(given)
+    return field, f"{msg[0].lower()}{msg[1:]}, got {shown}"
 
 
 def _known_keys(config_error_field: str) -> str:
@@ -457,13 +460,14 @@ def parse_deploy(data: Any, source: str) -> DeployConfig:
         first = exc.errors(include_url=False)[0]
         ctx_error = (first.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _FieldError):
-            raise ConfigError(f"{source}: {ctx_error.field}: {ctx_error.message}") from None
+            raise ConfigError(f"{source}: {yaml_safe.shorten(f'{ctx_error.field}: {ctx_error.message}')}") from None
         field, expected = _describe(first)
         if expected == "unknown key":
             parent = field.rsplit(".", 1)[0] if "." in field else ""
             allowed = _known_keys(parent) if parent else ", ".join(DeployConfig.model_fields)
             expected = f"unknown key (expected one of: {allowed})"
-        raise ConfigError(f"{source}: {field or '(top)'}: {expected}") from None
+        where = field or "(top)"
+        raise ConfigError(f"{source}: {yaml_safe.shorten(f'{where}: {expected}')}") from None
 
 
 def load_deploy(path: str | Path) -> DeployConfig:
@@ -481,7 +485,7 @@ def load_deploy(path: str | Path) -> DeployConfig:
 def parse_deploy_text(text: str, source: str) -> DeployConfig:
     """Validates a deploy file's YAML text; ``source`` names it in errors."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml_safe.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
