@@ -128,6 +128,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolve-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for the leader's DNS name to resolve (default 300)")
 
+    p = sub.add_parser("status", help="poll every group's /health and /metrics: one line per node (up, running and "
+                       "waiting requests, KV-cache use, what failed), exit 1 when one is down")
+    p.add_argument("deploy", help="the deploy file")
+    p.add_argument("--timeout", type=float, default=10.0, help="bound on the whole poll, seconds (default: 10)")
+    p.add_argument("--ranks", action="store_true", help="also one line per data parallel rank")
+
     p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
@@ -677,6 +683,10 @@ def cmd_lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
     except placement.LeaderNotFound as exc:
         raise NodeDown(str(exc)) from None
     _say(f"LeaderWorkerSet pod: {p.describe()}")
+    if args.step == "serve":
+        from launch import pod
+
+        _say(f"/dev/shm: {pod.clear_shm()} entries left by an earlier run removed")
     placed = _placed_file(p.config, f"lws-{p.node_rank}-{args.step}")
     return _run_step(args.step, placed, p.node_rank, None, passthrough)
 
@@ -753,6 +763,16 @@ def cmd_bench(args: argparse.Namespace, passthrough: list[str]) -> int:
     return code
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from launch import status
+
+    if not 0 < args.timeout <= 600:
+        raise UsageError(f"--timeout: {args.timeout:g} is out of range (expected 0 < seconds <= 600)")
+    lines, healthy = status.report(load_deploy(args.deploy), args.deploy, args.timeout, args.ranks)
+    print("\n".join(lines))
+    return 0 if healthy else 1
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from launch import check
 
@@ -772,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "status":
+            return cmd_status(args)
         if args.command == "verify":
             return cmd_verify(args)
         if args.command == "bench":

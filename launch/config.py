@@ -230,6 +230,17 @@ class Kubernetes(_Strict):
     """E.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}] for tainted GPU nodes."""
     termination_grace_s: int = Field(default=120, ge=30)
     """Seconds between SIGTERM and SIGKILL: vLLM's stop (30 s) and, with Ray, the head's drain (up to 45 s)."""
+    startup_timeout_s: int = Field(default=3600, ge=60)
+    """How long every pod's startup probe waits for the group to serve (weights, compilation, CUDA graphs) before
+    Kubernetes restarts it; DeepSeek-size models take tens of minutes."""
+    engine_ready_timeout_s: int = Field(default=3000, ge=60)
+    """VLLM_ENGINE_READY_TIMEOUT_S: how long vLLM's front end waits for its engines (vLLM's default, 600 s, is
+    short for DeepSeek-size models loading on many nodes)."""
+    jit_cache: str | None = None
+    """A host path kept across restarts for compiled kernels: vLLM's cache (torch.compile), CUDA's, Triton's,
+    FlashInfer's, DeepGEMM's and DeepEP v2's JIT caches (each in a folder of its own)."""
+    metrics_annotations: bool = True
+    """prometheus.io/scrape, /port, /path annotations on the leader pod: vLLM's /metrics on the API port."""
 
     @field_validator("rdma_resources")
     @classmethod
