@@ -58,3 +58,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wheel_text(version: str, path: str) -> str:
+    """A file of an installed vLLM release ("" when that release has no such file); skips where it is not installed."""
+    import os
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    folder = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers")) / f"vllm-{version}"
+    if not (folder / "vllm").is_dir():
+        if os.environ.get("EP_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM {version} is not installed in {folder.parent} (bash tests/vllm/install-parsers.sh)")
+        pytest.skip(f"vLLM {version} is not installed (bash tests/vllm/install-parsers.sh)")
+    file = folder / path
+    return file.read_text() if file.is_file() else ""

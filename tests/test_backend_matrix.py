@@ -8,6 +8,7 @@ import pytest
 
 from env.pins import PROFILES
 from launch.matrix import DEEPEP_V2_MIN_NCCL, pinned_nccl
+from tests.support import wheel_text
 
 TWO_NODES = "nodes: [{address: 10.0.0.1, gpus: 8}, {address: 10.0.0.2, gpus: 8}]\n"
 ONE_NODE = "nodes: [{address: 10.0.0.1, gpus: 8}]\n"
@@ -206,20 +207,6 @@ def test_the_guides_positional_arguments_count_as_several_nodes():
 # ---- the version facts the matrix uses, re-read in the installed wheels (tests/vllm/install-parsers.sh)
 
 
-def wheel_text(version: str, path: str) -> str:
-    """A file of an installed vLLM release ("" when that release has no such file); skips where it is not installed."""
-    import os
-    from pathlib import Path
-
-    from tests.conftest import ROOT
-
-    folder = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers")) / f"vllm-{version}"
-    if not (folder / "vllm").is_dir():
-        if os.environ.get("EP_REQUIRE_VLLM") == "1":
-            pytest.fail(f"vLLM {version} is not installed in {folder.parent} (bash tests/vllm/install-parsers.sh)")
-        pytest.skip(f"vLLM {version} is not installed (bash tests/vllm/install-parsers.sh)")
-    file = folder / path
-    return file.read_text() if file.is_file() else ""
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.33.0"])

@@ -15,6 +15,7 @@ import pytest
 
 from preflight import efa, rdma
 from tests.conftest import run_module
+from tests.recorded import H200_PARAMS, IBGDA_PARAMS, MODULES_PEERMEM, MODULES_PLAIN, proc_tree
 
 FI_INFO = shutil.which("fi_info")
 needs_fi_info = pytest.mark.skipif(FI_INFO is None, reason="fi_info not installed (Debian: apt-get install libfabric-bin)")
@@ -29,68 +30,9 @@ EFA_PORT = {"state": "4: ACTIVE", "phys_state": "5: LinkUp", "rate": "100 Gb/sec
 P5_EFA = [f"rdmap{bus}s0" for bus in [*range(79, 87), *range(96, 104), *range(147, 155), *range(182, 190)]]
 
 # /proc/driver/nvidia/params of the H200 machine (driver 580.159.04): IBGDA not configured.
-H200_PARAMS = """\
-ResmanDebugLevel: 4294967295
-RmLogonRC: 1
-ModifyDeviceFiles: 1
-DeviceFileUID: 0
-DeviceFileGID: 0
-DeviceFileMode: 438
-InitializeSystemMemoryAllocations: 1
-UsePageAttributeTable: 4294967295
-EnableMSI: 1
-EnablePCIeGen3: 0
-MemoryPoolSize: 0
-KMallocHeapMaxSize: 0
-VMallocHeapMaxSize: 0
-IgnoreMMIOCheck: 0
-EnableStreamMemOPs: 0
-EnableUserNUMAManagement: 1
-NvLinkDisable: 0
-RmProfilingAdminOnly: 1
-PreserveVideoMemoryAllocations: 0
-EnableS0ixPowerManagement: 0
-S0ixPowerManagementVideoMemoryThreshold: 256
-DynamicPowerManagement: 3
-DynamicPowerManagementVideoMemoryThreshold: 200
-RegisterPCIDriver: 1
-EnablePCIERelaxedOrderingMode: 0
-EnableResizableBar: 0
-EnableGpuFirmware: 18
-EnableGpuFirmwareLogs: 2
-RmNvlinkBandwidthLinkCount: 0
-EnableDbgBreakpoint: 0
-OpenRmEnableUnsupportedGpus: 1
-DmaRemapPeerMmio: 1
-ImexChannelCount: 2048
-CreateImexChannel0: 0
-GrdmaPciTopoCheckOverride: 0
-RegistryDwords: ""
-RegistryDwordsPerDevice: ""
-RmMsg: ""
-GpuBlacklist: ""
-TemporaryFilePath: ""
-ExcludedGpus: ""
-"""
 # The same after vLLM's tools/ep_kernels/configure_system_drivers.sh and a reboot.
-IBGDA_PARAMS = H200_PARAMS.replace("EnableStreamMemOPs: 0", "EnableStreamMemOPs: 1").replace(
-    'RegistryDwords: ""', 'RegistryDwords: "PeerMappingOverride=1;"')
 
-MODULES_PEERMEM = """\
-nvidia_peermem 16384 0 - Live 0xffffffffc0e3e000 (POE)
-gdrdrv 24576 0 - Live 0xffffffffc0e35000 (OE)
-nvidia_uvm 1437696 2 - Live 0xffffffffc1a9c000 (POE)
-nvidia_drm 77824 0 - Live 0xffffffffc1a86000 (POE)
-nvidia_modeset 1302528 1 nvidia_drm, Live 0xffffffffc1946000 (POE)
-nvidia 56799232 52 nvidia_peermem,gdrdrv,nvidia_uvm,nvidia_modeset, Live 0xffffffffbdc00000 (POE)
-mlx5_ib 483328 0 - Live 0xffffffffc18d6000 (OE)
-ib_uverbs 184320 3 nvidia_peermem,rdma_ucm,mlx5_ib, Live 0xffffffffc189e000 (OE)
-ib_core 471040 8 rdma_ucm,ib_ipoib,rdma_cm,iw_cm,ib_umad,mlx5_ib,ib_uverbs,ib_cm, Live 0xffffffffc1822000 (OE)
-mlx5_core 2449408 1 mlx5_ib, Live 0xffffffffc1522000 (OE)
-"""
 # Same node before `modprobe nvidia_peermem` (and without GDRCopy): nvidia_peermem is nowhere in column one.
-MODULES_PLAIN = "\n".join(line.replace("nvidia_peermem,", "").replace("gdrdrv,", "") for line in MODULES_PEERMEM.splitlines()
-                          if not line.startswith(("nvidia_peermem ", "gdrdrv "))) + "\n"
 
 
 # ------------------------------------------------------------------------------------------- fixture trees
@@ -154,14 +96,6 @@ def h200_machine(root: Path) -> tuple[Path, Path]:
     return sys_root, proc
 
 
-def proc_tree(root: Path, modules: str | None = MODULES_PEERMEM, params: str | None = IBGDA_PARAMS) -> Path:
-    if modules is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "modules").write_text(modules)
-    if params is not None:
-        (root / "driver" / "nvidia").mkdir(parents=True, exist_ok=True)
-        (root / "driver" / "nvidia" / "params").write_text(params)
-    return root
 
 
 def ib_class(sys_root: Path) -> Path:

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from preflight import imports, model, rdma
-from tests.test_preflight_interconnect import H200_PARAMS, IBGDA_PARAMS, MODULES_PEERMEM, MODULES_PLAIN, proc_tree
+from tests.recorded import H200_PARAMS, IBGDA_PARAMS, MODULES_PEERMEM, MODULES_PLAIN, proc_tree
 
 # The library probe's lookups (preflight.imports._LIBS_PROBE) run on the H200 machine on 2026-12-02, after
 # `import torch` (torch 2.11.0+cu130): ncclGetVersion, nvshmemx_vendor_get_version_info, /proc/self/maps,
@@ -286,7 +286,7 @@ def test_the_probe_asks_for_vllms_copy_only_where_deep_gemm_is_needed():
 @pytest.mark.parametrize("version, vendored", [("0.10.1.1", False), ("0.26.0", True), ("0.33.0", True)])
 def test_vllms_own_deep_gemm_in_the_installed_wheels(version, vendored):
     """The stand-in preflight accepts is the module vLLM itself falls back to (vllm/utils/import_utils.py)."""
-    from tests.test_backend_matrix import wheel_text
+    from tests.support import wheel_text
 
     (stand_in,) = imports.ALTERNATIVES["deep_gemm"]
     package = wheel_text(version, stand_in.replace(".", "/") + "/__init__.py")

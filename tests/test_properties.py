@@ -3,8 +3,7 @@ a ConfigError (which the command line prints as one line)."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from env.paths import StackPaths
 from launch import plan as planning
