@@ -147,6 +147,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="how long to wait for the leader's DNS name to resolve (default 300)",
     )
 
+    p = sub.add_parser(
+        "status",
+        help="poll every group's /health and /metrics: one line per node (up, running and "
+        "waiting requests, KV-cache use, what failed), exit 1 when one is down",
+    )
+    p.add_argument("deploy", help="the deploy file")
+    p.add_argument("--timeout", type=float, default=10.0, help="bound on the whole poll, seconds (default: 10)")
+    p.add_argument("--ranks", action="store_true", help="also one line per data parallel rank")
+
     p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
@@ -232,7 +241,7 @@ def _vllm_options(p: argparse.ArgumentParser) -> None:
 # ---- the command registry: name -> module in launch/commands/ (imported when run) --------------------------
 COMMANDS = {
     "primary": "serve", "secondary": "serve", "serve": "serve", "prefill": "serve", "decode": "serve",
-    "plan": "plan", "check": "check", "proxy": "proxy", "bench": "bench", "verify": "verify",
+    "plan": "plan", "check": "check", "proxy": "proxy", "bench": "bench", "verify": "verify", "status": "status",
     "slurm-step": "scheduler", "lws-step": "scheduler", "ifname": "node", "wait-port": "node", "ray-wait": "node",
 }  # fmt: skip
 

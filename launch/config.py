@@ -18,13 +18,13 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from launch import vllm_flags
+from launch import vllm_flags, yaml_safe
 from launch.errors import ConfigError
 
 Transport = Literal["ib", "roce", "efa", "tcp"]
 """How the nodes reach each other: InfiniBand, RoCE, AWS EFA, or plain TCP sockets."""
 
-SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIAL")
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "PRIVATE_KEY", "CREDENTIAL")
 """An environment variable whose name contains one of these is shown as ``***`` in plans and logs."""
 
 
@@ -106,6 +106,19 @@ class Network(_Strict):
     """Extra NVSHMEM_* variables, applied after the transport's defaults."""
     efa: dict[str, str] = {}
     """Extra FI_* (libfabric) variables; only for transport efa."""
+    hcas: list[str] = []
+    """InfiniBand / RoCE devices to use, exact names (``mlx5_0`` or ``mlx5_0:1``); one list for NCCL, NVSHMEM and
+    UCX (launch/fabric.py writes each library's syntax). Default: each library picks its own."""
+    gid_index: int | None = Field(default=None, ge=0)
+    """RoCE: the GID index NCCL and NVSHMEM both use. Default: both pick a RoCE v2 GID themselves."""
+
+    @field_validator("hcas")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+(:[0-9]+)?", name):
+                raise ValueError(f"{name!r} is not a device name (expected e.g. mlx5_0 or mlx5_0:1, one per entry)")
+        return value
 
     @field_validator("nccl", "nvshmem", "efa")
     @classmethod
@@ -277,6 +290,17 @@ class Kubernetes(_Strict):
     """E.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}] for tainted GPU nodes."""
     termination_grace_s: int = Field(default=120, ge=30)
     """Seconds between SIGTERM and SIGKILL: vLLM's stop (30 s) and, with Ray, the head's drain (up to 45 s)."""
+    startup_timeout_s: int = Field(default=3600, ge=60)
+    """How long every pod's startup probe waits for the group to serve (weights, compilation, CUDA graphs) before
+    Kubernetes restarts it; DeepSeek-size models take tens of minutes."""
+    engine_ready_timeout_s: int = Field(default=3000, ge=60)
+    """VLLM_ENGINE_READY_TIMEOUT_S: how long vLLM's front end waits for its engines (vLLM's default, 600 s, is
+    short for DeepSeek-size models loading on many nodes)."""
+    jit_cache: str | None = None
+    """A host path kept across restarts for compiled kernels: vLLM's cache (torch.compile), CUDA's, Triton's,
+    FlashInfer's, DeepGEMM's and DeepEP v2's JIT caches (each in a folder of its own)."""
+    metrics_annotations: bool = True
+    """prometheus.io/scrape, /port, /path annotations on the leader pod: vLLM's /metrics on the API port."""
 
     @field_validator("rdma_resources")
     @classmethod
@@ -552,7 +576,8 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return field, msg.removeprefix("Value error, ")
     if kind.startswith("assertion"):
         return field, msg
-    return field, f"{msg[0].lower()}{msg[1:]}, got {given!r}"
+    shown = "***" if any(isinstance(p, str) and is_secret(p) for p in loc) else yaml_safe.excerpt(given)
+    return field, f"{msg[0].lower()}{msg[1:]}, got {shown}"
 
 
 def _known_keys(config_error_field: str) -> str:
@@ -593,8 +618,9 @@ def parse_deploy(data: Any, source: str, *, options: dict[str, str] | None = Non
             expected = f"unknown key (expected one of: {allowed})"
         option = (options or {}).get(field)
         if option:
-            raise ConfigError(f"{option}: {expected.replace(f'{field}: ', '')}") from None
-        raise ConfigError(f"{source}: {field or '(top)'}: {expected}") from None
+            raise ConfigError(f"{option}: {yaml_safe.shorten(expected.replace(f'{field}: ', ''))}") from None
+        where = field or "(top)"
+        raise ConfigError(f"{source}: {yaml_safe.shorten(f'{where}: {expected}')}") from None
 
 
 def load_deploy(path: str | Path) -> DeployConfig:
@@ -612,7 +638,7 @@ def load_deploy(path: str | Path) -> DeployConfig:
 def parse_deploy_text(text: str, source: str) -> DeployConfig:
     """Validates a deploy file's YAML text; ``source`` names it in errors."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml_safe.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -32,10 +32,19 @@ DEPLOY_PATH = f"{CONFIG_DIR}/deploy.yaml"
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 LWS_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 
-# vLLM loads and compiles for many minutes before /health answers: the startup probe allows an hour
-# (360 x 10 s); no liveness probe, since a restarted pod restarts the whole group.
-STARTUP_FAILURES = 360
 PROBE_PERIOD_S = 10
+LIVENESS_FAILURES = 6
+"""A group that has stopped answering for a minute is restarted (RecreateGroupOnPodRestart: all its pods)."""
+JIT_DIR = "/var/cache/vllm-ep"
+JIT_CACHES = {
+    "VLLM_CACHE_ROOT": "vllm",  # vllm/envs.py (0.26.0: line 677); torch.compile's cache lives under it
+    "CUDA_CACHE_PATH": "cuda",  # the CUDA driver's JIT cache (CUDA Programming Guide, "CUDA Environment Variables")
+    "TRITON_CACHE_DIR": "triton",  # Triton's kernel cache
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",  # flashinfer/jit/env.py: the cache goes under BASE/.cache/flashinfer
+    "DG_JIT_CACHE_DIR": "deep_gemm",  # DeepGEMM README (ea9c5d9), csrc/jit/compiler.hpp
+    "EP_JIT_CACHE_DIR": "deep_ep",  # DeepEP v2 README (d4f41e4), csrc/jit/compiler.hpp: kernels compiled at run time
+}
+"""Compiled-kernel caches: on a host path they survive restarts, so a restarted group does not compile again."""
 
 
 def manifests(config: DeployConfig, deploy_text: str, source: str) -> list[dict[str, Any]]:
@@ -93,8 +102,10 @@ def _check(config: DeployConfig, source: str) -> None:
         )
     if not k.image:
         raise ConfigError(f"{source}: kubernetes.image: missing (required for --format k8s: the image with the toolkit and its stack)")
-    if k.model_cache is not None and not k.model_cache.startswith("/"):
-        raise ConfigError(f"{source}: kubernetes.model_cache: {k.model_cache!r} is not an absolute path (expected a directory on the node, e.g. /mnt/hf)")
+    for name in ("model_cache", "jit_cache"):
+        value = getattr(k, name)
+        if value is not None and not value.startswith("/"):
+            raise ConfigError(f"{source}: kubernetes.{name}: {value!r} is not an absolute path (expected a directory on the node, e.g. /mnt/{name.split('_')[0]})")
     for rank in range(2, len(config.nodes)):
         gpus, first = config.nodes[rank].gpus, config.nodes[1].gpus
         if gpus != first:
@@ -127,6 +138,12 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         {"name": "deploy", "configMap": {"name": f"{k.name}-deploy"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
     ]
+    # vLLM's own bound on engine start-up (vllm/envs.py, VLLM_ENGINE_READY_TIMEOUT_S; v1/engine/core_client.py).
+    env.append({"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": str(k.engine_ready_timeout_s)})
+    if k.jit_cache:
+        env += [{"name": name, "value": f"{JIT_DIR}/{sub}"} for name, sub in JIT_CACHES.items()]
+        mounts.append({"name": "jit-cache", "mountPath": JIT_DIR})
+        volumes.append({"name": "jit-cache", "hostPath": {"path": k.jit_cache, "type": "DirectoryOrCreate"}})
     if k.model_cache:
         # Weights stay on the node between restarts instead of being downloaded by every new pod.
         env.append({"name": "HF_HOME", "value": k.model_cache})
@@ -148,11 +165,19 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         common["envFrom"] = [{"secretRef": {"name": k.env_from_secret}}]
     step = [*python, "-m", "launch", "lws-step"]
     vllm: dict[str, Any] = {"name": "vllm", **copy.deepcopy(common), "command": [*step, "serve", "--deploy", DEPLOY_PATH]}
+    # Probes on every pod. The leader answers vLLM's /health; a worker runs vLLM headless (no port of its own),
+    # so it is asked by command: ready = its group's primary serves, live = its vLLM process runs (launch/pod.py).
     if leader:
-        health = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S}
         vllm["ports"] = [{"name": "http", "containerPort": config.port, "protocol": "TCP"}]
-        vllm["startupProbe"] = {**copy.deepcopy(health), "initialDelaySeconds": 10, "failureThreshold": STARTUP_FAILURES}
-        vllm["readinessProbe"] = {**copy.deepcopy(health), "failureThreshold": 3}
+        serving = live = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
+    else:
+        pod = [*python, "-m", "launch.pod"]
+        serving = {"exec": {"command": [*pod, "ready", "--deploy", DEPLOY_PATH, "--timeout", "5"]}, "timeoutSeconds": 10}
+        live = {"exec": {"command": [*pod, "live"]}, "timeoutSeconds": 10}
+    vllm["startupProbe"] = {**copy.deepcopy(serving), "periodSeconds": PROBE_PERIOD_S,
+                            "failureThreshold": -(-k.startup_timeout_s // PROBE_PERIOD_S)}
+    vllm["readinessProbe"] = {**copy.deepcopy(serving), "periodSeconds": PROBE_PERIOD_S, "failureThreshold": 3}
+    vllm["livenessProbe"] = {**copy.deepcopy(live), "periodSeconds": PROBE_PERIOD_S, "failureThreshold": LIVENESS_FAILURES}
     spec: dict[str, Any] = {"containers": [vllm], "volumes": volumes, "hostNetwork": k.host_network,
                             "terminationGracePeriodSeconds": k.termination_grace_s}
     if k.preflight:
@@ -170,6 +195,11 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         spec["tolerations"] = [dict(t) for t in k.tolerations]
     labels = {**_labels(config), "app.kubernetes.io/component": "leader" if leader else "worker"}
     metadata: dict[str, Any] = {"labels": labels}
-    if k.pod_annotations:
-        metadata["annotations"] = dict(k.pod_annotations)
+    annotations = dict(k.pod_annotations)
+    if leader and k.metrics_annotations:
+        # The common Prometheus convention for scraping pods; vLLM serves /metrics on its API port.
+        annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(config.port),
+                       "prometheus.io/path": "/metrics", **annotations}
+    if annotations:
+        metadata["annotations"] = annotations
     return {"metadata": metadata, "spec": spec}

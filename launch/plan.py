@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from env.paths import StackPaths
+from launch import matrix
 from launch.config import DeployConfig
+from launch.fabric import fabric_env, kv_over_ucx
 from launch.layout import NodeLayout, api_server_note
 from launch.netif import AutoIfname
 from launch.vllm_versions import Target
@@ -22,28 +24,6 @@ EnvValue = str | AutoIfname
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
 """One interface for all three bootstraps: a mismatch is the classic multi-node hang."""
-
-# Per transport, what NCCL / NVSHMEM / libfabric need beyond their defaults. Deploy-file values
-# (network.nccl / nvshmem / efa) are applied after these and win.
-_TRANSPORT_ENV: dict[str, dict[str, str]] = {
-    "ib": {},
-    # RoCE v2 needs the GID index of the RoCE v2 address (3 on most Mellanox/NVIDIA NICs).
-    "roce": {"NCCL_IB_GID_INDEX": "3", "NVSHMEM_IB_GID_INDEX": "3"},
-    # EFA: NCCL through the aws-ofi-nccl plugin, NVSHMEM through libfabric; no IBGDA on EFA.
-    "efa": {
-        "FI_PROVIDER": "efa",
-        "FI_EFA_USE_DEVICE_RDMA": "1",
-        "FI_EFA_FORK_SAFE": "1",
-        "NVSHMEM_REMOTE_TRANSPORT": "libfabric",
-        "NVSHMEM_LIBFABRIC_PROVIDER": "efa",
-    },
-    # Plain sockets: keep NCCL from probing for InfiniBand it would not find.
-    "tcp": {"NCCL_IB_DISABLE": "1"},
-}
-# DeepEP's internode kernels drive the NIC from the GPU (IBGDA) on InfiniBand and RoCE. DeepEP's
-# Buffer sets these too; set here as well so that preflight checks what will be used.
-_IBGDA_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "1", "NVSHMEM_IBGDA_NIC_HANDLER": "gpu"}
-
 
 Kind = Literal["vllm", "ray-worker"]
 """vllm: `vllm serve` (primary, or a headless secondary); ray-worker: `ray start --address` lending this node's
@@ -203,6 +183,7 @@ def build(
         choice = target.choose_backend(backend)
         backend = choice.used
         notes += [choice.note] if choice.note else []
+    notes += matrix.check(config, layout, target, backend, passthrough, kv_transfer)
     if note := api_server_note(layout, target):
         notes.append(note)
 
@@ -216,10 +197,8 @@ def build(
     for var in IFNAME_VARS:
         env[var] = iface
 
-    transport = config.network.transport
-    env.update(_TRANSPORT_ENV[transport])
-    if transport in ("ib", "roce") and backend and backend.startswith("deepep"):
-        env.update(_IBGDA_ENV)
+    env.update(fabric_env(config.network, backend, across_nodes=matrix.across_nodes(config, layout),
+                          ucx=kv_over_ucx(kv_transfer)))
     env.update(config.network.nccl)
     env.update(config.network.nvshmem)
     env.update(config.network.efa)

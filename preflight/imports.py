@@ -1,8 +1,12 @@
 """Imports the stack in a subprocess with exactly the environment the launcher gives vLLM.
 
 What must import follows from the plan: torch and vllm always; DeepEP (and NVSHMEM's library) for a
-deepep_* backend; pplx-kernels for pplx; DeepGEMM where the plan sets VLLM_USE_DEEP_GEMM=1; NIXL where a KV
-connector uses it. One subprocess imports them all and answers in JSON, within a time bound.
+deepep_* backend; pplx-kernels for pplx; DeepGEMM where the plan sets VLLM_USE_DEEP_GEMM=1 (vLLM's own copy,
+vllm.third_party.deep_gemm, counts: vLLM >= 0.20.0 falls back to it); NIXL where a KV connector uses it. One
+subprocess imports them all and answers in JSON, within a time bound.
+
+A second subprocess reports the NCCL and NVSHMEM libraries that process loads after `import torch`: the NCCL
+version is what deepep_v2 depends on, NVSHMEM's what IBGDA readiness depends on.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from preflight.verdict import Verdict
 
 # Runs in the child: import each module, report version and file, never raise.
 _PROBE = r"""
@@ -60,6 +66,13 @@ DISTRIBUTIONS = {
 }
 
 
+ALTERNATIVES = {"deep_gemm": ("vllm.third_party.deep_gemm",)}
+"""Modules that stand in for a required one. vLLM >= 0.20.0 ships DeepGEMM inside its wheel and imports it when
+no `deep_gemm` is installed (vllm/utils/deep_gemm.py, _import_deep_gemm: "Fall back to the vendored copy bundled
+in the vLLM wheel"; vllm/utils/import_utils.py has_deep_gemm; read in the 0.20.0 and 0.33.0 wheels, absent from
+0.19.1)."""
+
+
 @dataclass(frozen=True)
 class Imported:
     module: str
@@ -86,6 +99,20 @@ def required(backend: str | None, plan_env: dict, kv_connector: str | None = Non
     return need
 
 
+def to_probe(need: dict[str, str]) -> list[str]:
+    """The modules to import for ``need``: each one and its stand-ins."""
+    return [name for module in need for name in (module, *ALTERNATIVES.get(module, ()))]
+
+
+def satisfied(module: str, results: dict[str, Imported]) -> Imported:
+    """The import that satisfies ``module``: itself, else a stand-in that imported, else its own failure."""
+    for name in (module, *ALTERNATIVES.get(module, ())):
+        got = results.get(name)
+        if got is not None and got.ok:
+            return got
+    return results[module]
+
+
 def probe(modules: list[str], env: dict[str, str], timeout: float, python: str = sys.executable) -> dict[str, Imported] | str:
     """The import results, or why the probe itself could not run (timeout, crash)."""
     wanted = {m: DISTRIBUTIONS.get(m, m) for m in modules}
@@ -99,3 +126,112 @@ def probe(modules: list[str], env: dict[str, str], timeout: float, python: str =
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return f"the import probe exited with {proc.returncode}: {tail[:300]}"
     return {m: Imported(m, **v) for m, v in data.items()}
+
+
+# ------------------------------------------------------------------------------ NCCL and NVSHMEM libraries
+
+# Runs in the child, after `import torch` (which loads the NCCL of its wheel, or the one LD_LIBRARY_PATH names):
+# the same lookups vLLM makes (vllm/utils/nccl.py find_nccl_library: VLLM_NCCL_SO_PATH, else libnccl.so.2;
+# vllm/utils/import_utils.py _get_runtime_nccl_version: ncclGetVersion), and NVSHMEM's host library by its soname,
+# else from the nvidia-nvshmem wheel (nvshmemx_vendor_get_version_info, NVIDIA/nvshmem src/host/init/query_host.cpp).
+_LIBS_PROBE = r"""
+import ctypes, glob, importlib.util, json, os
+out = {}
+try:
+    import torch  # noqa: F401
+except BaseException as exc:
+    out["torch"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+def loaded(fragment):
+    try:
+        paths = [line.split()[-1] for line in open("/proc/self/maps") if fragment in line and "/" in line]
+    except OSError:
+        return None
+    return paths[0] if paths else None
+try:
+    lib = ctypes.CDLL(os.environ.get("VLLM_NCCL_SO_PATH") or "libnccl.so.2")
+    code = ctypes.c_int()
+    lib.ncclGetVersion(ctypes.byref(code))
+    out["nccl"] = {"code": code.value, "file": loaded("libnccl")}
+except BaseException as exc:
+    out["nccl"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+def nvshmem_lib():
+    try:
+        return ctypes.CDLL("libnvshmem_host.so.3")
+    except OSError as first:
+        for spec in ("nvidia.nvshmem", "nvidia.nvshmem.lib"):
+            try:
+                found = importlib.util.find_spec(spec)
+            except (ImportError, ValueError):
+                found = None
+            for folder in (found.submodule_search_locations or []) if found else []:
+                for path in glob.glob(os.path.join(folder, "**", "libnvshmem_host.so*"), recursive=True):
+                    return ctypes.CDLL(path)
+        raise first
+try:
+    lib = nvshmem_lib()
+    major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    lib.nvshmemx_vendor_get_version_info(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
+    out["nvshmem"] = {"version": [major.value, minor.value, patch.value], "file": loaded("libnvshmem_host")}
+except BaseException as exc:
+    out["nvshmem"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class Library:
+    """A shared library as the probe found it: its version, or why it could not be loaded."""
+
+    version: tuple[int, ...] | None
+    file: str | None = None
+    error: str = ""
+
+    def describe(self) -> str:
+        if self.version is None:
+            return f"not loadable ({self.error})"
+        text = ".".join(map(str, self.version))
+        return f"{text} from {self.file}" if self.file else text
+
+
+def nccl_version(code: int) -> tuple[int, int, int]:
+    """NCCL_VERSION_CODE as ncclGetVersion returns it: major*10000 + minor*100 + patch from 2.9 on (23004 = 2.30.4),
+    major*1000 + minor*100 + patch before (2708 = 2.7.8) (nccl.h, NCCL_VERSION)."""
+    if code >= 10000:
+        return code // 10000, code % 10000 // 100, code % 100
+    return code // 1000, code % 1000 // 100, code % 100
+
+
+def libraries(env: dict[str, str], timeout: float, python: str = sys.executable) -> dict[str, Library] | str:
+    """{"nccl": Library, "nvshmem": Library} as a process with ``env`` loads them, or why the probe could not run."""
+    try:
+        proc = subprocess.run([python, "-c", _LIBS_PROBE], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"loading NCCL and NVSHMEM took more than {timeout:g} s"
+    try:
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"the library probe exited with {proc.returncode}: {tail[:300]}"
+    nccl, nvshmem = data["nccl"], data["nvshmem"]
+    return {
+        "nccl": Library(nccl_version(nccl["code"]) if "code" in nccl else None, nccl.get("file"), nccl.get("error", "")),
+        "nvshmem": Library(tuple(nvshmem["version"]) if "version" in nvshmem else None, nvshmem.get("file"),
+                           nvshmem.get("error", "")),
+    }
+
+
+NCCL_FLOOR = {"deepep_v2": (2, 30, 4)}
+"""The NCCL a backend needs where torch loads it: DeepEP README (d4f41e4) "NCCL 2.30.4 and above"; vLLM checks
+the same against the runtime library (vllm/utils/import_utils.py DEEPEP_V2_MIN_NCCL_VERSION_RAW = 23004)."""
+
+
+def nccl_for_backend(backend: str, nccl: Library) -> Verdict:
+    floor = NCCL_FLOOR[backend]
+    want = ".".join(map(str, floor))
+    fix = (f'pip install "nvidia-nccl-cu13>={want}" --no-deps (or -cu12) in the environment vLLM runs in, and rebuild DeepEP '
+           "against it; or point VLLM_NCCL_SO_PATH / LD_LIBRARY_PATH at such a libnccl.so.2")
+    if nccl.version is None:
+        return Verdict(False, f"NCCL {nccl.describe()}", f">= {want} ({backend})", fix=fix,
+                       why="the NCCL that torch loads could not be read")
+    return Verdict(nccl.version >= floor, f"NCCL {nccl.describe()}", f">= {want} ({backend})", fix=fix,
+                   why=f"{backend} runs on NCCL GIN, which needs this NCCL")

@@ -1,5 +1,5 @@
-"""Will the model fit: its config found locally, its experts split evenly over the EP ranks, and its
-weights plus one full-length sequence of KV cache inside each GPU's share of memory.
+"""Will the model fit: its config found locally, its experts spread over the EP ranks the way vLLM spreads them,
+and its weights plus one full-length sequence of KV cache inside each GPU's share of memory.
 
 Weights are counted from the safetensors headers (8-byte length + JSON, no tensor is read), split into
 expert tensors (sharded over the EP ranks) and the rest (sharded over TP, replicated across DP ranks).
@@ -14,6 +14,8 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from preflight.verdict import Verdict
 
 EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
@@ -118,3 +120,48 @@ def flag(argv: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def eplb(argv: list[str]) -> tuple[bool, int]:
+    """(EPLB on, redundant experts) from a vllm serve argv: --enable-eplb, and --num-redundant-experts N (vLLM
+    0.10.1.1 .. ) or --eplb-config '{"num_redundant_experts": N}' / --eplb-config.num_redundant_experts N (newer)."""
+    enabled = "--enable-eplb" in argv
+    redundant = flag(argv, "--num-redundant-experts") or flag(argv, "--eplb-config.num_redundant_experts")
+    config = flag(argv, "--eplb-config")
+    if redundant is None and config:
+        try:
+            redundant = json.loads(config).get("num_redundant_experts")
+        except (ValueError, AttributeError):
+            redundant = None
+    try:
+        return enabled, int(redundant or 0)
+    except (TypeError, ValueError):
+        return enabled, 0
+
+
+def expert_split(experts: int, ep: int, eplb_on: bool = False, redundant: int = 0) -> Verdict:
+    """How vLLM places ``experts`` over ``ep`` ranks. Without EPLB an uneven count is fine: the first
+    ``experts % ep`` ranks hold one more (vllm/model_executor/layers/fused_moe/layer.py determine_expert_map in
+    0.10.1.1, fused_moe/expert_map_manager.py in 0.33.0). With EPLB vLLM refuses a physical count (experts +
+    redundant) that does not divide ("EPLB currently only supports even distribution of experts across ranks",
+    fused_moe/layer.py in both), and redundant experts without EPLB ("Redundant experts are only supported with
+    EPLB")."""
+    if redundant and not eplb_on:
+        return Verdict(False, f"{redundant} redundant experts without --enable-eplb", "redundant experts only with EPLB",
+                       fix="add --enable-eplb, or drop the redundant experts")
+    physical = experts + (redundant if eplb_on else 0)
+    counted = f"{experts} + {redundant} redundant" if eplb_on and redundant else str(experts)
+    base, extra = divmod(physical, ep)
+    if extra == 0:
+        return Verdict(True, f"{counted} experts over {ep} EP ranks: {base} each")
+    if eplb_on:
+        fits = [n for n in range(redundant + 1, redundant + ep + 1) if (experts + n) % ep == 0][:1]
+        return Verdict(False, f"{counted} experts over {ep} EP ranks", f"(experts + redundant) a multiple of {ep} with EPLB",
+                       fix=f"set the redundant experts to {fits[0]}" + " (--num-redundant-experts or --eplb-config)",
+                       why="vLLM's EPLB places the same number of physical experts on every rank")
+    def ranks(first: int, last: int) -> str:
+        return f"rank {first} holds" if first == last else f"ranks {first}-{last} hold"
+
+    spread = f"{ranks(0, extra - 1)} {base + 1}, {ranks(extra, ep - 1)} {base}"
+    return Verdict(True, f"{counted} experts over {ep} EP ranks: {spread} (note: uneven; vLLM gives the remainder "
+                         f"to the first ranks, whose MoE layers carry more experts)")

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from preflight.verdict import Verdict
+
 IB_CLASS = "/sys/class/infiniband"
 PROC = "/proc"
 SYSFS_ROOT_VAR = "EP_PREFLIGHT_SYSFS_ROOT"
@@ -230,3 +232,105 @@ def is_one(value: str) -> bool:
         return int(value, 0) == 1
     except ValueError:
         return False
+
+
+def gid_types(port: Port, root: str | Path = IB_CLASS) -> dict[int, str]:
+    """The port's GID table as {index: 'RoCE v2' | 'IB/RoCE v1'} (empty entries left out)."""
+    folder = Path(root) / port.device / "ports" / str(port.number) / "gid_attrs" / "types"
+    try:
+        indices = sorted(int(e) for e in os.listdir(folder) if e.isdigit())
+    except OSError:
+        return {}
+    return {i: kind for i in indices if (kind := _read(folder / str(i)))}
+
+
+# ------------------------------------------------------------------------------------------------ judges
+# Pure functions of what the readers above (and preflight.imports' library probe) found; tested with tables.
+
+IBGDA_FIX = (
+    "either run vLLM's tools/ep_kernels/configure_system_drivers.sh as root (it appends `options nvidia "
+    "NVreg_EnableStreamMemOPs=1 NVreg_RegistryDwords=\"PeerMappingOverride=1;\"` to /etc/modprobe.d/nvidia.conf "
+    "and runs update-initramfs -u) and reboot; or install GDRCopy and load gdrdrv (gdrcopy's insmod.sh, or the "
+    "gdrdrv-dkms package); or use NVSHMEM >= 3.4.5"
+)
+NVSHMEM_CPU_ASSISTED_IBGDA = (3, 4, 5)
+"""NVSHMEM 3.4.5 release notes: "Added support for CPU-Assisted IBGDA without the use of GDRCopy or the x86 regkey
+setting. Systems not supporting the other methods will automatically fall back to this new method."
+(docs.nvidia.com/nvshmem/release-notes-install-guide/release-notes/release-3405.html)"""
+
+
+def ibgda_ready(params: NvidiaParams | None, modules: set[str] | None, nvshmem: tuple[int, int, int] | None,
+                nvshmem_problem: str = "") -> Verdict:
+    """Whether NVSHMEM can drive the NIC from the GPU (IBGDA) here. DeepEP's docs/nvshmem.md ("Enable NVSHMEM
+    IBGDA support": "Either of the following methods can be used") accepts the NVIDIA driver's regkeys
+    (GPU-initiated) or GDRCopy's gdrdrv (CPU-assisted); from NVSHMEM 3.4.5 neither is required."""
+    regkeys = params is not None and params.stream_mem_ops == "1" and is_one(params.peer_mapping_override)
+    gdrdrv = modules is not None and "gdrdrv" in modules
+    if params is None:
+        driver = "no NVIDIA driver params"
+    else:
+        driver = f"EnableStreamMemOPs={params.stream_mem_ops or '?'}, PeerMappingOverride={params.peer_mapping_override or 'unset'}"
+    gdr = "gdrdrv loaded" if gdrdrv else "gdrdrv unknown" if modules is None else "gdrdrv not loaded"
+    version = ".".join(map(str, nvshmem)) if nvshmem else f"unknown ({nvshmem_problem})" if nvshmem_problem else "unknown"
+    value = f"{driver}; {gdr}; NVSHMEM {version}"
+    if regkeys:
+        return Verdict(True, f"{value}: GPU-initiated IBGDA (driver regkeys)")
+    if gdrdrv:
+        return Verdict(True, f"{value}: CPU-assisted IBGDA through GDRCopy (a small cost, DeepEP docs/nvshmem.md 2.2)")
+    if nvshmem and nvshmem >= NVSHMEM_CPU_ASSISTED_IBGDA:
+        return Verdict(True, f"{value}: note: neither regkeys nor GDRCopy; NVSHMEM falls back to its own CPU-assisted IBGDA")
+    return Verdict(False, value, "driver regkeys (EnableStreamMemOPs=1, PeerMappingOverride=1), or gdrdrv loaded, or NVSHMEM >= 3.4.5",
+                   fix=IBGDA_FIX, why="without one of them NVSHMEM cannot drive the NIC from the GPU (IBGDA)")
+
+
+GID_FIX = "set network.gid_index (NCCL and NVSHMEM both) to a RoCE v2 index, or leave it out for both to pick one"
+
+
+def _gid_setting(value: str | None) -> int | None | str:
+    """None: the library picks (unset or -1, both libraries' default); an index; or the text when it is no number."""
+    if value is None or value.strip() in ("", "-1"):
+        return None
+    text = value.strip()
+    return int(text) if text.isdigit() else text
+
+
+def roce_gid(tables: dict[str, dict[int, str]], nccl: str | None, nvshmem: str | None, nvshmem_used: bool) -> Verdict:
+    """The GIDs NCCL (NCCL_IB_GID_INDEX) and, where it crosses nodes, NVSHMEM (NVSHMEM_IB_GID_INDEX) will use on
+    each port, from its GID table ``{port name: {index: type}}``. Unset (or -1) lets either library pick a RoCE v2
+    GID itself (NCCL env.rst NCCL_IB_GID_INDEX / NCCL_IB_ROCE_VERSION_NUM; NVSHMEM env_defs.h IB_GID_INDEX /
+    IB_ROCE_VERSION_NUM), so a port needs at least one; a given index must be RoCE v2 on every port, and the two
+    libraries must agree."""
+    settings = {"NCCL_IB_GID_INDEX": _gid_setting(nccl)}
+    if nvshmem_used:
+        settings["NVSHMEM_IB_GID_INDEX"] = _gid_setting(nvshmem)
+    for name, index in settings.items():
+        if isinstance(index, str):
+            return Verdict(False, f"{name}={index}", "a GID index (a number) or unset", fix=GID_FIX)
+    given = {name: index for name, index in settings.items() if index is not None}
+    if nvshmem_used and given and len(set(settings.values())) > 1:
+        value = ", ".join(f"{name}={'auto' if index is None else index}" for name, index in settings.items())
+        return Verdict(False, value, "one GID index for NCCL and NVSHMEM", fix=GID_FIX,
+                       why="the two libraries would address the peers through different GIDs")
+    v2 = {port: [i for i, kind in table.items() if kind == "RoCE v2"] for port, table in tables.items()}
+    if not given:
+        missing = [port for port, indices in v2.items() if not indices]
+        if missing:
+            return Verdict(False, f"no RoCE v2 GID on {', '.join(missing)}", "a RoCE v2 GID on every port (auto selection)",
+                           fix="configure an IPv4 address on the port's network device (ip addr add ... dev <netdev>)",
+                           why="NCCL and NVSHMEM pick a RoCE v2 GID themselves and find none")
+        common = sorted(set.intersection(*(set(i) for i in v2.values()))) if v2 else []
+        where = f"index {', '.join(map(str, common))}" if common else "different indices"
+        return Verdict(True, f"auto: RoCE v2 at {where} on {len(tables)} ports")
+    index = next(iter(given.values()))
+    names = " and ".join(given)
+    wrong = {port: table.get(index, "empty") for port, table in tables.items() if table.get(index) != "RoCE v2"}
+    if wrong:
+        fix = GID_FIX
+        first = next(iter(wrong))
+        if v2[first]:
+            fix += f" ({first} has RoCE v2 at {', '.join(map(str, v2[first]))})"
+        else:
+            fix += " (none found: is an IPv4/IPv6 address configured on the port's netdev?)"
+        value = ", ".join(f"{port}: {kind}" for port, kind in wrong.items())
+        return Verdict(False, value, f"RoCE v2 at index {index} ({names})", fix=fix)
+    return Verdict(True, f"index {index} is RoCE v2 on {len(tables)} ports ({names})")

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,18 +191,14 @@ def _teardown(folder: Path, conf: Path, nodes: list[SlurmNode], bridge: str) -> 
     subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, timeout=30)
     pids = [folder / f"slurmd-{n.name}.pid" for n in nodes] + [folder / "slurmctld.pid", folder / "munge" / "pid"]
     for pid_file in pids:
-        try:
+        with suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
     # job steps (slurmstepd and what it started) outlive slurmd; stop anything still in the namespaces
     for node in nodes:
         found = subprocess.run(["ip", "netns", "pids", node.ns], capture_output=True, text=True, timeout=10).stdout.split()
         for pid in found:
-            try:
+            with suppress(OSError):
                 os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
         subprocess.run(["ip", "netns", "del", node.ns], capture_output=True, timeout=10)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=10)
     shutil.rmtree(folder, ignore_errors=True)

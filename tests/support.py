@@ -4,6 +4,7 @@ shape of a one-line error."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ VLLM_VERSIONS = ["0.10.1.1", "0.26.0", "0.33.0"]
 """The vLLM versions whose real parsers tests/vllm/install-parsers.sh installs: the guide's, the GPU machine's, the newest."""
 PARSERS = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers"))
 PARSER_PYTHON = PARSERS / "venv" / "bin" / "python"
+FAKE_VLLM = ROOT / "tests" / "fixtures" / "fake_vllm_http.py"
+"""A stand-in for `vllm serve`'s HTTP side: /health and /metrics (its docstring)."""
 
 
 def parser_of(version: str) -> Path:
@@ -35,3 +38,39 @@ def assert_one_line_error(res, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     assert res.out == ""
+
+
+def vllm_metrics(ranks: dict[int, tuple[int, int, float]], model: str = "m", old_kv_name: bool = False) -> str:
+    """Prometheus text with vLLM 0.26's metric names, help texts and labels (vllm/v1/metrics/loggers.py)."""
+    out = []
+    for name, doc, at in (("vllm:num_requests_running", "Number of requests in model execution batches.", 0),
+                          ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", 1),
+                          ("vllm:gpu_cache_usage_perc" if old_kv_name else "vllm:kv_cache_usage_perc",
+                           "KV-cache usage. 1 means 100 percent usage.", 2)):
+        out += [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
+        out += [f'{name}{{engine="{r}",model_name="{model}"}} {float(v[at])}' for r, v in sorted(ranks.items())]
+    out += ["# HELP python_gc_objects_collected_total Objects collected during gc",
+            "# TYPE python_gc_objects_collected_total counter", 'python_gc_objects_collected_total{generation="0"} 96.0']
+    return "\n".join(out) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wheel_text(version: str, path: str) -> str:
+    """A file of an installed vLLM release ("" when that release has no such file); skips where it is not installed."""
+    import os
+    from pathlib import Path
+
+    from tests.conftest import ROOT
+
+    folder = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers")) / f"vllm-{version}"
+    if not (folder / "vllm").is_dir():
+        if os.environ.get("EP_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM {version} is not installed in {folder.parent} (bash tests/vllm/install-parsers.sh)")
+        pytest.skip(f"vLLM {version} is not installed (bash tests/vllm/install-parsers.sh)")
+    file = folder / path
+    return file.read_text() if file.is_file() else ""

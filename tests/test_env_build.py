@@ -23,13 +23,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.env_support import run_env
 
 pytest.importorskip("torch")
 
@@ -148,14 +147,6 @@ def write_pins(path: Path, url: str, commit: str, archs: tuple[str, ...] = ("9.0
     return path
 
 
-def run_env(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> dict:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    for var in ("EP_STACK_PROFILE", "EP_STACK_PREFIX", "EP_STACK_CACHE", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CXX", "NVSHMEM_DIR"):
-        if var not in (env or {}):
-            full_env.pop(var, None)
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "env", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
-    return {"code": proc.returncode, "out": proc.stdout, "err": proc.stderr, "seconds": round(time.monotonic() - start, 2)}
 
 
 def import_through_paths(prefix: Path, pins: Path, profile: str = "test") -> dict:

@@ -21,32 +21,7 @@ from env.fetch import SourceCache, _resolve_url, extract
 from env.manifest import Entry, Manifest, tree_sha256
 from env.paths import stack_paths
 from env.pins import PROFILES, Component, load_pins
-from tests.test_env_build import run_env
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def pins_file(tmp_path: Path, **fields: object) -> Path:
-    """A `test` profile with one component; `fields` override the defaults (TOML values)."""
-    comp = {"name": "tinyext", "kind": "git", "url": str(tmp_path / "nowhere.git"), "ref": COMMIT, "source": "tests", "build": "pip", "cuda": False, "needs_torch": False}
-    comp.update(fields)
-    lines = ['[profiles.test]', 'description = "bad input"', "[[profiles.test.components]]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in comp.items() if v is not None]
-    path = tmp_path / "pins.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def build(tmp_path: Path, pins: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
-    return run_env("build", "--pins", str(pins), "--profile", "test", "--prefix", str(tmp_path / "stack"), "--cache", str(tmp_path / "cache"), *extra, env=env)
-
-
-def one_line(result: dict) -> str:
-    assert "Traceback" not in result["err"], result["err"]
-    lines = result["err"].strip().splitlines()
-    assert len(lines) == 1, result["err"]
-    return lines[0]
-
+from tests.env_support import COMMIT, build, one_line, pins_file, run_env
 
 # ---- bad input, through the real command line ---------------------------------------------------------------
 

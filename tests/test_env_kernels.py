@@ -19,8 +19,7 @@ import pytest
 from env import machine, nccl
 from env.errors import StackError
 from env.pins import load_pins
-from tests.test_env_build import run_env
-from tests.test_env_inputs import COMMIT, build, one_line, pins_file
+from tests.env_support import COMMIT, build, one_line, pins_file, run_env
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -8,6 +8,10 @@ written; the argv below is the one its authors meant (every flag, in the script'
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from env.paths import StackPaths
@@ -18,7 +22,7 @@ from launch.layout import layouts
 from launch.request import from_args
 from launch.resolve import resolve
 from launch.vllm_versions import resolve_target
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 MODEL = "deepseek-ai/DeepSeek-V3-0324"
 
@@ -49,15 +53,17 @@ GUIDE_ENV = {
 }
 GUIDE_ENV_SECONDARY = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
 
-# What the launcher adds on purpose, for the guide's EFA cluster:
+# What the launcher changes on purpose, for the guide's EFA cluster and vLLM 0.10.1.1:
+CORRECTED_ENV = {
+    # vLLM 0.10.1.1 has no allgather_reducescatter ("Unknown all2all backend" as soon as DP > 1); DeepEP cannot
+    # cross nodes on EFA; naive, that version's default, runs on any transport.
+    "VLLM_ALL2ALL_BACKEND": "naive",
+}
 ADDED_ENV = {
     "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "eth0",  # NVSHMEM's bootstrap on the same interface as NCCL/Gloo
-    "FI_PROVIDER": "efa",  # libfabric's EFA provider (AWS's EFA settings)
-    "FI_EFA_USE_DEVICE_RDMA": "1",
-    "FI_EFA_FORK_SAFE": "1",
-    "NVSHMEM_REMOTE_TRANSPORT": "libfabric",  # NVSHMEM over EFA: libfabric, not IBGDA
-    "NVSHMEM_LIBFABRIC_PROVIDER": "efa",
 }
+# Nothing of libfabric's: aws-ofi-nccl's doc/efa-env-var.md says FI_PROVIDER, FI_EFA_USE_DEVICE_RDMA and
+# FI_EFA_FORK_SAFE are not needed with current versions, and no backend here runs NVSHMEM over libfabric.
 # TP_SOCKET_IFNAME, also exported by the guide, is read by no vLLM version: not generated.
 
 NO_STACK = StackPaths(prefix=EXAMPLES)  # no built stack, no CUDA wheels: only the guide's own variables
@@ -73,18 +79,43 @@ def test_two_node_deploy_file_runs_what_the_guide_ran():
     primary, secondary = plans_of(EXAMPLES / "guide-2node.yaml")
     assert primary.argv == guide_argv("primary", "10.1.59.30", 13345, MODEL, 16, 8, 8)
     assert secondary.argv == guide_argv("secondary", "10.1.59.30", 13345, MODEL, 16, 8, 8)
-    assert primary.env == GUIDE_ENV | ADDED_ENV
-    assert secondary.env == GUIDE_ENV | ADDED_ENV | GUIDE_ENV_SECONDARY
+    assert primary.env == GUIDE_ENV | CORRECTED_ENV | ADDED_ENV
+    assert secondary.env == GUIDE_ENV | CORRECTED_ENV | ADDED_ENV | GUIDE_ENV_SECONDARY
+
+
+PARSERS = Path(os.environ.get("EP_VLLM_PARSERS", ROOT / ".cache" / "vllm-parsers"))
+
+
+def dispatched_backends(version: str) -> set[str]:
+    """The backends a vLLM release's CUDA communicator really dispatches, read in its installed wheel (the one
+    tests/vllm/install-parsers.sh puts beside the project): `all2all_backend == "NAME"` branches."""
+    source = PARSERS / f"vllm-{version}" / "vllm" / "distributed" / "device_communicators" / "cuda_communicator.py"
+    if not source.is_file():
+        if os.environ.get("EP_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM {version} is not installed in {PARSERS} (bash tests/vllm/install-parsers.sh)")
+        pytest.skip(f"vLLM {version} is not installed in {PARSERS} (bash tests/vllm/install-parsers.sh)")
+    return set(re.findall(r'all2all_backend == "(\w+)"', source.read_text()))
+
+
+def test_the_guide_example_uses_a_backend_its_vllm_has():
+    config = load_deploy(EXAMPLES / "guide-2node.yaml")
+    assert config.vllm_version == "0.10.1.1"
+    (primary, _) = plans_of(EXAMPLES / "guide-2node.yaml")
+    backend = primary.env["VLLM_ALL2ALL_BACKEND"]
+    assert backend in primary.target.backends()
+    have = dispatched_backends("0.10.1.1")
+    assert have == {"naive", "pplx", "deepep_high_throughput", "deepep_low_latency"}
+    assert backend in have and "allgather_reducescatter" not in have
 
 
 @pytest.mark.parametrize("role", ["primary", "secondary"])
 def test_guide_positional_arguments_mean_what_they_meant(role, monkeypatch):
-    """`serve-primary 10.1.59.30 13345 MODEL 16 8 8` with the guide's VLLM_ALL2ALL_BACKEND exported."""
-    monkeypatch.setenv("VLLM_ALL2ALL_BACKEND", "allgather_reducescatter")
+    """`serve-primary 10.1.59.30 13345 MODEL 16 8 8` with VLLM_ALL2ALL_BACKEND exported, as the guide did."""
+    monkeypatch.setenv("VLLM_ALL2ALL_BACKEND", "naive")
     args = get_args_parser().parse_args([role, "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.10.1.1"])
     (plan,) = resolve(from_args(args, [])).plans
     assert plan.argv == guide_argv(role, "10.1.59.30", 13345, MODEL, 16, 8, 8)
-    assert plan.env["VLLM_ALL2ALL_BACKEND"] == "allgather_reducescatter"
+    assert plan.env["VLLM_ALL2ALL_BACKEND"] == "naive"
     assert any("from VLLM_ALL2ALL_BACKEND" in note for note in plan.notes)
 
 
@@ -100,13 +131,13 @@ def test_four_nodes_start_where_the_guide_would_start_them():
     """4 x 8 GPUs: the guide's scripts with TOTAL_DP 32, LOCAL_DP 8, START_RANK 8/16/24."""
     plans = plans_of(EXAMPLES / "4node-ib.yaml")
     assert [p.layout.start_rank for p in plans] == [0, 8, 16, 24]
-    tail = ["--all2all-backend", "deepep_low_latency", "--max-model-len", "32768", "--gpu-memory-utilization", "0.9"]
+    tail = ["--all2all-backend", "deepep_v2", "--max-model-len", "32768", "--gpu-memory-utilization", "0.9"]
     for plan in plans:
         last = 8 if plan.layout.role == "primary" else plan.layout.start_rank
         expected = guide_argv(plan.layout.role, "10.0.0.1", 13345, MODEL, 32, 8, last)[:-1]  # no trust-remote-code
         assert plan.argv == expected + tail
-        assert plan.env["NVSHMEM_IB_ENABLE_IBGDA"] == "1"  # DeepEP over InfiniBand
-        assert "FI_PROVIDER" not in plan.env  # EFA settings only on EFA
+        assert plan.env["NCCL_IB_HCA"] == "=mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,mlx5_7"  # exact names
+        assert not [k for k in plan.env if k.startswith("NVSHMEM_IB")]  # DeepEP v2 runs on NCCL GIN, not NVSHMEM
 
 
 def test_passthrough_arguments_go_last():

@@ -102,13 +102,10 @@ def test_leader_is_the_primary_and_workers_the_secondaries():
     leader, worker = leader_and_worker(objects)
     assert leader["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4  # nodes[0]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8  # nodes[1] and nodes[2]
-    # the API (port, probes) lives on the leader only; the Service selects the leader pod by LWS' own labels
+    # the API port lives on the leader only; the Service selects the leader pod by LWS' own labels
     (vllm,) = leader["containers"]
     assert vllm["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
-    assert vllm["startupProbe"]["httpGet"] == vllm["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"] >= 3600  # start-up takes minutes
-    assert "livenessProbe" not in vllm
-    assert not {"ports", "startupProbe", "readinessProbe"} & set(worker["containers"][0])
+    assert "ports" not in worker["containers"][0]
     service = objects[2]["spec"]
     assert service["type"] == "ClusterIP"
     assert service["selector"] == {"leaderworkerset.sigs.k8s.io/name": "vllm-ep", "leaderworkerset.sigs.k8s.io/worker-index": "0"}
@@ -157,7 +154,8 @@ def test_every_pod_runs_lws_step_with_its_pod_ip_and_preflight_first():
         assert preflight["command"] == [*python, "-m", "launch", "lws-step", "preflight", "--deploy", "/etc/vllm-ep/deploy.yaml"]
         assert vllm["command"] == [*python, "-m", "launch", "lws-step", "serve", "--deploy", "/etc/vllm-ep/deploy.yaml"]
         for container in (preflight, vllm):
-            assert container["env"] == [{"name": "EP_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+            assert container["env"] == [{"name": "EP_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                                        {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "3000"}]
     without = leader_and_worker(render(TWO_NODES + "  preflight: false\n"))
     assert all("initContainers" not in spec for spec in without)
 
@@ -327,3 +325,50 @@ def test_a_secret_in_the_deploy_file_stays_out_of_the_configmap(tmp_path):
     assert res.code == 2 and res.out == "" and res.err.strip().splitlines() == [
         f"error: {deploy}: env.HF_TOKEN: a secret would be written into a ConfigMap (expected it out of the deploy file: "
         "a Kubernetes Secret named in kubernetes.env_from_secret)"]
+
+
+def test_every_pod_has_startup_readiness_and_liveness_probes():
+    objects = render(EP_NODES + "  startup_timeout_s: 2700\n")
+    validate_all(objects)
+    leader, worker = (spec["containers"][0] for spec in leader_and_worker(objects))
+    for container in (leader, worker):
+        startup = container["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 2700  # loading and compiling take minutes
+        assert container["readinessProbe"]["failureThreshold"] == 3
+        assert container["livenessProbe"]["periodSeconds"] * container["livenessProbe"]["failureThreshold"] == 60
+    # The leader is vLLM's API server: its own /health answers all three.
+    assert leader["startupProbe"]["httpGet"] == leader["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # A worker runs vLLM headless, with no port: ready when its group's primary serves, live while its vLLM runs.
+    assert worker["readinessProbe"]["exec"]["command"] == [
+        "python", "-m", "launch.pod", "ready", "--deploy", "/etc/vllm-ep/deploy.yaml", "--timeout", "5"]
+    assert worker["startupProbe"]["exec"] == worker["readinessProbe"]["exec"]
+    assert worker["livenessProbe"]["exec"]["command"] == ["python", "-m", "launch.pod", "live"]
+
+
+def test_jit_caches_survive_restarts_on_a_host_path():
+    objects = render(TWO_NODES + "  jit_cache: /var/lib/vllm-ep-jit\n")
+    validate_all(objects)
+    for spec in leader_and_worker(objects):
+        (vllm,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in vllm["env"]}
+        assert env["VLLM_CACHE_ROOT"] == "/var/cache/vllm-ep/vllm"
+        assert env["EP_JIT_CACHE_DIR"] == "/var/cache/vllm-ep/deep_ep"  # DeepEP v2 compiles its kernels at run time
+        assert env["DG_JIT_CACHE_DIR"] == "/var/cache/vllm-ep/deep_gemm"
+        assert {"FLASHINFER_WORKSPACE_BASE", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"} <= set(env)
+        assert {"name": "jit-cache", "mountPath": "/var/cache/vllm-ep"} in vllm["volumeMounts"]
+        assert {"name": "jit-cache", "hostPath": {"path": "/var/lib/vllm-ep-jit", "type": "DirectoryOrCreate"}} in spec["volumes"]
+    with pytest.raises(ConfigError, match="kubernetes.jit_cache: 'cache' is not an absolute path"):
+        render(TWO_NODES + "  jit_cache: cache\n")
+
+
+def test_the_leader_is_annotated_for_prometheus_and_the_engine_bound_is_configurable():
+    objects = render(TWO_NODES + "  engine_ready_timeout_s: 5400\n")
+    validate_all(objects)
+    templates = objects[1]["spec"]["leaderWorkerTemplate"]
+    assert templates["leaderTemplate"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
+    assert "annotations" not in templates["workerTemplate"]["metadata"]
+    leader, _ = leader_and_worker(objects)
+    assert {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "5400"} in leader["containers"][0]["env"]
+    plain = render(TWO_NODES + "  metrics_annotations: false\n")[1]["spec"]["leaderWorkerTemplate"]
+    assert "annotations" not in plain["leaderTemplate"]["metadata"]

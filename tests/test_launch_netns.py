@@ -10,7 +10,6 @@ import sys
 
 from tests.conftest import ROOT
 
-
 DEPLOY = """\
 model: tiny-moe
 nodes:

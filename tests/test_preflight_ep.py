@@ -18,57 +18,12 @@ from packaging.version import Version
 from preflight import ep, ep_memory, rendezvous
 from preflight.ep import Shape
 from tests.conftest import ROOT, run_module
+from tests.recorded import DEEPSEEK_V3, QWEN3_30B_A3B
 
 GiB = 1024**3
 
 # config.json of https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json (the fields the budget reads)
-DEEPSEEK_V3 = {
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "moe_layer_freq": 1,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "vocab_size": 129280,
-    "max_position_embeddings": 163840,
-    "num_nextn_predict_layers": 1,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "quantization_config": {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-    },
-}
 # https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json
-QWEN3_30B_A3B = {
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "moe_intermediate_size": 768,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "vocab_size": 151936,
-    "max_position_embeddings": 40960,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
 
 
 # --- DeepEP's own arithmetic, against what DeepEP printed --------------------------------------------
@@ -576,7 +531,7 @@ def test_two_nodes_meet_for_the_ep_check_and_each_names_the_other(tmp_path):
     path.write_text(
         f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 1}}\n  - {{address: 127.0.0.2, gpus: 1}}\n"
         f"rpc_port: {rpc}\nport: {rpc + 7}\nall2all_backend: deepep_low_latency\nvllm_version: '0.26.0'\n"
-        "network: {transport: tcp, socket_ifname: lo}\npreflight: {rendezvous_timeout_s: 60}\n"
+        "network: {transport: ib, socket_ifname: lo}\npreflight: {rendezvous_timeout_s: 60}\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(rendezvous.PORT_VAR, None)

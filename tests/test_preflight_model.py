@@ -1,5 +1,6 @@
-"""Model fit: the config is found (path or Hugging Face cache), experts must divide by the EP size, and
-the weights are sized from safetensors headers without reading a tensor."""
+"""Model fit: the config is found (path or Hugging Face cache), experts are placed over the EP ranks as vLLM
+places them (tests/test_preflight_judges.py holds the table), and the weights are sized from safetensors headers
+without reading a tensor."""
 
 from __future__ import annotations
 
@@ -77,13 +78,27 @@ def test_flags_in_both_spellings():
     assert model.flag([], "--max-model-len") is None
 
 
-def test_preflight_reports_an_uneven_expert_split(tmp_path):
+def preflight_model(tmp_path, vllm_args: str = ""):
     folder = moe_folder(tmp_path)
     deploy = tmp_path / "d.yaml"
-    deploy.write_text(f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 3}}\nnetwork: {{transport: tcp, socket_ifname: lo}}\n")
+    deploy.write_text(f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 3}}\nnetwork: {{transport: tcp, socket_ifname: lo}}\n"
+                      + (f"vllm_args: {vllm_args}\n" if vllm_args else ""))
     res = run_module("preflight", "--deploy", str(deploy), "--node-rank", "0", "-k", "model and not GPU")
+    assert "Traceback" not in res.out + res.err
+    return res
+
+
+def test_preflight_notes_an_uneven_expert_split_without_failing(tmp_path):
+    res = preflight_model(tmp_path)
     assert "PASS  model        model config readable on this node" in res.out
-    assert "FAIL  model        experts divide by the EP size" in res.out
-    assert "8 experts over 3 EP ranks (expected a multiple of 3)" in res.out
+    assert "PASS  model        experts over the EP ranks" in res.out
+    assert "8 experts over 3 EP ranks: ranks 0-1 hold 3, rank 2 holds 2 (note: uneven" in res.out
     assert "SKIP  model        weights + one full sequence of KV cache fit a GPU" in res.out  # no GPU here
-    assert res.code == 1 and "Traceback" not in res.out + res.err
+    assert res.code == 0
+
+
+def test_preflight_fails_an_eplb_layout_vllm_refuses(tmp_path):
+    res = preflight_model(tmp_path, "[--enable-eplb, --num-redundant-experts, '2']")
+    assert "FAIL  model        experts over the EP ranks" in res.out
+    assert "8 + 2 redundant experts over 3 EP ranks (expected (experts + redundant) a multiple of 3 with EPLB)" in res.out
+    assert "set the redundant experts to 4" in res.out and res.code == 1

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from env.paths import StackPaths
 from launch import plan as planning
 from launch.config import parse_deploy
 from launch.layout import layouts
 from launch.vllm_versions import Target
-from packaging.version import Version
 from tests.conftest import ROOT, run_module
 
 DEPLOY = {"model": "m", "nodes": [{"address": "10.0.0.1", "gpus": 8}, {"address": "10.0.0.2", "gpus": 8}],

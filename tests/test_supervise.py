@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,17 +36,24 @@ def start(tmp_path, on_term="default", extra=()):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIDFILE": str(pidfile), "FAKE_VLLM_ON_TERM": on_term}
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch", *GUIDE_ARGS, "--vllm-bin", str(FAKE), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         lines = pidfile.read_text().splitlines() if pidfile.exists() else []
         if len(lines) == 5:
             # the parent first, then its workers
-            return proc, [int(line.split()[1]) for line in sorted(lines, key=lambda line: not line.startswith("parent"))]
+            return proc, [
+                int(line.split()[1]) for line in sorted(lines, key=lambda line: not line.startswith("parent"))
+            ]
         time.sleep(0.05)
     proc.kill()
-    pytest.fail(f"the fake vLLM tree did not start within 20 s: {proc.stderr.read() if proc.poll() is not None else ''}")
+    pytest.fail(
+        f"the fake vLLM tree did not start within 20 s: {proc.stderr.read() if proc.poll() is not None else ''}"
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -93,3 +101,35 @@ def test_log_file_gets_vllms_output(tmp_path):
     proc.wait(timeout=30)
     assert "fake vllm ready serve tiny-moe" in log.read_text()
     assert "fake vllm ready" in proc.stdout.read()
+
+
+def test_sigterm_with_the_launchers_stderr_gone_still_stops_the_tree(tmp_path):
+    # a tee between the launcher and the terminal dies of the same SIGTERM first: the launcher's messages
+    # fail, its stop must not (it used to end with a traceback and exit 1, leaving vLLM running)
+    proc, pids = start(tmp_path, on_term="exit:7")
+    proc.stderr.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    assert not [p for p in pids if alive(p)]
+
+
+def test_a_log_file_that_cannot_be_opened_is_reported_and_vllm_runs(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    proc, pids = start(tmp_path, on_term="exit:7", extra=["--log-file", str(blocker / "primary.log")])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    err = proc.stderr.read()
+    assert f"log file {blocker / 'primary.log'}: cannot open (File exists: {blocker}); vLLM runs without it" in err
+    assert "fake vllm ready" in proc.stdout.read()
+    assert not [p for p in pids if alive(p)]
+
+
+def test_the_tree_is_marked_so_that_what_leaves_it_can_be_found(tmp_path):
+    proc, pids = start(tmp_path)
+    try:
+        marks = {Path(f"/proc/{pid}/environ").read_bytes().split(b"EP_LAUNCH_TREE=")[1].split(b"\0")[0] for pid in pids}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert len(marks) == 1 and marks.pop().startswith(f"{proc.pid}-".encode())

@@ -202,6 +202,10 @@ def lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
     except placement.LeaderNotFound as exc:
         raise NodeDown(str(exc)) from None
     say(f"LeaderWorkerSet pod: {p.describe()}")
+    if args.step == "serve":
+        from launch import pod
+
+        say(f"/dev/shm: {pod.clear_shm()} entries left by an earlier run removed")
     placed = _placed_file(p.config, f"lws-{p.node_rank}-{args.step}")
     return _run_step(args.step, placed, p.node_rank, None, passthrough)
 

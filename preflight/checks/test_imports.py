@@ -14,7 +14,7 @@ IMPORT_TIMEOUT_S = 180  # a cold `import vllm` on a network file system can take
 def stack(node):
     env = node.env()
     need = imports.required(node.backend, node.plan.env if node.plan else {}, node.kv_connector)
-    return need, imports.probe(list(need), env, IMPORT_TIMEOUT_S)
+    return need, imports.probe(imports.to_probe(need), env, IMPORT_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("module", ["torch", "vllm", "deep_ep", "pplx_kernels", "deep_gemm", "nixl"])
@@ -25,10 +25,22 @@ def test_imports(stack, check, module):
         check.skip(f"{module} not needed by this node's plan")
     if isinstance(results, str):
         check.require(False, results, "imports", fix="run `python -m env status` and rebuild what is missing", why=results)
-    got = results[module]
+    got = imports.satisfied(module, results)
     check.require(got.ok, got.error, f"importable ({need[module]})",
                   fix="pixi install (or `pixi run build-ep-kernels` for DeepEP / pplx-kernels / DeepGEMM)")
-    check.measured(f"{got.version or 'unknown version'} from {got.file}" + (f"; {got.detail}" if got.detail else ""))
+    stand_in = f" (vLLM's own copy, {got.module})" if got.module != module else ""
+    check.measured(f"{got.version or 'unknown version'} from {got.file}{stand_in}" + (f"; {got.detail}" if got.detail else ""))
+
+
+def test_nccl_that_torch_loads_is_new_enough(node, check, request):
+    """NCCL loaded with torch"""
+    backend = node.backend
+    if backend not in imports.NCCL_FLOOR:
+        check.skip(f"all2all backend is {backend or 'not set'}: no NCCL version floor")
+    libraries = request.getfixturevalue("libraries")
+    if isinstance(libraries, str):
+        check.require(False, libraries, "NCCL loads", fix="run `python -m env status`", why=libraries)
+    imports.nccl_for_backend(backend, libraries["nccl"]).report(check)
 
 
 def test_vllm_is_the_version_the_plan_targets(node, stack, check):

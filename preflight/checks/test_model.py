@@ -1,5 +1,5 @@
-"""The model: config found on this node, experts that split evenly over the EP ranks, and weights plus a
-full-length sequence of KV cache that fit each GPU's share of memory."""
+"""The model: config found on this node, experts placed over the EP ranks as vLLM places them, and weights plus
+a full-length sequence of KV cache that fit each GPU's share of memory."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def test_model_config_is_here(node, found, check):
     check.measured(str(folder), "config.json on this node")
 
 
-def test_experts_split_evenly_over_ep_ranks(node, found, check):
-    """experts divide by the EP size"""
+def test_experts_split_over_ep_ranks(node, found, check):
+    """experts over the EP ranks"""
     _, config = _need_model(node, found, check)
     if not node.config.enable_expert_parallel:
         check.skip("expert parallelism is off")
@@ -50,9 +50,7 @@ def test_experts_split_evenly_over_ep_ranks(node, found, check):
     if count is None:
         check.skip("not a mixture-of-experts model (no expert count in config.json)")
     ep = node.plan.layout.data_parallel_size * node.config.tensor_parallel_size
-    check.require(count % ep == 0, f"{count} experts over {ep} EP ranks", f"a multiple of {ep}",
-                  fix="choose a DP x TP size that divides the expert count, or add redundant experts with --enable-eplb")
-    check.measured(f"{count} experts over {ep} EP ranks: {count // ep} each")
+    model.expert_split(count, ep, *model.eplb(node.plan.argv)).report(check)
 
 
 def test_weights_and_kv_cache_fit(node, found, gpus, check):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_preflight_ep import DEEPSEEK_V3, QWEN3_30B_A3B
+from tests.recorded import DEEPSEEK_V3, QWEN3_30B_A3B
 
 pytestmark = pytest.mark.gpu
 
@@ -110,30 +111,15 @@ def test_ep_checks_pass_on_one_gpu(tmp_path, results):
 
     deepep_tests = os.environ.get("EP_DEEPEP_TESTS")
     if deepep_tests:  # DeepEP's own test on the same GPU, with the environment the plan gives vLLM
-        own = subprocess.run(
-            [
-                sys.executable,
-                "test_low_latency.py",
-                "--num-processes",
-                "1",
-                "--num-tokens",
-                "64",
-                "--hidden",
-                "2048",
-                "--num-topk",
-                "4",
-                "--num-experts",
-                "8",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=deepep_tests,
-            timeout=PREFLIGHT_TIMEOUT_S,
-        )
+        # Through the same generated paths as vLLM (`eval "$(python -m env paths)"`), at the check's own shape.
+        shape = ["--num-processes", "1", "--num-tokens", "128", "--hidden", "2048", "--num-topk", "8", "--num-experts", "128"]
+        script = (f'eval "$({shlex.join([sys.executable, "-m", "env", "paths"])})" && cd {shlex.quote(deepep_tests)} && '
+                  f"{shlex.join([sys.executable, 'test_low_latency.py', *shape])}")
+        own = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=PREFLIGHT_TIMEOUT_S)
         record["deepep_test"] = {
             "rc": own.returncode,
             "figures": deepep_figures(own.stdout),
-            "tail": own.stdout[-2000:],
+            "tail": (own.stdout + own.stderr)[-2000:],
         }
 
     table = subprocess.run(

@@ -19,7 +19,7 @@ def write_tokenizer(out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = [f"w{i}" for i in range(4000)] + "the quick brown fox jumps over a lazy dog expert parallel".split()
+    words = [f"w{i}" for i in range(4000)] + ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "expert", "parallel"]
     corpus = [" ".join(words[i : i + 12]) for i in range(0, len(words), 7)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
