@@ -191,14 +191,21 @@ def build(
     chosen = config.ifname(layout.node_rank) if layout.node_rank < len(config.nodes) else config.network.socket_ifname
     iface: EnvValue
     if chosen == "auto":
-        iface = AutoIfname(layout.node_address, towards=False) if layout.node_address else AutoIfname(layout.primary_address, towards=True)
+        iface = (
+            AutoIfname(layout.node_address, towards=False)
+            if layout.node_address
+            else AutoIfname(layout.primary_address, towards=True)
+        )
     else:
         iface = chosen
     for var in IFNAME_VARS:
         env[var] = iface
 
-    env.update(fabric_env(config.network, backend, across_nodes=matrix.across_nodes(config, layout),
-                          ucx=kv_over_ucx(kv_transfer)))
+    env.update(
+        fabric_env(
+            config.network, backend, across_nodes=matrix.across_nodes(config, layout), ucx=kv_over_ucx(kv_transfer)
+        )
+    )
     env.update(config.network.nccl)
     env.update(config.network.nvshmem)
     env.update(config.network.efa)

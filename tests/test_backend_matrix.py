@@ -162,9 +162,9 @@ def test_stack_profiles_pin_the_nccl_they_bring():
 def test_the_guides_positional_arguments_count_as_several_nodes():
     """`serve-secondary NODE1_IP RPC_PORT MODEL 16 8 8` describes this node only; DP 16 > 8 local means other nodes."""
     from launch.cli import get_args_parser
+    from launch.config import ConfigError
     from launch.request import from_args
     from launch.resolve import resolve
-    from launch.config import ConfigError
 
     args = get_args_parser().parse_args(
         [
@@ -184,7 +184,7 @@ def test_the_guides_positional_arguments_count_as_several_nodes():
         ]
     )
     with pytest.raises(ConfigError, match="cannot run across nodes on efa"):
-        resolve(from_args(args, [])).plans
+        resolve(from_args(args, []))
     args = get_args_parser().parse_args(
         [
             "primary",
@@ -207,8 +207,6 @@ def test_the_guides_positional_arguments_count_as_several_nodes():
 
 
 # ---- the version facts the matrix uses, re-read in the installed wheels (tests/vllm/install-parsers.sh)
-
-
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.33.0"])

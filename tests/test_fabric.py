@@ -90,7 +90,9 @@ def plans(transport, backend, nodes, network, version, kv_transfer=None, **extra
         "golden.yaml",
     )
     target = Target(Version(version), "given")
-    return [planning.build(config, lay, target, StackPaths(prefix=ROOT), kv_transfer=kv_transfer) for lay in layouts(config)]
+    return [
+        planning.build(config, lay, target, StackPaths(prefix=ROOT), kv_transfer=kv_transfer) for lay in layouts(config)
+    ]
 
 
 def fabric_of(plan) -> dict[str, str]:
