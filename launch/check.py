@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from launch.plan import NodePlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,14 +36,27 @@ class Answer:
     """Why no answer came (vLLM missing, the parser crashed, the bound passed)."""
 
 
-def parse(argvs: Sequence[Sequence[str]], *, python: str = sys.executable, pythonpath: Sequence[str] = (),
-          timeout: float = 120.0) -> Answer:
+def parse(
+    argvs: Sequence[Sequence[str]],
+    *,
+    python: str = sys.executable,
+    pythonpath: Sequence[str] = (),
+    timeout: float = 120.0,
+) -> Answer:
     """Parses each argv (starting at `serve`) with the vLLM importable by ``python``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+    )
     try:
-        proc = subprocess.run([python, "-m", "launch.vllm_parse"], input=json.dumps([list(a) for a in argvs]),
-                              capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            [python, "-m", "launch.vllm_parse"],
+            input=json.dumps([list(a) for a in argvs]),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return Answer(None, [], f"vLLM's parser did not answer within {timeout:g} s")
     except OSError as exc:
@@ -56,15 +71,26 @@ def parse(argvs: Sequence[Sequence[str]], *, python: str = sys.executable, pytho
     return Answer(data["version"], [Parsed(r["ok"], r["error"]) for r in data["results"]])
 
 
+def same_release(target: Version, installed: str | None) -> bool:
+    """Whether the installed vLLM is the plan's target, local build suffixes aside (0.26.0+cu130 is 0.26.0;
+    0.1 is not 0.10.1.1, as a substring test would say)."""
+    try:
+        return installed is not None and Version(Version(installed).base_version) == target
+    except InvalidVersion:
+        return False
+
+
 def report(plans: list[NodePlan], *, timeout: float, python: str = sys.executable, out=sys.stdout) -> int:
     """Prints one line per node; exit code 1 if vLLM rejects any argv, 2 if vLLM cannot be asked."""
     answer = parse([p.argv[1:] for p in plans], python=python, timeout=timeout)
     if answer.problem:
-        print(f"error: check: {answer.problem} (is vLLM installed in this environment? `pixi install`)", file=sys.stderr)
+        print(
+            f"error: check: {answer.problem} (is vLLM installed in this environment? `pixi install`)", file=sys.stderr
+        )
         return 2
     target = plans[0].target
     print(f"# vLLM {answer.version} parsed {len(plans)} node argv(s); plans target {target.describe()}", file=out)
-    if str(target.version) not in (answer.version or ""):
+    if not same_release(target.version, answer.version):
         print(f"# note: the installed vLLM ({answer.version}) is not the plan's target ({target.version})", file=out)
     bad = 0
     for plan, parsed in zip(plans, answer.results, strict=True):

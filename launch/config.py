@@ -8,7 +8,7 @@ is one line: ``FILE: FIELD: what was expected``.
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import re
 import shlex
 from pathlib import Path
@@ -18,7 +18,8 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from launch import yaml_safe
+from launch import vllm_flags, yaml_safe
+from launch.errors import ConfigError
 
 Transport = Literal["ib", "roce", "efa", "tcp"]
 """How the nodes reach each other: InfiniBand, RoCE, AWS EFA, or plain TCP sockets."""
@@ -31,8 +32,19 @@ RAY_WORKER_PORTS = (10002, 19999)
 """Ray's default --min-worker-port / --max-worker-port: its head refuses a port of its own in there."""
 
 
-class ConfigError(ValueError):
-    """Bad input, with a one-line message that names the file, the field and what was expected."""
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _is_address(value: str) -> bool:
+    """An IPv4 / IPv6 address, or a host name as RFC 1123 section 2.1 allows (labels of letters, digits
+    and inner hyphens, at most 63 characters each, 253 in all)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
 class _Strict(BaseModel):
@@ -61,10 +73,25 @@ class Node(_Strict):
     def _address(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        value = value.strip()
-        if not value or any(c.isspace() for c in value) or "/" in value:
-            raise ValueError("expected an IP address or host name")
+        if not _is_address(value):
+            raise ValueError(
+                f"{value!r} is neither an IP address nor a host name (expected e.g. 10.0.0.1 or gpu-01.cluster)"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _gpu_ids(self) -> Node:
+        ids = self.gpu_ids
+        if ids is None:
+            return self
+        if any(i < 0 for i in ids):
+            raise _FieldError("gpu_ids", f"{min(ids)} is negative (expected GPU indices 0, 1, ...)")
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise _FieldError("gpu_ids", f"GPU {twice[0]} is listed twice (expected each GPU once)")
+        if len(ids) != self.gpus:
+            raise _FieldError("gpu_ids", f"{len(ids)} GPUs for gpus: {self.gpus} (expected {self.gpus} ids)")
+        return self
 
 
 class Network(_Strict):
@@ -107,6 +134,39 @@ class Network(_Strict):
         if self.efa and self.transport != "efa":
             raise ValueError(f"efa settings given but transport is {self.transport!r} (expected transport: efa)")
         return self
+
+
+class Preflight(_Strict):
+    """Preflight threshold overrides; a value left out is the check's default, or derived from the GPU model /
+    transport by the check (preflight/thresholds.py lists the defaults)."""
+
+    shm_min_gib: float | None = Field(default=None, ge=0)
+    """/dev/shm size (vLLM's API servers and NCCL's shared memory transport use it)."""
+    gpu_memory_used_max_mib: float | None = Field(default=None, ge=0)
+    """Memory in use on a GPU before vLLM starts (another process holds it otherwise)."""
+    ib_rate_min_gbps: float | None = Field(default=None, ge=0)
+    """Rate of every active InfiniBand / RoCE port."""
+    intra_allreduce_busbw_min_gbps: float | None = Field(default=None, ge=0)
+    """All-reduce bus bandwidth between this node's GPUs at the largest size."""
+    intra_alltoall_busbw_min_gbps: float | None = Field(default=None, ge=0)
+    """All-to-all bus bandwidth between this node's GPUs at the largest size."""
+    inter_allreduce_busbw_min_gbps: float | None = Field(default=None, ge=0)
+    """All-reduce bus bandwidth across nodes at the largest size."""
+    inter_alltoall_busbw_min_gbps: float | None = Field(default=None, ge=0)
+    """All-to-all bus bandwidth across nodes at the largest size."""
+    collective_timeout_s: float | None = Field(default=None, ge=0)
+    """Longest a collective check may take before it counts as hung."""
+    rendezvous_timeout_s: float | None = Field(default=None, ge=0)
+    """Longest the primary waits for every node to join."""
+    ep_timeout_s: float | None = Field(default=None, ge=0)
+    """Longest the EP kernel check may take (NVSHMEM start, DeepEP v2's kernel compilation included)."""
+    ep_bandwidth_min_gbps: float | None = Field(default=None, ge=0)
+    """EP dispatch + combine bandwidth per rank, as DeepEP's tests compute it."""
+    ep_memory_reserve_gib: float | None = Field(default=None, ge=0)
+    """GPU memory the EP budget keeps for CUDA graphs and activations it does not count."""
+
+    def given(self) -> dict[str, float]:
+        return self.model_dump(exclude_none=True)
 
 
 class Connector(_Strict):
@@ -282,7 +342,7 @@ class DeployConfig(_Strict):
     """Extra arguments appended to `vllm serve`."""
     env: dict[str, str] = {}
     """Extra environment for every node (secrets are shown as ***)."""
-    preflight: dict[str, float] = {}
+    preflight: Preflight = Preflight()
     """Preflight threshold overrides by name (see preflight/thresholds.py)."""
     log_dir: str | None = None
     """Where serve writes each node's log (node-RANK.log); default: the terminal only."""
@@ -298,9 +358,21 @@ class DeployConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DeployConfig:
+        _check_vllm_args(self.vllm_args, "vllm_args")
         if self.disaggregation is not None:
             if self.nodes:
-                raise _FieldError("nodes", "given together with disaggregation (expected the nodes under disaggregation.prefill / .decode)")
+                raise _FieldError(
+                    "nodes",
+                    "given together with disaggregation (expected the nodes under disaggregation.prefill / .decode)",
+                )
+            # Each group has its own sizes, ports and backend: a top-level one would be read by neither.
+            # (compared with the defaults, not "was it typed": a placed or overridden copy is dumped in full)
+            for name in sorted(n for n in GROUP_OWNED if getattr(self, n) != DeployConfig.model_fields[n].default):
+                raise _FieldError(
+                    name,
+                    f"set at the top of a file with disaggregation, where no group reads it (expected "
+                    f"disaggregation.prefill.{name} and disaggregation.decode.{name})",
+                )
             _check_disaggregation(self.disaggregation)
             return self
         if not self.nodes:
@@ -310,11 +382,17 @@ class DeployConfig(_Strict):
             if node.address is None:
                 pass
             elif node.address in seen:
-                raise _FieldError(f"nodes[{rank}].address", f"{node.address!r} is already nodes[{seen[node.address]}]'s address (expected one entry per node)")
+                raise _FieldError(
+                    f"nodes[{rank}].address",
+                    f"{node.address!r} is already nodes[{seen[node.address]}]'s address (expected one entry per node)",
+                )
             else:
                 seen[node.address] = rank
             if node.gpus % self.tensor_parallel_size:
-                raise _FieldError(f"nodes[{rank}].gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {self.tensor_parallel_size}")
+                raise _FieldError(
+                    f"nodes[{rank}].gpus",
+                    f"{node.gpus} GPUs do not divide by tensor_parallel_size {self.tensor_parallel_size}",
+                )
             most = node.gpus // self.tensor_parallel_size
             if node.data_parallel_size_local is not None and node.data_parallel_size_local > most:
                 raise _FieldError(
@@ -324,14 +402,20 @@ class DeployConfig(_Strict):
                 )
         total = sum(self.local_dp(rank) for rank in range(len(self.nodes)))
         if self.data_parallel_size is not None and self.data_parallel_size != total:
-            raise _FieldError("data_parallel_size", f"{self.data_parallel_size} but the nodes add up to {total} ranks (expected {total}, or leave it out)")
+            raise _FieldError(
+                "data_parallel_size",
+                f"{self.data_parallel_size} but the nodes add up to {total} ranks (expected {total}, or leave it out)",
+            )
         if self.port == self.rpc_port:
             raise _FieldError("port", f"{self.port} is also rpc_port (expected two different ports)")
         if self.data_parallel_backend == "ray" and self.ray_port in (self.port, self.rpc_port):
             raise _FieldError("ray_port", f"{self.ray_port} is also port or rpc_port (expected a third port)")
         if self.data_parallel_backend == "ray" and RAY_WORKER_PORTS[0] <= self.ray_port <= RAY_WORKER_PORTS[1]:
             low, high = RAY_WORKER_PORTS
-            raise _FieldError("ray_port", f"{self.ray_port} is inside Ray's worker port range {low}-{high} (expected a port outside it, e.g. 6379)")
+            raise _FieldError(
+                "ray_port",
+                f"{self.ray_port} is inside Ray's worker port range {low}-{high} (expected a port outside it, e.g. 6379)",
+            )
         for key in [*self.env, *(k for n in self.nodes for k in n.env)]:
             if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
                 raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -344,7 +428,6 @@ class DeployConfig(_Strict):
         group: Group = getattr(d, name)
         connector = d.connector
         offset = 0 if name == "prefill" else 64  # per-rank side-channel ports of two groups never meet
-        kv = {"kv_connector": connector.name, "kv_role": "kv_both", "kv_connector_extra_config": {"backends": [connector.backend]}}
         nixl_env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(connector.side_channel_port + offset)}
         if connector.ucx_net_devices:
             nixl_env["UCX_NET_DEVICES"] = connector.ucx_net_devices
@@ -356,14 +439,30 @@ class DeployConfig(_Strict):
             if node.gpu_ids is not None:
                 node_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, node.gpu_ids))
             nodes.append(node.model_copy(update={"env": node_env}))
-        return DeployConfig.model_validate({
-            **self.model_dump(exclude={"disaggregation", "nodes"}),
-            "nodes": [n.model_dump() for n in nodes],
-            "tensor_parallel_size": group.tensor_parallel_size, "api_server_count": group.api_server_count,
-            "all2all_backend": group.all2all_backend, "port": group.port, "rpc_port": group.rpc_port,
-            "vllm_args": [*group.vllm_args, *self.vllm_args, "--kv-transfer-config", json.dumps(kv, separators=(",", ":"))],
-            "env": {**self.env, **nixl_env, **group.env},
-        })
+        return DeployConfig.model_validate(
+            {
+                **self.model_dump(exclude={"disaggregation", "nodes"}),
+                "nodes": [n.model_dump() for n in nodes],
+                "tensor_parallel_size": group.tensor_parallel_size,
+                "api_server_count": group.api_server_count,
+                "all2all_backend": group.all2all_backend,
+                "port": group.port,
+                "rpc_port": group.rpc_port,
+                "vllm_args": [*group.vllm_args, *self.vllm_args],
+                "env": {**self.env, **nixl_env, **group.env},
+            }
+        )
+
+    def kv_transfer(self) -> dict | None:
+        """vLLM's --kv-transfer-config for either group (both sides send and receive: kv_both)."""
+        d = self.disaggregation
+        if d is None or d.connector is None:
+            return None
+        return {
+            "kv_connector": d.connector.name,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"backends": [d.connector.backend]},
+        }
 
     def local_dp(self, rank: int) -> int:
         node = self.nodes[rank]
@@ -373,6 +472,24 @@ class DeployConfig(_Strict):
         return self.nodes[rank].socket_ifname or self.network.socket_ifname
 
 
+GROUP_OWNED = frozenset(
+    {"tensor_parallel_size", "api_server_count", "all2all_backend", "port", "rpc_port", "data_parallel_size"}
+)
+"""Top-level fields that a prefill / decode group sets for itself (disaggregation.GROUP.FIELD)."""
+
+
+def _check_vllm_args(args: list[str], where: str) -> None:
+    """A flag the launcher sets has its own field: refuse it here rather than pass it twice."""
+    try:
+        taken, _ = vllm_flags.split(list(args), where)
+    except ConfigError as exc:
+        raise _FieldError(where, str(exc).removeprefix(f"{where}: ")) from None
+    if taken:
+        name = next(iter(taken))
+        flag = next(f for f, o in vllm_flags.TAKEN.items() if o.field == name)
+        raise _FieldError(where, f"{flag}: set by the launcher (expected {name}: in the deploy file, not in {where})")
+
+
 def _gpus_of(node: Node) -> set[int]:
     return set(node.gpu_ids) if node.gpu_ids is not None else set(range(node.gpus))
 
@@ -380,37 +497,56 @@ def _gpus_of(node: Node) -> set[int]:
 def _check_disaggregation(d: Disaggregation) -> None:
     where = "disaggregation"
     if d.connector is None:
-        raise _FieldError(f"{where}.connector", "missing (expected {name: NixlConnector, backend: UCX or LIBFABRIC}: decode needs the prefill's KV cache)")
+        raise _FieldError(
+            f"{where}.connector",
+            "missing (expected {name: NixlConnector, backend: UCX or LIBFABRIC}: decode needs the prefill's KV cache)",
+        )
     groups = {"prefill": d.prefill, "decode": d.decode}
     used: dict[str, list[tuple[str, set[int]]]] = {}
     for gname, group in groups.items():
+        _check_vllm_args(group.vllm_args, f"{where}.{gname}.vllm_args")
         seen: set[str] = set()
         for i, node in enumerate(group.nodes):
             field = f"{where}.{gname}.nodes[{i}]"
             if node.address is not None and node.address in seen:
-                raise _FieldError(f"{field}.address", f"{node.address!r} twice in the {gname} group (expected one entry per node)")
+                raise _FieldError(
+                    f"{field}.address", f"{node.address!r} twice in the {gname} group (expected one entry per node)"
+                )
             seen.add(node.address)
-            if node.gpu_ids is not None and len(set(node.gpu_ids)) != node.gpus:
-                raise _FieldError(f"{field}.gpu_ids", f"{len(set(node.gpu_ids))} distinct GPUs for gpus: {node.gpus} (expected {node.gpus})")
             if node.gpus % group.tensor_parallel_size:
-                raise _FieldError(f"{field}.gpus", f"{node.gpus} GPUs do not divide by tensor_parallel_size {group.tensor_parallel_size}")
+                raise _FieldError(
+                    f"{field}.gpus",
+                    f"{node.gpus} GPUs do not divide by tensor_parallel_size {group.tensor_parallel_size}",
+                )
             if node.address is None:  # placed by a scheduler: a node of its own
                 continue
             for other, ids in used.get(node.address, []):
                 clash = sorted(ids & _gpus_of(node))
                 if clash:
-                    raise _FieldError(f"{field}.gpu_ids", f"GPUs {clash} of {node.address} are also used by {other} (expected disjoint gpu_ids per node)")
+                    raise _FieldError(
+                        f"{field}.gpu_ids",
+                        f"GPUs {clash} of {node.address} are also used by {other} (expected disjoint gpu_ids per node)",
+                    )
             used.setdefault(node.address, []).append((field, _gpus_of(node)))
     p, q = d.prefill, d.decode
     shared = p.nodes[0].address is not None and p.nodes[0].address == q.nodes[0].address
     if shared and p.port == q.port:
-        raise _FieldError(f"{where}.decode.port", f"{q.port} is also the prefill API port on {p.nodes[0].address} (expected another port)")
+        raise _FieldError(
+            f"{where}.decode.port",
+            f"{q.port} is also the prefill API port on {p.nodes[0].address} (expected another port)",
+        )
     if ({n.address for n in p.nodes} & {n.address for n in q.nodes}) - {None} and p.rpc_port == q.rpc_port:
-        raise _FieldError(f"{where}.decode.rpc_port", f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)")
+        raise _FieldError(
+            f"{where}.decode.rpc_port",
+            f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)",
+        )
     router_at = d.router.address or p.nodes[0].address
     for gname, group in groups.items():
         if router_at is not None and group.nodes[0].address == router_at and group.port == d.router.port:
-            raise _FieldError(f"{where}.router.port", f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)")
+            raise _FieldError(
+                f"{where}.router.port",
+                f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)",
+            )
 
 
 class _FieldError(ValueError):
@@ -461,8 +597,10 @@ def _known_keys(config_error_field: str) -> str:
     return ", ".join(model.model_fields)
 
 
-def parse_deploy(data: Any, source: str) -> DeployConfig:
-    """Validates an already-parsed YAML document; ``source`` names it in errors."""
+def parse_deploy(data: Any, source: str, *, options: dict[str, str] | None = None) -> DeployConfig:
+    """Validates an already-parsed YAML document; ``source`` names it in errors. ``options`` maps a field
+    path (``port``, ``disaggregation.decode.port``) to the command-line option that set it, so that an error
+    in a value given on the command line names the option instead of the file."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top (model:, nodes:, ...), got {type(data).__name__}")
     try:
@@ -470,13 +608,17 @@ def parse_deploy(data: Any, source: str) -> DeployConfig:
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         ctx_error = (first.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _FieldError):
-            raise ConfigError(f"{source}: {yaml_safe.shorten(f'{ctx_error.field}: {ctx_error.message}')}") from None
         field, expected = _describe(first)
-        if expected == "unknown key":
+        if isinstance(ctx_error, _FieldError):
+            field = f"{field}.{ctx_error.field}" if field else ctx_error.field
+            expected = ctx_error.message
+        elif expected == "unknown key":
             parent = field.rsplit(".", 1)[0] if "." in field else ""
             allowed = _known_keys(parent) if parent else ", ".join(DeployConfig.model_fields)
             expected = f"unknown key (expected one of: {allowed})"
+        option = (options or {}).get(field)
+        if option:
+            raise ConfigError(f"{option}: {yaml_safe.shorten(expected.replace(f'{field}: ', ''))}") from None
         where = field or "(top)"
         raise ConfigError(f"{source}: {yaml_safe.shorten(f'{where}: {expected}')}") from None
 
@@ -513,4 +655,3 @@ def dump_deploy(config: DeployConfig) -> str:
 def is_secret(name: str) -> bool:
     upper = name.upper()
     return any(marker in upper for marker in SECRET_MARKERS)
-

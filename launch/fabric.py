@@ -58,8 +58,6 @@ Deploy-file values (network.nccl / nvshmem / efa, env) are applied after these a
 
 from __future__ import annotations
 
-import json
-
 from launch.config import ConfigError, Network
 
 DEEPEP_V1 = ("deepep_high_throughput", "deepep_low_latency")
@@ -84,27 +82,13 @@ def hca_lists(hcas: list[str]) -> dict[str, str]:
     return {"NCCL_IB_HCA": f"={names}", "NVSHMEM_HCA_LIST": names, "UCX_NET_DEVICES": names}
 
 
-def kv_over_ucx(vllm_args: list[str]) -> bool:
-    """Whether ``--kv-transfer-config`` names NIXL with its UCX backend (the default when no backend is named)."""
-    for i, arg in enumerate(vllm_args):
-        raw = (
-            vllm_args[i + 1]
-            if arg == "--kv-transfer-config" and i + 1 < len(vllm_args)
-            else arg.partition("=")[2]
-            if arg.startswith("--kv-transfer-config=")
-            else None
-        )
-        if raw is None:
-            continue
-        try:
-            kv = json.loads(raw)
-        except ValueError:
-            return False
-        if not isinstance(kv, dict) or "nixl" not in str(kv.get("kv_connector", "")).lower():
-            return False
-        backends = (kv.get("kv_connector_extra_config") or {}).get("backends") or ["UCX"]
-        return "UCX" in backends
-    return False
+def kv_over_ucx(kv: dict | None) -> bool:
+    """Whether a KV transfer config (vLLM's --kv-transfer-config) names NIXL with its UCX backend (the default
+    when no backend is named)."""
+    if not isinstance(kv, dict) or "nixl" not in str(kv.get("kv_connector", "")).lower():
+        return False
+    backends = (kv.get("kv_connector_extra_config") or {}).get("backends") or ["UCX"]
+    return "UCX" in backends
 
 
 def fabric_env(network: Network, backend: str | None, *, across_nodes: bool, ucx: bool = False) -> dict[str, str]:

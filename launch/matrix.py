@@ -58,9 +58,15 @@ def across_nodes(config: DeployConfig, layout: NodeLayout) -> bool:
 
 
 def check(
-    config: DeployConfig, layout: NodeLayout, target: Target, backend: str | None, passthrough: list[str] | None = None
+    config: DeployConfig,
+    layout: NodeLayout,
+    target: Target,
+    backend: str | None,
+    passthrough: list[str] | None = None,
+    kv_transfer: dict | None = None,
 ) -> list[str]:
-    """Warnings for the plan's notes; raises ConfigError (one line) for a combination that cannot run."""
+    """Warnings for the plan's notes; raises ConfigError (one line) for a combination that cannot run.
+    ``kv_transfer``: the group's KV transfer config (a prefill / decode group is split by design)."""
     if not backend:
         return []
     transport = config.network.transport
@@ -83,7 +89,8 @@ def check(
             )
     if backend == "deepep_v2":
         _deepep_v2_requirements(config, target)
-    return _low_latency_warning(config, layout, target, backend, list(config.vllm_args) + list(passthrough or []))
+    args = list(config.vllm_args) + list(passthrough or [])
+    return _low_latency_warning(config, layout, target, backend, args, split=kv_transfer is not None)
 
 
 def _portable(target: Target, transport: str) -> str:
@@ -134,10 +141,9 @@ def pinned_nccl(profile) -> Version | None:
 
 
 def _low_latency_warning(
-    config: DeployConfig, layout: NodeLayout, target: Target, backend: str, args: list[str]
+    config: DeployConfig, layout: NodeLayout, target: Target, backend: str, args: list[str], *, split: bool
 ) -> list[str]:
     dp = layout.data_parallel_size
-    split = "--kv-transfer-config" in args
     chosen = any(a == "--max-num-batched-tokens" or a.startswith("--max-num-batched-tokens=") for a in args)
     if (
         backend not in LOW_LATENCY

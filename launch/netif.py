@@ -27,12 +27,6 @@ class AutoIfname:
     def describe(self) -> str:
         return f"auto ({self.what()})"
 
-    def shell(self) -> str:
-        """The same lookup in shell, for rendered scripts that run on the node."""
-        if self.towards:
-            return f"$(ip -o route get {self.address} | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')"
-        return f"$(ip -o addr show to {self.address} | awk '{{print $2; exit}}')"
-
 
 def resolve(address: str) -> set[str]:
     """All IP addresses a node address stands for (itself if it is one; else its DNS answers)."""

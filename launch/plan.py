@@ -1,11 +1,16 @@
-"""The per-node plan: the exact environment and `vllm serve` argv one node runs. Pure: no I/O.
+"""The per-node plan: what one node runs, as typed facts, and the environment it runs with. Pure: no I/O.
 
-deploy file / guide arguments -> DeployConfig + NodeLayout -> NodePlan -> printed | checked | run.
+    request -> resolve (launch/resolve.py) -> NodePlan per node -> printed | checked | run
+
+A plan keeps its facts as fields (kind, API endpoint, coordinator, all2all backend, KV transfer, Ray
+head); the `vllm serve` / `ray start` argv is derived from them, so nothing downstream parses it back.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from env.paths import StackPaths
 from launch import matrix
@@ -20,22 +25,136 @@ EnvValue = str | AutoIfname
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
 """One interface for all three bootstraps: a mismatch is the classic multi-node hang."""
 
+Kind = Literal["vllm", "ray-worker"]
+"""vllm: `vllm serve` (primary, or a headless secondary); ray-worker: `ray start --address` lending this node's
+GPUs to the primary's Ray cluster (data_parallel_backend ray)."""
+_ANY = ("", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """host:port, and where a client on the node reaches it."""
+
+    host: str
+    port: int
+
+    def url(self, path: str = "") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """data_parallel_backend ray, primary: the Ray head started before vLLM, and the nodes it waits for."""
+
+    address: str
+    port: int
+    nodes: int
+
+    @property
+    def argv(self) -> list[str]:
+        return ["ray", "start", "--head", "--port", str(self.port), "--node-ip-address", self.address, "--block"]
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.address, self.port)
+
+
 @dataclass(frozen=True)
 class NodePlan:
     layout: NodeLayout
     target: Target
-    argv: list[str]
+    kind: Kind
+    model: str
     env: dict[str, EnvValue]
-    path_prepend: dict[str, list[str]] = field(default_factory=dict)
-    """PYTHONPATH / LD_LIBRARY_PATH entries put before whatever the node already has."""
+    stack: StackPaths | None = None
+    """The stack's PYTHONPATH / LD_LIBRARY_PATH (put before whatever the node has) and its variables (NVSHMEM_DIR,
+    CUDA_HOME), as computed where the plan is made. Rendered scripts compute them on the node instead
+    (`python -m env paths`); `serve` makes its plan on the node."""
     notes: list[str] = field(default_factory=list)
     log_file: str | None = None
     group: str | None = None
     """prefill / decode in a disaggregated deployment."""
-    ray_head: list[str] | None = None
-    """data_parallel_backend ray, primary: the Ray head started before vLLM (vLLM waits for every node)."""
-    ray_nodes: int = 0
-    """data_parallel_backend ray, primary: how many nodes the Ray cluster must have before vLLM starts."""
+    all2all_backend: str | None = None
+    """Given to vLLM as --all2all-backend, or as VLLM_ALL2ALL_BACKEND where the target predates the flag."""
+    api: Endpoint | None = None
+    """The OpenAI API on the primary: where it binds (host) and where a client on the node reaches it."""
+    api_bind: str | None = None
+    """--host: the address the API binds to; None: vLLM's default."""
+    coordinator: Endpoint | None = None
+    """What this node joins: the data parallel coordinator (--data-parallel-address / -rpc-port) or, for a
+    Ray worker, the primary's Ray head."""
+    kv_transfer: dict | None = None
+    """vLLM's --kv-transfer-config (a prefill / decode group)."""
+    ray_head: RayHead | None = None
+    node_address: str | None = None
+    profile: str = "current"
+    """The stack profile (EP_STACK_PROFILE) whose paths the node gets."""
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = True
+    trust_remote_code: bool = False
+    data_parallel_backend: str = "mp"
+    vllm_args: tuple[str, ...] = ()
+    """Extra `vllm serve` arguments, last: the deploy file's vllm_args, then those after `--`."""
+
+    @property
+    def path_prepend(self) -> dict[str, list[str]]:
+        return self.stack.as_prepend() if self.stack else {}
+
+    @property
+    def ray_nodes(self) -> int:
+        return self.ray_head.nodes if self.ray_head else 0
+
+    @property
+    def argv(self) -> list[str]:
+        """The command, derived from the fields."""
+        if self.kind == "ray-worker":
+            assert self.coordinator is not None
+            argv = ["ray", "start", "--address", str(self.coordinator)]
+            if self.node_address:
+                argv += ["--node-ip-address", self.node_address]
+            return [*argv, "--block"]
+        argv = ["vllm", "serve", self.model, *self._parallel_args()]
+        if self.all2all_backend and self.target.all2all_as_flag:
+            argv += ["--all2all-backend", self.all2all_backend]
+        if self.api is not None:
+            if self.api_bind is not None:
+                argv += ["--host", self.api_bind]
+            if self.api.port != 8000:  # vLLM's default (vllm/entrypoints/openai/cli_args.py: port: int = 8000)
+                argv += ["--port", str(self.api.port)]
+        if self.trust_remote_code:
+            argv.append("--trust-remote-code")
+        argv += list(self.vllm_args)
+        if self.kv_transfer is not None:
+            argv += ["--kv-transfer-config", json.dumps(self.kv_transfer, separators=(",", ":"))]
+        return argv
+
+    def _parallel_args(self) -> list[str]:
+        # Same order as the guide's scripts, so plans diff cleanly against them.
+        lay = self.layout
+        args = ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.expert_parallel:
+            args.append("--enable-expert-parallel")
+        args += [
+            "--data-parallel-size",
+            str(lay.data_parallel_size),
+            "--data-parallel-size-local",
+            str(lay.data_parallel_size_local),
+        ]
+        if self.data_parallel_backend == "ray":
+            args += ["--data-parallel-backend", "ray"]
+        if lay.role == "secondary":
+            # Only headless secondaries get a start rank: on a node with API servers it would switch on
+            # vLLM's hybrid load balancing instead.
+            args += ["--data-parallel-start-rank", str(lay.start_rank)]
+        args += ["--data-parallel-address", lay.primary_address, "--data-parallel-rpc-port", str(lay.rpc_port)]
+        if lay.role == "primary":
+            args += ["--api-server-count", str(lay.api_server_count)]
+        else:
+            args.append("--headless")
+        return args
 
     @property
     def title(self) -> str:
@@ -54,31 +173,39 @@ def build(
     *,
     all2all_backend: str | None = None,
     passthrough: list[str] | None = None,
+    kv_transfer: dict | None = None,
 ) -> NodePlan:
-    """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND)."""
+    """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND);
+    ``passthrough`` are the arguments after ``--`` (launcher-owned flags already taken out by launch/request.py)."""
     notes: list[str] = [f"target {target.describe()}"]
     backend = all2all_backend or config.all2all_backend
     if backend:  # a name vLLM's config silently replaces is planned as what it becomes
         choice = target.choose_backend(backend)
         backend = choice.used
         notes += [choice.note] if choice.note else []
-    notes += matrix.check(config, layout, target, backend, passthrough)
+    notes += matrix.check(config, layout, target, backend, passthrough, kv_transfer)
     if note := api_server_note(layout, target):
         notes.append(note)
 
     env: dict[str, EnvValue] = {}
-    env.update(stack.env)
     chosen = config.ifname(layout.node_rank) if layout.node_rank < len(config.nodes) else config.network.socket_ifname
     iface: EnvValue
     if chosen == "auto":
-        iface = AutoIfname(layout.node_address, towards=False) if layout.node_address else AutoIfname(layout.primary_address, towards=True)
+        iface = (
+            AutoIfname(layout.node_address, towards=False)
+            if layout.node_address
+            else AutoIfname(layout.primary_address, towards=True)
+        )
     else:
         iface = chosen
     for var in IFNAME_VARS:
         env[var] = iface
 
-    env.update(fabric_env(config.network, backend, across_nodes=matrix.across_nodes(config, layout),
-                          ucx=kv_over_ucx(config.vllm_args)))
+    env.update(
+        fabric_env(
+            config.network, backend, across_nodes=matrix.across_nodes(config, layout), ucx=kv_over_ucx(kv_transfer)
+        )
+    )
     env.update(config.network.nccl)
     env.update(config.network.nvshmem)
     env.update(config.network.efa)
@@ -89,53 +216,45 @@ def build(
         env.update(config.nodes[layout.node_rank].env)
 
     log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
+    common = dict(
+        layout=layout,
+        target=target,
+        model=config.model,
+        env=env,
+        stack=stack,
+        log_file=log_file,
+        node_address=layout.node_address,
+        all2all_backend=backend,
+    )
     ray = config.data_parallel_backend == "ray"
     if ray and layout.role == "secondary":
         # With Ray, vLLM runs on the primary only; this node lends its GPUs to the primary's Ray cluster.
-        argv = ["ray", "start", "--address", f"{layout.primary_address}:{config.ray_port}", "--block"]
-        if layout.node_address:
-            argv[-1:-1] = ["--node-ip-address", layout.node_address]
         notes.append("Ray worker: vLLM's data parallel engines are placed here by the primary's Ray cluster")
-        return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file)
-    argv = ["vllm", "serve", config.model, *_parallel_args(config, layout)]
-    if backend and target.all2all_as_flag:
-        argv += ["--all2all-backend", backend]
+        return NodePlan(
+            kind="ray-worker", notes=notes, coordinator=Endpoint(layout.primary_address, config.ray_port), **common
+        )
+    api = bind = None
     if layout.role == "primary":
-        if config.host:
-            argv += ["--host", config.host]
-        if config.port != 8000:
-            argv += ["--port", str(config.port)]
-    if config.trust_remote_code:
-        argv.append("--trust-remote-code")
-    argv += list(config.vllm_args) + list(passthrough or [])
-
+        bind = config.host
+        api = Endpoint("127.0.0.1" if bind in (None, *_ANY) else bind, config.port)
     head = None
     if ray:
         # vLLM hands its own NCCL_*, UCX_*, VLLM_*, HF_* variables to every engine it places through Ray (its
         # ray_env carry-over, logged at start): those must suit every node, interface names included.
         notes.append("Ray: vLLM copies this node's NCCL_*, UCX_*, VLLM_* and HF_* variables to every engine it places")
-        head = ["ray", "start", "--head", "--port", str(config.ray_port), "--node-ip-address", layout.primary_address, "--block"]
-    return NodePlan(layout, target, argv, env, stack.as_prepend(), notes, log_file,
-                    ray_head=head, ray_nodes=len(config.nodes) if ray else 0)
-
-
-def _parallel_args(config: DeployConfig, layout: NodeLayout) -> list[str]:
-    # Same order as the guide's scripts, so plans diff cleanly against them.
-    args = ["--tensor-parallel-size", str(config.tensor_parallel_size)]
-    if config.enable_expert_parallel:
-        args.append("--enable-expert-parallel")
-    args += ["--data-parallel-size", str(layout.data_parallel_size),
-             "--data-parallel-size-local", str(layout.data_parallel_size_local)]
-    if config.data_parallel_backend == "ray":
-        args += ["--data-parallel-backend", "ray"]
-    if layout.role == "secondary":
-        # Only headless secondaries get a start rank: on a node with API servers it would switch on
-        # vLLM's hybrid load balancing instead.
-        args += ["--data-parallel-start-rank", str(layout.start_rank)]
-    args += ["--data-parallel-address", layout.primary_address,
-             "--data-parallel-rpc-port", str(layout.rpc_port)]
-    if layout.role == "primary":
-        args += ["--api-server-count", str(layout.api_server_count)]
-    else:
-        args.append("--headless")
-    return args
+        head = RayHead(layout.primary_address, config.ray_port, len(config.nodes))
+    return NodePlan(
+        kind="vllm",
+        notes=notes,
+        api=api,
+        api_bind=bind,
+        coordinator=Endpoint(layout.primary_address, layout.rpc_port),
+        kv_transfer=kv_transfer,
+        ray_head=head,
+        tensor_parallel_size=config.tensor_parallel_size,
+        expert_parallel=config.enable_expert_parallel,
+        trust_remote_code=config.trust_remote_code,
+        data_parallel_backend=config.data_parallel_backend,
+        vllm_args=(*config.vllm_args, *(passthrough or ())),
+        **common,
+    )

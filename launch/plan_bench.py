@@ -20,11 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from env.paths import stack_paths
-from launch import plan as planning, render
-from launch.config import load_deploy
-from launch.layout import layouts
-from launch.vllm_versions import resolve_target
+from launch import render
+from launch.request import Request
+from launch.resolve import resolve
 
 
 def deploy_file(nodes: int, folder: Path) -> Path:
@@ -41,10 +39,8 @@ def deploy_file(nodes: int, folder: Path) -> Path:
 
 
 def plan_all(path: Path) -> str:
-    config = load_deploy(path)
-    target = resolve_target(None, config.vllm_version)
-    stack = stack_paths()
-    return "\n".join(render.shell(planning.build(config, lay, target, stack)) for lay in layouts(config))
+    """What `python -m launch plan FILE` does after parsing its arguments: resolve, then render every node."""
+    return "\n".join(render.shell(p) for p in resolve(Request("plan", deploy=str(path))).plans)
 
 
 def timed(fn, repeat: int) -> list[float]:

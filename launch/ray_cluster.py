@@ -7,6 +7,7 @@ vLLM. Stopping the primary stops vLLM first, then the head.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -69,10 +70,8 @@ def head(argv: Sequence[str], env: Mapping[str, str], nodes: int, timeout: float
     finally:
         # A signal while the head stops must not end the launcher before the head (its own session): escalate.
         def escalate(_signum, _frame) -> None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
         for sig in previous:
             signal.signal(sig, escalate)

@@ -1,4 +1,10 @@
-"""Plans as text: shell (`export` lines + the command) and runnable per-node scripts. Pure functions."""
+"""Plans as text: shell (`export` lines + the command) and runnable per-node scripts. Pure functions.
+
+What only the node can know is asked of the toolkit on the node, never re-implemented in shell nor baked in
+from the machine that made the plan: the interface that holds an address (`python -m launch ifname`), the
+stack's PYTHONPATH / LD_LIBRARY_PATH / NVSHMEM_DIR (`python -m env paths`), the nodes of the Ray cluster
+(`python -m launch ray-wait`). The toolkit's Python is ``$EP_PYTHON`` on the node, else ``python``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from launch.netif import AutoIfname
 from launch.plan import NodePlan
 
 MASK = "***"
+PYTHON = '"${EP_PYTHON:-python}"'
+"""How a rendered script runs the toolkit on the node."""
 
 
 def _value(name: str, value: str | AutoIfname, *, script: bool) -> str:
@@ -24,12 +32,13 @@ def env_lines(plan: NodePlan, *, script: bool = False) -> list[str]:
     lines = []
     auto = next((v for v in plan.env.values() if isinstance(v, AutoIfname)), None)
     if auto is not None:
-        # Found on the node when the script runs; stop there if nothing matches.
-        lines.append(f"socket_ifname={auto.shell()}")
+        # Found on the node when the script runs (the same lookup `serve` does); stop there if nothing matches.
+        toward = " --towards" if auto.towards else ""
+        lines.append(f"socket_ifname=$({PYTHON} -m launch ifname {shlex.quote(auto.address)}{toward})")
         lines.append(f': "${{socket_ifname:?no {auto.what()} on this node}}"')
-    for name, entries in plan.path_prepend.items():
-        joined = shlex.quote(":".join(entries))
-        lines.append(f"export {name}={joined}${{{name}:+:${name}}}")
+    if plan.stack is not None:
+        # The node's own stack paths (its prefix, its site-packages), ours before what it has.
+        lines.append(f'eval "$({PYTHON} -m env paths --profile {shlex.quote(plan.profile)})"')
     for name, value in plan.env.items():
         lines.append(f"export {name}={_value(name, value, script=script)}")
     return lines
@@ -45,7 +54,9 @@ def shell(plan: NodePlan) -> str:
     lines += [f"# {note}" for note in plan.notes]
     lines += env_lines(plan)
     if plan.ray_head:
-        lines.append(f"{shlex.join(plan.ray_head)} &   # then wait until the Ray cluster has {plan.ray_nodes} nodes")
+        lines.append(
+            f"{shlex.join(plan.ray_head.argv)} &   # then wait until the Ray cluster has {plan.ray_nodes} nodes"
+        )
     cmd = command_line(plan)
     if plan.log_file:
         cmd += f" 2>&1 | tee -a {shlex.quote(plan.log_file)}"
@@ -63,7 +74,7 @@ def script(plan: NodePlan) -> str:
     run = "" if plan.ray_head else "exec "
     if plan.ray_head:
         lines += _ray_head_lines(plan)
-    elif plan.argv[0] == "ray":
+    elif plan.kind == "ray-worker":
         lines += _ray_worker_wait(plan)
     if plan.log_file:
         lines.append(f"mkdir -p {shlex.quote(plan.log_file.rsplit('/', 1)[0])}")
@@ -75,27 +86,20 @@ def script(plan: NodePlan) -> str:
 
 def _ray_worker_wait(plan: NodePlan, bound_s: int = 600) -> list[str]:
     """`ray start --address` gives up after ~20 s: wait (bounded) for the head's port first."""
-    host, port = plan.argv[plan.argv.index("--address") + 1].rsplit(":", 1)
+    head = plan.coordinator
     return [
-        f"echo \"waiting up to {bound_s} s for the Ray head at {host}:{port}\" >&2",
-        f"until (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null || [ \"$SECONDS\" -ge {bound_s} ]; do sleep 2; done",
+        f"{PYTHON} -m launch wait-port {shlex.quote(head.host)} {head.port} --timeout {bound_s} --what 'the Ray head'"
     ]
 
 
 def _ray_head_lines(plan: NodePlan, bound_s: int = 600) -> list[str]:
     """Start the Ray head, stop it on exit, and wait (bounded) until every node joined before vLLM starts."""
-    from launch.ray_cluster import head_address
-
-    address, nodes = head_address(plan.ray_head), plan.ray_nodes
-    awk = "awk '/^Active:/{a=1;next} /:$/{a=0} a && / node_/{n+=$1} END{print n+0}'"
+    head = plan.ray_head
     return [
-        f"{shlex.join(plan.ray_head)} &",
+        f"{shlex.join(head.argv)} &",
         "ray_head=$!",
         'trap \'kill "$ray_head" 2>/dev/null; wait "$ray_head"\' EXIT',
-        f"ray_nodes() {{ ray status --address {address} 2>/dev/null | {awk}; }}",
-        f"echo \"waiting up to {bound_s} s for {nodes} nodes in the Ray cluster at {address}\" >&2",
-        f'until [ "$(ray_nodes)" -ge {nodes} ] || [ "$SECONDS" -ge {bound_s} ]; do sleep 2; done',
-        f'[ "$(ray_nodes)" -ge {nodes} ] || {{ echo "error: ray: fewer than {nodes} nodes joined {address} within {bound_s} s" >&2; exit 3; }}',
+        f"{PYTHON} -m launch ray-wait {shlex.quote(str(head.endpoint))} --nodes {head.nodes} --timeout {bound_s}",
     ]
 
 
@@ -106,11 +110,18 @@ def summary(plan: NodePlan) -> list[str]:
         ("role", lay.role),
         ("node rank", str(lay.node_rank)),
         ("target", plan.target.describe()),
-        ("data parallel", f"size {lay.data_parallel_size}, local {lay.data_parallel_size_local}, start rank {lay.start_rank}"),
-        ("coordinator", f"{lay.primary_address}:{lay.rpc_port}"),
+        (
+            "data parallel",
+            f"size {lay.data_parallel_size}, local {lay.data_parallel_size_local}, start rank {lay.start_rank}",
+        ),
+        ("coordinator", f"{plan.coordinator}{' (Ray head)' if plan.kind == 'ray-worker' else ''}"),
     ]
     if lay.api_server_count is not None:
         rows.append(("api servers", str(lay.api_server_count)))
+    if plan.api is not None:
+        rows.append(("api", plan.api.url()))
+    if plan.all2all_backend:
+        rows.append(("all2all backend", plan.all2all_backend))
     for name, value in plan.env.items():
         shown = value.describe() if isinstance(value, AutoIfname) else (MASK if is_secret(name) else value)
         rows.append((name, shown))

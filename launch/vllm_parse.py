@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -76,8 +77,10 @@ def _parse(parser, argv: list[str]) -> dict:
 
 def main() -> int:
     argvs = json.load(sys.stdin)
+    plugin = None
     if not _has_nvidia_gpu() and "VLLM_TARGET_DEVICE" not in os.environ:
-        sys.path.insert(0, _cpu_platform_plugin())
+        plugin = _cpu_platform_plugin()
+        sys.path.insert(0, plugin)
     for key, value in {"VLLM_LOGGING_LEVEL": "ERROR", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
         os.environ.setdefault(key, value)
     # vLLM logs to stdout: keep it (and C-level writes) off ours until the JSON answer.
@@ -101,6 +104,8 @@ def main() -> int:
     os.dup2(real_stdout, 1)
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
+    if plugin is not None:  # os._exit skips every cleanup: remove the plugin folder here
+        shutil.rmtree(plugin, ignore_errors=True)
     os._exit(0)  # skip torch / vLLM teardown hooks: nothing to clean up, seconds saved
 
 

@@ -24,8 +24,23 @@ def main(argv: list[str] | None = None) -> int:
         from preflight.bench import main as bench
 
         return bench(argv[1:])
+    if "-h" in argv or "--help" in argv:
+        from preflight.plugin import usage
+
+        print(usage())  # ours first; pytest's full help (ours again, in its group) follows
+        sys.stdout.flush()
     # Our own plugin, our checks folder, none of the project's test configuration.
-    args = ["-p", "preflight.plugin", "-p", "no:cacheprovider", "--rootdir", str(CHECKS), "-c", str(CHECKS / "pytest.ini"), *argv]
+    args = [
+        "-p",
+        "preflight.plugin",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(CHECKS),
+        "-c",
+        str(CHECKS / "pytest.ini"),
+        *argv,
+    ]
     # Run the whole checks folder unless the user named checks in it (a deploy file is no check).
     named = [a for a in argv if not a.startswith("-") and _inside(a.split("::")[0], CHECKS)]
     if not named:

@@ -1,7 +1,8 @@
 """The pytest plugin behind `python -m preflight` (pixi: `pixi run preflight`).
 
-Options (one group, each with an ini twin): --deploy FILE, --node-rank N, --socket-ifname, --transport,
---preflight-json FILE. Fixtures for checks: ``node`` (a :class:`NodeContext`: the deploy file, this node's
+Options (one group, the OPTIONS table): --deploy FILE, --node-rank N, --group, --cross-node, --socket-ifname,
+--transport, --preflight-json FILE. On a node of a multi-node deploy file, preflight checks that node alone
+unless --cross-node (every node runs preflight now) or -m multinode asks for the cross-node checks. Fixtures for checks: ``node`` (a :class:`NodeContext`: the deploy file, this node's
 plan, thresholds) and ``check`` (records the measured value, threshold and fix, and fails or skips the
 test with them). At the end, one line per check and a verdict; the same as JSON for machines.
 """
@@ -9,14 +10,16 @@ test with them). At the end, one line per check and a verdict; the same as JSON 
 from __future__ import annotations
 
 import os
+import re
 import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError
+from launch.errors import LaunchError
 from preflight import context, report
 from preflight.report import Record
 
@@ -53,16 +56,99 @@ class Check:
         pytest.skip(reason)
 
 
+OPTIONS: list[tuple[str, dict]] = [
+    ("--deploy", dict(default=None, help="deploy file (YAML); default: $EP_DEPLOY; without: check this node alone")),
+    (
+        "--node-rank",
+        dict(type=int, default=None, help="this node's index in the deploy file (default: from its addresses)"),
+    ),
+    (
+        "--group",
+        dict(
+            default=None,
+            choices=("prefill", "decode"),
+            help="disaggregated deployments: which group this node serves in",
+        ),
+    ),
+    (
+        "--cross-node",
+        dict(
+            action="store_true",
+            default=False,
+            help="every node of the deploy file runs preflight now: join the rendezvous at the primary and "
+            "run the cross-node checks (default: this node alone; -m multinode asks for them too)",
+        ),
+    ),
+    ("--socket-ifname", dict(default=None, help="override the deploy file's socket interface")),
+    (
+        "--transport",
+        dict(default=None, choices=("ib", "roce", "efa", "tcp"), help="override the deploy file's transport"),
+    ),
+    ("--preflight-json", dict(default=None, help="write the JSON report here (default: none)")),
+]
+"""Our options, one table: pytest's group and `python -m preflight --help`'s first section."""
+GROUP = ("preflight", "node preflight (vllm-ep-deploy)")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("preflight", "node preflight (vllm-ep-deploy)")
-    group.addoption("--deploy", default=None, help="deploy file (YAML); default: $EP_DEPLOY; without: check this node alone")
-    group.addoption("--node-rank", type=int, default=None, help="this node's index in the deploy file (default: from its addresses)")
-    group.addoption("--socket-ifname", default=None, help="override the deploy file's socket interface")
-    group.addoption("--transport", default=None, choices=("ib", "roce", "efa", "tcp"), help="override the deploy file's transport")
-    group.addoption("--group", default=None, choices=("prefill", "decode"), help="disaggregated deployments: which group this node serves in")
-    group.addoption("--preflight-json", default=None, help="write the JSON report here (default: preflight-report.json in the log dir, or none)")
+    group = parser.getgroup(*GROUP)
+    for flag, kwargs in OPTIONS:
+        group.addoption(flag, **kwargs)
     parser.addini("preflight_deploy", "deploy file, as --deploy", default=None)
     parser.addini("preflight_json", "JSON report path, as --preflight-json", default=None)
+
+
+def usage() -> str:
+    """Our options, as `python -m preflight --help` shows them before pytest's own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m preflight",
+        add_help=False,
+        description="Checks this node before serving; every pytest option works too "
+        "(-k, -m, -n N, --junitxml), listed after ours.",
+    )
+    group = parser.add_argument_group(GROUP[1])
+    for flag, kwargs in OPTIONS:
+        group.add_argument(flag, **{k: v for k, v in kwargs.items() if k != "default"})
+    return parser.format_help()
+
+
+def asks_cross_node(flag: bool, markexpr: str) -> bool:
+    """--cross-node, or a -m expression that names a group needing every node (multinode, ep) without `not`."""
+    return flag or re.search(r"(?<!not )\b(multinode|ep)\b", markexpr or "") is not None
+
+
+def cross_node_asked(config: pytest.Config) -> bool:
+    return asks_cross_node(bool(config.option.cross_node), getattr(config.option, "markexpr", "") or "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    ctx = config.stash.get(CONTEXT_KEY, None)
+    if ctx is None or ctx.nodes < 2 or cross_node_asked(config):
+        return
+    skip = pytest.mark.skip(
+        reason=f"this node alone: the other {ctx.nodes - 1} node(s) are not expected now "
+        f"(--cross-node on every node, or -m multinode, runs the cross-node checks)"
+    )
+    for item in items:
+        if item.get_closest_marker("multinode"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def progress(pytestconfig: pytest.Config):
+    """Writes a progress line to the terminal while a check waits (pytest's capture would hold it back)."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                print(f"[preflight] {line}", file=sys.stderr, flush=True)
+        else:
+            print(f"[preflight] {line}", file=sys.stderr, flush=True)
+
+    return say
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -76,15 +162,20 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "collective: runs collectives across GPUs or nodes (slower)")
-    config.addinivalue_line("markers", "multinode: needs every node of the deploy file to run preflight at the same time")
+    config.addinivalue_line(
+        "markers", "multinode: needs every node of the deploy file to run preflight at the same time"
+    )
     if config.option.collectonly or getattr(config.option, "help", False):
         return
     deploy = config.option.deploy or config.getini("preflight_deploy") or os.environ.get("EP_DEPLOY")
     try:
-        ctx = context.build(deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport,
-                            config.option.group)
-    except ConfigError as exc:
+        ctx = context.build(
+            deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport, config.option.group
+        )
+    except LaunchError as exc:  # one line: the deploy file, an option or the environment
         raise pytest.UsageError(str(exc)) from None
+    if ctx.nodes > 1:
+        ctx = ctx.alone(not cross_node_asked(config))
     config.stash[CONTEXT_KEY] = ctx
     config.pluginmanager.register(Reporter(config, ctx), "preflight-reporter")
 
@@ -108,9 +199,12 @@ def check(request: pytest.FixtureRequest) -> Check:
     return Check(request.node.stash[RECORD_KEY])
 
 
+@pytest.hookimpl(tryfirst=True)  # before the skip marks act: a skipped check still gets its line
 def pytest_runtest_setup(item: pytest.Item) -> None:
     group, name = _check_name(item)
-    item.stash[RECORD_KEY] = Record(group=group, name=name, outcome="PASS", nodeid=item.nodeid, extra={"line": item.location[1] or 0})
+    item.stash[RECORD_KEY] = Record(
+        group=group, name=name, outcome="PASS", nodeid=item.nodeid, extra={"line": item.location[1] or 0}
+    )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -161,10 +255,19 @@ class Reporter:
         # Source order (file, line), whatever order pytest-xdist workers finished in.
         self.records.sort(key=lambda r: (r.nodeid.split("::")[0], r.extra.get("line", 0), r.nodeid))
         for text in report.summary(self.records, seconds, title):
-            terminalreporter.write_line(text, red=text.startswith(("FAIL", "ERROR")), green=text.startswith("PASS"),
-                                        bold=text.startswith("# verdict"))
+            terminalreporter.write_line(
+                text,
+                red=text.startswith(("FAIL", "ERROR")),
+                green=text.startswith("PASS"),
+                bold=text.startswith("# verdict"),
+            )
         path = self.config.option.preflight_json or self.config.getini("preflight_json")
         if path:
-            node = {"host": socket.gethostname(), "rank": self.ctx.rank, "nodes": self.ctx.nodes, "describe": self.ctx.describe()}
+            node = {
+                "host": socket.gethostname(),
+                "rank": self.ctx.rank,
+                "nodes": self.ctx.nodes,
+                "describe": self.ctx.describe(),
+            }
             Path(path).write_text(report.to_json(self.records, seconds, node) + "\n")
             terminalreporter.write_line(f"# JSON report: {path}")

@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from importlib import metadata
@@ -244,6 +244,8 @@ class Session:
     problem: str = ""
     missing: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    say: Callable[[str], None] = field(default=lambda _line: None, repr=False)
+    """Progress lines while waiting (every PROGRESS_S), so a node waiting for others says so."""
 
     @property
     def ok(self) -> bool:
@@ -254,10 +256,28 @@ class Session:
         return f"{self.address}:{self.port}"
 
 
-def _reachable(address: str, port: int, deadline: float) -> str | None:
+PROGRESS_S = 10.0
+
+
+def _progress(say: Callable[[str], None], what: str | Callable[[], str], start: float, bound: float) -> Callable[[], None]:
+    """A function that, called in a wait loop, says what is awaited every PROGRESS_S seconds."""
+    next_line = [start + PROGRESS_S]
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now >= next_line[0]:
+            say(f"waiting for {what() if callable(what) else what} ({now - start:.0f} s of {bound:g} s)")
+            next_line[0] = now + PROGRESS_S
+
+    return tick
+
+
+def _reachable(address: str, port: int, deadline: float, say: Callable[[str], None] = lambda _line: None) -> str | None:
     """None once a TCP connection to address:port succeeds; else the last error, at the deadline."""
     last = "no attempt"
+    tick = _progress(say, f"the primary's rendezvous at {address}:{port}", time.monotonic(), deadline - time.monotonic())
     while True:
+        tick()
         left = deadline - time.monotonic()
         if left <= 0:
             return last
@@ -269,12 +289,13 @@ def _reachable(address: str, port: int, deadline: float) -> str | None:
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
 
 
-def open_store(rank: int, nodes: int, address: str, port: int, ifname: str | None, timeout_s: float) -> Session:
-    """The primary hosts the store; a secondary connects to it. Bounded by ``timeout_s``."""
+def open_store(rank: int, nodes: int, address: str, port: int, ifname: str | None, timeout_s: float,
+               say: Callable[[str], None] = lambda _line: None) -> Session:
+    """The primary hosts the store; a secondary connects to it. Bounded by ``timeout_s``; ``say`` gets progress lines."""
     from torch.distributed import PrefixStore, TCPStore
 
     start = time.monotonic()
-    session = Session(rank, nodes, address, port, ifname, timeout_s)
+    session = Session(rank, nodes, address, port, ifname, timeout_s, say=say)
     if rank == 0:
         try:
             store = TCPStore(address, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
@@ -284,7 +305,7 @@ def open_store(rank: int, nodes: int, address: str, port: int, ifname: str | Non
                                f"(set {PORT_VAR} to a free port, the same on every node)")
             return session
     else:
-        why = _reachable(address, port, start + timeout_s)
+        why = _reachable(address, port, start + timeout_s, say)
         if why is not None:
             session.problem = (f"cannot reach the primary's rendezvous at {address}:{port} within {timeout_s:g} s "
                                f"({why}; this node's socket interface: {ifname or 'none'}): is preflight running on the "
@@ -311,7 +332,12 @@ def exchange(session: Session, key: str, value: dict, timeout_s: float) -> tuple
         return {}, [], f"lost the rendezvous at {session.where} ({' '.join(str(exc).split())[:160]})"
     deadline = time.monotonic() + timeout_s
     got: dict[int, dict] = {}
+    def waiting() -> str:
+        return f"node(s) {sorted(set(range(session.nodes)) - set(got))} at {session.where} ({key!r})"
+
+    tick = _progress(session.say, waiting, time.monotonic(), timeout_s)
     while True:
+        tick()
         try:
             for rank in range(session.nodes):
                 if rank not in got and store.check([f"{key}/{rank}"]):

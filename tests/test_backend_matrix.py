@@ -161,8 +161,10 @@ def test_stack_profiles_pin_the_nccl_they_bring():
 
 def test_the_guides_positional_arguments_count_as_several_nodes():
     """`serve-secondary NODE1_IP RPC_PORT MODEL 16 8 8` describes this node only; DP 16 > 8 local means other nodes."""
-    from launch.cli import get_args_parser, make_plans
+    from launch.cli import get_args_parser
     from launch.config import ConfigError
+    from launch.request import from_args
+    from launch.resolve import resolve
 
     args = get_args_parser().parse_args(
         [
@@ -182,7 +184,7 @@ def test_the_guides_positional_arguments_count_as_several_nodes():
         ]
     )
     with pytest.raises(ConfigError, match="cannot run across nodes on efa"):
-        make_plans(args, [], role="secondary")
+        resolve(from_args(args, []))
     args = get_args_parser().parse_args(
         [
             "primary",
@@ -200,13 +202,11 @@ def test_the_guides_positional_arguments_count_as_several_nodes():
             "deepep_low_latency",
         ]
     )
-    (plan,) = make_plans(args, [], role="primary")  # all 8 ranks on this node: NVLink
+    (plan,) = resolve(from_args(args, [])).plans  # all 8 ranks on this node: NVLink
     assert plan.argv[plan.argv.index("--all2all-backend") + 1] == "deepep_low_latency"
 
 
 # ---- the version facts the matrix uses, re-read in the installed wheels (tests/vllm/install-parsers.sh)
-
-
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.33.0"])

@@ -38,6 +38,24 @@ CASES = {
     "unknown backend": (GOOD + "all2all_backend: deepep_fast\n", "all2all_backend: unknown backend 'deepep_fast' (expected one of:"),
     "backend newer than the target": (GOOD + "vllm_version: 0.10.1.1\nall2all_backend: deepep_v2\n", "all2all_backend: 'deepep_v2' needs vLLM >= "),
     "version that is no version": (GOOD + "vllm_version: latest\n", "vllm_version: 'latest' is not a version"),
+    # gpu_ids: which GPUs of the node, each once, as many as `gpus`, on every node (not only in P/D groups)
+    "GPU listed twice": (GOOD.replace("gpus: 8}\n  - {address: 10.1.60.57", "gpus: 2, gpu_ids: [0, 0]}\n  - {address: 10.1.60.57"),
+                         "nodes[0].gpu_ids: GPU 0 is listed twice (expected each GPU once)"),
+    "negative GPU id": (GOOD.replace("gpus: 8}\n  - {address: 10.1.60.57", "gpus: 2, gpu_ids: [-1, 0]}\n  - {address: 10.1.60.57"),
+                        "nodes[0].gpu_ids: -1 is negative (expected GPU indices 0, 1, ...)"),
+    "fewer GPU ids than GPUs": (GOOD.replace("gpus: 8}\n  - {address: 10.1.60.57", "gpus: 4, gpu_ids: [0, 1]}\n  - {address: 10.1.60.57"),
+                                "nodes[0].gpu_ids: 2 GPUs for gpus: 4 (expected 4 ids)"),
+    # an address is an IP address or an RFC 1123 host name
+    "address that is no host name": (GOOD.replace("10.1.60.57", "gpu_02!"),
+                                     "nodes[1].address: 'gpu_02!' is neither an IP address nor a host name"),
+    # preflight thresholds are a typed section: a misspelled key is refused, with the known ones
+    "misspelled threshold": (GOOD + "preflight: {shm_min_gb: 16}\n", "preflight.shm_min_gb: unknown key (expected one of: shm_min_gib,"),
+    "negative threshold": (GOOD + "preflight: {shm_min_gib: -1}\n", "preflight.shm_min_gib: input should be greater than or equal to 0"),
+    # a flag the launcher sets has its field: not doubled through vllm_args
+    "owned flag in vllm_args": (GOOD + "vllm_args: [--port, '9000']\n",
+                                "vllm_args: --port: set by the launcher (expected port: in the deploy file, not in vllm_args)"),
+    "derived flag in vllm_args": (GOOD + "vllm_args: [--data-parallel-size, '4']\n",
+                                  "vllm_args: --data-parallel-size: set by the launcher (expected it from the nodes' gpus"),
 }
 
 

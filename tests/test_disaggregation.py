@@ -13,10 +13,10 @@ import time
 import pytest
 
 from env.paths import StackPaths
-from launch import check, plan as planning, router
+from launch import check, router
 from launch.config import load_deploy
-from launch.layout import layouts
-from launch.vllm_versions import resolve_target
+from launch.request import Overrides, Request
+from launch.resolve import resolve
 from tests.conftest import EXAMPLES, ROOT
 from tests.support import assert_one_line_error
 
@@ -24,9 +24,8 @@ KV = '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_co
 
 
 def group_plans(path, group, version="0.26.0"):
-    config = load_deploy(path).group(group)
-    target = resolve_target(version, None)
-    return [planning.build(config, lay, target, StackPaths(prefix=ROOT)) for lay in layouts(config)]
+    request = Request("plan", deploy=str(path), group=group, overrides=Overrides(vllm_version=version))
+    return list(resolve(request, stack=StackPaths(prefix=ROOT)).plans)
 
 
 def test_one_prefill_one_decode_on_one_node():

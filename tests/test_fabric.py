@@ -78,7 +78,7 @@ GOLDEN = {
 }
 
 
-def plans(transport, backend, nodes, network, version, **extra):
+def plans(transport, backend, nodes, network, version, kv_transfer=None, **extra):
     config = parse_deploy(
         {
             "model": "deepseek-ai/DeepSeek-V3-0324",
@@ -90,7 +90,9 @@ def plans(transport, backend, nodes, network, version, **extra):
         "golden.yaml",
     )
     target = Target(Version(version), "given")
-    return [planning.build(config, lay, target, StackPaths(prefix=ROOT)) for lay in layouts(config)]
+    return [
+        planning.build(config, lay, target, StackPaths(prefix=ROOT), kv_transfer=kv_transfer) for lay in layouts(config)
+    ]
 
 
 def fabric_of(plan) -> dict[str, str]:
@@ -118,17 +120,13 @@ def test_one_hca_list_for_every_library_and_mlx5_1_never_selects_mlx5_10():
 
 
 def test_ucx_gets_the_list_only_where_nixl_runs_over_ucx():
-    ucx = '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX"]}}'
-    libfabric = ucx.replace("UCX", "LIBFABRIC")
-    assert kv_over_ucx(["--kv-transfer-config", ucx]) and kv_over_ucx([f"--kv-transfer-config={ucx}"])
-    assert not kv_over_ucx(["--kv-transfer-config", libfabric]) and not kv_over_ucx(["--max-model-len", "8192"])
-    (decode, *_) = plans(
-        "ib", "deepep_low_latency", 2, {"hcas": HCAS}, "0.33.0", vllm_args=["--kv-transfer-config", ucx]
-    )
+    ucx = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_connector_extra_config": {"backends": ["UCX"]}}
+    libfabric = {**ucx, "kv_connector_extra_config": {"backends": ["LIBFABRIC"]}}
+    assert kv_over_ucx(ucx) and kv_over_ucx({"kv_connector": "NixlConnector"})  # UCX is NIXL's default
+    assert not kv_over_ucx(libfabric) and not kv_over_ucx(None)
+    (decode, *_) = plans("ib", "deepep_low_latency", 2, {"hcas": HCAS}, "0.33.0", kv_transfer=ucx)
     assert decode.env["UCX_NET_DEVICES"] == "mlx5_0,mlx5_1"
-    (decode, *_) = plans(
-        "ib", "deepep_low_latency", 2, {"hcas": HCAS}, "0.33.0", vllm_args=["--kv-transfer-config", libfabric]
-    )
+    (decode, *_) = plans("ib", "deepep_low_latency", 2, {"hcas": HCAS}, "0.33.0", kv_transfer=libfabric)
     assert "UCX_NET_DEVICES" not in decode.env
 
 

@@ -16,9 +16,11 @@ import pytest
 
 from env.paths import StackPaths
 from launch import plan as planning
-from launch.cli import get_args_parser, make_plans
+from launch.cli import get_args_parser
 from launch.config import load_deploy
 from launch.layout import layouts
+from launch.request import from_args
+from launch.resolve import resolve
 from launch.vllm_versions import resolve_target
 from tests.conftest import EXAMPLES, ROOT
 
@@ -111,7 +113,7 @@ def test_guide_positional_arguments_mean_what_they_meant(role, monkeypatch):
     """`serve-primary 10.1.59.30 13345 MODEL 16 8 8` with VLLM_ALL2ALL_BACKEND exported, as the guide did."""
     monkeypatch.setenv("VLLM_ALL2ALL_BACKEND", "naive")
     args = get_args_parser().parse_args([role, "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.10.1.1"])
-    (plan,) = make_plans(args, [], role=role)
+    (plan,) = resolve(from_args(args, [])).plans
     assert plan.argv == guide_argv(role, "10.1.59.30", 13345, MODEL, 16, 8, 8)
     assert plan.env["VLLM_ALL2ALL_BACKEND"] == "naive"
     assert any("from VLLM_ALL2ALL_BACKEND" in note for note in plan.notes)
@@ -120,7 +122,7 @@ def test_guide_positional_arguments_mean_what_they_meant(role, monkeypatch):
 def test_exported_backend_becomes_the_flag_on_newer_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_ALL2ALL_BACKEND", "deepep_low_latency")
     args = get_args_parser().parse_args(["primary", "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.26.0"])
-    (plan,) = make_plans(args, [], role="primary")
+    (plan,) = resolve(from_args(args, [])).plans
     assert plan.argv[-3:] == ["--all2all-backend", "deepep_low_latency", "--trust-remote-code"]
     assert "VLLM_ALL2ALL_BACKEND" not in plan.env
 
@@ -140,5 +142,5 @@ def test_four_nodes_start_where_the_guide_would_start_them():
 
 def test_passthrough_arguments_go_last():
     args = get_args_parser().parse_args(["secondary", "10.0.0.1", "13345", MODEL, "32", "8", "8", "--vllm-version", "0.26.0"])
-    (plan,) = make_plans(args, ["--max-num-seqs", "64"], role="secondary")
+    (plan,) = resolve(from_args(args, ["--max-num-seqs", "64"])).plans
     assert plan.argv[-2:] == ["--max-num-seqs", "64"]

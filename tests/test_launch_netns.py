@@ -58,7 +58,7 @@ def test_a_named_interface_missing_on_the_node_is_refused(two_hosts, tmp_path):
     )
 
 
-def test_rendered_scripts_find_the_interface_in_shell(two_hosts, tmp_path):
+def test_rendered_scripts_find_the_interface_on_the_node(two_hosts, tmp_path):
     deploy = tmp_path / "d.yaml"
     deploy.write_text(DEPLOY + "env: {HF_TOKEN: hf_secret}\n")
     out = tmp_path / "plans"
@@ -71,12 +71,14 @@ def test_rendered_scripts_find_the_interface_in_shell(two_hosts, tmp_path):
     bindir.mkdir()
     (bindir / "vllm").write_text('#!/bin/sh\necho "ifname=$NCCL_SOCKET_IFNAME token=$HF_TOKEN args=$*"\n')
     (bindir / "vllm").chmod(0o755)
+    toolkit = {"EP_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     for rank, host in enumerate(two_hosts):
-        env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "HF_TOKEN": "from-env"}
+        # the script asks the toolkit on its node (EP_PYTHON) for the interface of the node's address
+        env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "HF_TOKEN": "from-env", **toolkit}
         run = subprocess.run(host.cmd("bash", str(out / f"node-{rank}.sh")), capture_output=True, text=True, env=env, timeout=30)
         assert run.returncode == 0, run.stderr
         assert run.stdout.startswith(f"ifname={host.ifname} token=from-env args=serve tiny-moe")
     # without the secret in the environment, the script stops before starting anything
     run = subprocess.run(two_hosts[0].cmd("bash", str(out / "node-0.sh")), capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"PATH": f"{bindir}:{os.environ['PATH']}"}, timeout=30)
+                         env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"PATH": f"{bindir}:{os.environ['PATH']}", **toolkit}, timeout=30)
     assert run.returncode != 0 and "set HF_TOKEN in the environment" in run.stderr

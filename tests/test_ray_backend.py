@@ -40,7 +40,7 @@ def test_vllm_runs_on_the_primary_and_the_secondaries_join_its_ray_cluster():
     i = primary.argv.index("--data-parallel-backend")
     assert primary.argv[i + 1] == "ray"
     assert primary.argv[primary.argv.index("--data-parallel-size") + 1] == "16"
-    assert primary.ray_head == ["ray", "start", "--head", "--port", "6379", "--node-ip-address", "10.0.0.1", "--block"]
+    assert primary.ray_head.argv == ["ray", "start", "--head", "--port", "6379", "--node-ip-address", "10.0.0.1", "--block"]
     assert primary.ray_nodes == 2
     assert secondary.argv == ["ray", "start", "--address", "10.0.0.1:6379", "--node-ip-address", "10.0.0.2", "--block"]
     # the same interface and transport settings on every node: Ray's workers run vLLM's engines there
@@ -66,7 +66,8 @@ def test_the_primarys_script_waits_for_every_node_before_vllm(tmp_path):
     script = (tmp_path / "plans" / "node-0.sh").read_text().splitlines()
     head = script.index("ray start --head --port 6379 --node-ip-address 10.0.0.1 --block &")
     vllm = next(i for i, ln in enumerate(script) if ln.startswith("vllm serve"))
-    assert head < vllm and any('[ "$(ray_nodes)" -ge 3 ] ||' in ln for ln in script[head:vllm])
+    # the wait is the toolkit's own (launch ray-wait, bounded), run on the node
+    assert head < vllm and any(ln.endswith("-m launch ray-wait 10.0.0.1:6379 --nodes 3 --timeout 600") for ln in script[head:vllm])
     assert not script[vllm].startswith("exec")  # the script outlives vLLM to stop the head
     assert (tmp_path / "plans" / "node-2.sh").read_text().splitlines()[-1] == \
         "exec ray start --address 10.0.0.1:6379 --node-ip-address 10.0.0.3 --block"

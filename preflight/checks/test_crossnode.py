@@ -28,7 +28,7 @@ def _addresses(node) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def session(node):
+def session(node, progress):
     """This node's side of the rendezvous, shared by the checks below; the primary keeps its store up
     until every joined node has finished them."""
     if node.nodes < 2:
@@ -41,7 +41,7 @@ def session(node):
         yield rendezvous.Session(node.rank, node.nodes, node.primary_address, 0, node.ifname, timeout, problem=str(exc))
         return
     job = rendezvous.FactsJob(node.env(), node.config.model)
-    joined = rendezvous.open_store(node.rank, node.nodes, node.primary_address, port, node.ifname, timeout)
+    joined = rendezvous.open_store(node.rank, node.nodes, node.primary_address, port, node.ifname, timeout, say=progress)
     if not joined.ok:
         job.proc.kill()
         job.proc.communicate()

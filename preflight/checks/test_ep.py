@@ -54,6 +54,10 @@ def kernels(node, setup) -> Kernels:
         setup.plan.tokens_per_rank,
     )
     local, here = _this_node(node, setup, shape)
+    if node.nodes > 1 and node.lone and not (here.problem or here.skip):  # the other nodes are not expected now
+        return Kernels(
+            skip="this node alone: the EP kernels across nodes need every node's preflight at once (-m ep or --cross-node)"
+        )
     if node.nodes < 2:
         if here.problem or here.skip:
             return here

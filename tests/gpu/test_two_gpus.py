@@ -242,7 +242,7 @@ def test_hand_written_vllm_serve_side_by_side(deploy, tiny_model, results):
     procs = []
     for node in plan:
         paths = {k: os.pathsep.join([*v, os.environ.get(k, "")]) for k, v in node["path_prepend"].items()}
-        env = env_with(**paths, **node["env"])
+        env = env_with(**node["stack_env"], **paths, **node["env"])
         log = open(results / f"hand-node{node['node_rank']}.log", "w")  # noqa: SIM115
         procs.append(subprocess.Popen(node["argv"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
