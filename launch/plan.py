@@ -100,6 +100,14 @@ class NodePlan:
     """Extra `vllm serve` arguments, last: the deploy file's vllm_args, then those after `--`."""
 
     @property
+    def unset(self) -> tuple[str, ...]:
+        """Inherited variables that would override the plan. vLLM 0.14-0.15 let an exported VLLM_ALL2ALL_BACKEND
+        win over --all2all-backend (vllm/config/parallel.py, `envs.is_set`; see launch/vllm_facts.json)."""
+        if self.all2all_backend and self.target.all2all_as_flag and self.target.reads_all2all_env:
+            return ("VLLM_ALL2ALL_BACKEND",)
+        return ()
+
+    @property
     def path_prepend(self) -> dict[str, list[str]]:
         return self.stack.as_prepend() if self.stack else {}
 

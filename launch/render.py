@@ -29,7 +29,7 @@ def _value(name: str, value: str | AutoIfname, *, script: bool) -> str:
 
 
 def env_lines(plan: NodePlan, *, script: bool = False) -> list[str]:
-    lines = []
+    lines = [f"unset {name}  # this vLLM lets it override the plan's flag" for name in plan.unset]
     auto = next((v for v in plan.env.values() if isinstance(v, AutoIfname)), None)
     if auto is not None:
         # Found on the node when the script runs (the same lookup `serve` does); stop there if nothing matches.

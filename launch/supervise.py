@@ -354,8 +354,12 @@ def run(
         pgid = child.pid
         ours = before | {child.pid} | ({watcher.pid} if watcher else set())
         tree = _Tree(psutil.Process(child.pid), mark)
+        reporter = None
         if health_url:
-            threading.Thread(target=_report_health, args=(child, health_url, health_timeout, say), daemon=True).start()
+            reporter = threading.Thread(
+                target=_report_health, args=(child, health_url, health_timeout, say), daemon=True
+            )
+            reporter.start()
         if log is not None:
             sinks = [("stdout", _stdout_fd()), (f"log file {log_file}", log)]
             copier = threading.Thread(target=_copy, args=(child.stdout.fileno(), sinks, say, what), daemon=True)
@@ -395,6 +399,8 @@ def run(
         if tree.strays:
             plural = "es" if len(tree.strays) > 1 else ""
             say(f"stopped {len(tree.strays)} stray process{plural} of {what}: {_names(list(tree.strays.values()))}")
+        if reporter:  # it says why the wait for /health ended; its probe is bounded
+            reporter.join(timeout=5)
         if copier:
             copier.join(timeout=5)
         return 128 - code if code < 0 else code

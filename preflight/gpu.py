@@ -16,6 +16,7 @@ time limit, with the environment the launcher will set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -329,10 +330,8 @@ def read_node(nvml: Nvml) -> NodeGpus | str:
     except NvmlError as exc:
         return f"{NVML_FAILED}: {exc}"
     finally:
-        try:
+        with contextlib.suppress(NvmlError):
             nvml.shutdown()
-        except NvmlError:
-            pass
 
 
 def read_bounded(make: Callable[[], Nvml], timeout_s: float) -> NodeGpus | str:

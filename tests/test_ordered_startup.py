@@ -30,24 +30,41 @@ def launcher(*args, env=None):
 
 
 def test_secondary_starts_once_the_primary_port_appears():
+    # vLLM's primary binds a ZeroMQ ROUTER on the coordination port (the engines' handshake); a real one here
+    import zmq
+
     port = free_port()
-    listener = socket.socket()
+    router = zmq.Context.instance().socket(zmq.ROUTER)
 
     def open_later():
         time.sleep(2)
-        listener.bind(("127.0.0.1", port))
-        listener.listen()
+        router.bind(f"tcp://127.0.0.1:{port}")
 
     threading.Thread(target=open_later, daemon=True).start()
     t0 = time.monotonic()
     proc = launcher("secondary", "127.0.0.1", str(port), "m", "2", "1", "1", "--socket-ifname", "lo",
                     "--vllm-bin", "/bin/echo", "--wait-for-primary", "30")
     out, err = proc.communicate(timeout=60)
-    listener.close()
+    router.close(linger=0)
     assert proc.returncode == 0, err
     assert f"the primary's coordination port 127.0.0.1:{port} accepts connections (after" in err
     assert out.startswith("serve m ")  # vLLM ran only after the wait
     assert 1.5 < time.monotonic() - t0 < 30
+
+
+def test_another_service_on_the_primary_port_is_not_taken_for_vllm():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts, says nothing: no ZeroMQ greeting
+    port = listener.getsockname()[1]
+    proc = launcher("secondary", "127.0.0.1", str(port), "m", "2", "1", "1", "--socket-ifname", "lo",
+                    "--vllm-bin", "/bin/echo", "--wait-for-primary", "3")
+    out, err = proc.communicate(timeout=60)
+    listener.close()
+    assert proc.returncode == 3 and out == ""  # vLLM never started
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: primary: the primary's coordination port 127.0.0.1:{port} not ready within 3 s "
+                           "(last try: accepted, but sent 0 of a ZeroMQ greeting's 10 bytes in time)"), last
 
 
 def test_secondary_names_a_primary_that_never_comes_up():
@@ -60,7 +77,7 @@ def test_secondary_names_a_primary_that_never_comes_up():
     assert out == ""  # vLLM never started
     assert err.strip().splitlines()[-1] == (
         f"error: primary: the primary's coordination port 127.0.0.1:{port} not ready within 2 s "
-        "(start serve-primary on 127.0.0.1 first; check the address and firewall; --wait-for-primary 0 starts without waiting)"
+        "(last try: connect: Connection refused) (start serve-primary on 127.0.0.1 first; check the address and firewall; --wait-for-primary 0 starts without waiting)"
     )
     assert time.monotonic() - t0 < 15
 

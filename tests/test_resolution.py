@@ -60,6 +60,24 @@ def test_the_deploy_files_backend_wins_over_the_exported_one(launch, write_yaml)
     assert primary["all2all_backend"] == "deepep_high_throughput"
 
 
+def test_an_exported_backend_cannot_override_the_plans_flag_on_vllm_014(launch, write_yaml, tmp_path):
+    # vLLM 0.14-0.15 let a set VLLM_ALL2ALL_BACKEND win over --all2all-backend (launch/vllm_facts.json: env.uses)
+    deploy = write_yaml(TWO_NODES.replace("0.26.0", "0.14.0") + "all2all_backend: deepep_high_throughput\n")
+    exported = {"VLLM_ALL2ALL_BACKEND": "pplx"}
+    printed = launch("plan", str(deploy), "--node-rank", "0", env=exported)
+    assert printed.code == 0, printed.err
+    assert "unset VLLM_ALL2ALL_BACKEND" in printed.out and "--all2all-backend deepep_high_throughput" in printed.out
+
+    vllm = tmp_path / "vllm"
+    vllm.write_text('#!/bin/sh\necho "VLLM_ALL2ALL_BACKEND=${VLLM_ALL2ALL_BACKEND-unset} $*"\n')
+    vllm.chmod(0o755)
+    served = launch("primary", "--deploy", str(deploy), "--node-rank", "0", "--socket-ifname", "lo",
+                    "--vllm-bin", str(vllm), env=exported)
+    assert served.code == 0, served.err
+    assert served.out.startswith("VLLM_ALL2ALL_BACKEND=unset serve m ")
+    assert "--all2all-backend deepep_high_throughput" in served.out
+
+
 def test_an_unknown_stack_profile_is_one_line(launch, write_yaml):
     res = launch("plan", str(write_yaml(TWO_NODES)), env={"EP_STACK_PROFILE": "nope"})
     assert_one_line_error(res, "EP_STACK_PROFILE: unknown profile 'nope' (expected one of: ")

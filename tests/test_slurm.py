@@ -121,10 +121,11 @@ def test_named_overrides_are_refused_since_the_job_carries_the_file(tmp_path):
 
 def test_a_plan_that_cannot_build_is_refused_before_rendering(tmp_path):
     deploy = tmp_path / "d.yaml"
-    deploy.write_text("model: m\nnodes: [{gpus: 8}, {gpus: 8}]\nvllm_version: 0.33.0\nall2all_backend: pplx\n")
+    # DeepEP v2 came in vLLM 0.24.0 (launch/vllm_facts.json, read from the wheels)
+    deploy.write_text("model: m\nnodes: [{gpus: 8}, {gpus: 8}]\nvllm_version: 0.20.0\nall2all_backend: deepep_v2\n")
     res = run_module("launch", "plan", str(deploy), "--format", "slurm")
     assert res.code == 2 and res.out == ""
-    assert res.err.startswith(f"error: {deploy}: ") and "pplx" in res.err and len(res.err.splitlines()) == 1
+    assert res.err.startswith(f"error: {deploy}: ") and "deepep_v2" in res.err and len(res.err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -42,7 +42,7 @@ def resolve_on_node(plan: NodePlan) -> NodePlan:
 
 def child_environment(plan: NodePlan) -> dict[str, str]:
     """This process's environment, then the stack's variables and paths (ours first), then the plan's."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in plan.unset}
     if plan.stack is not None:
         env.update(plan.stack.env)
     for name, entries in plan.path_prepend.items():
@@ -78,7 +78,11 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         joins = plan.coordinator
         what = f"the primary's {'Ray head' if plan.kind == 'ray-worker' else 'coordination port'} {joins}"
         try:
-            took = wait.until(lambda: wait.port_open(joins.host, joins.port), what, how.wait_for_primary, say=say)
+            # vLLM's primary binds a ZeroMQ ROUTER there (the engines' handshake): a port that accepts but
+            # sends no ZeroMQ greeting is another service. Ray's head (GCS) speaks gRPC: a connect suffices.
+            took = wait.listener(
+                joins.host, joins.port, how.wait_for_primary, what=what, greeting=plan.kind != "ray-worker", say=say
+            )
         except wait.WaitTimeout as exc:
             raise NodeDown(
                 f"primary: {exc} (start serve-primary on {joins.host} first; check the address and "
