@@ -98,7 +98,10 @@ class Builder:
         cfg = self.config
         comps = selected(cfg.profile, cfg.only)
         sources = [c for c in comps if c.is_source]
-        packages = sorted({c.url for c in cfg.profile.components if c.kind == "pypi"} | {"vllm", "torch", "nvidia-nvshmem-cu12", "nvidia-nvshmem-cu13"})
+        packages = sorted(
+            {c.url for c in cfg.profile.components if c.kind == "pypi"}
+            | {"vllm", "torch", "nvidia-nvshmem-cu12", "nvidia-nvshmem-cu13"}
+        )
         info = machine.probe_python(cfg.python, packages, environ=self.environ)
         archs = machine.resolve_archs(cfg.arch, cfg.deploy, self.environ)
         cuda_needed = any(c.cuda for c in sources)
@@ -111,7 +114,9 @@ class Builder:
         self._kv("python", f"{info.executable} ({info.version}, {torch_text})")
         self._kv("arch list", f"{archs.value or '-'} ({archs.origin})")
         self._kv("max jobs", f"{jobs} ({jobs_origin})")
-        self._kv("cuda", f"{toolkit.home} ({toolkit.version})" if toolkit else ("not found" if cuda_needed else "not needed"))
+        self._kv(
+            "cuda", f"{toolkit.home} ({toolkit.version})" if toolkit else ("not found" if cuda_needed else "not needed")
+        )
         self._kv("compiler", cxx[1] if cxx else ("not found" if sources else "not needed"))
         if any(c.needs_nccl for c in sources):
             self._kv("nccl", f"{info.nccl['version']} ({info.nccl['origin']})" if info.nccl else "not found")
@@ -147,7 +152,14 @@ class Builder:
             state = "from the conda environment"
         self.out(f"  {comp.name:<14} {comp.kind} {comp.url} {comp.ref}: {state}")
 
-    def _check(self, comp: Component, archs: machine.ArchList, toolkit: machine.Toolkit | None, cxx: tuple[str, str] | None, info: machine.PythonInfo) -> None:
+    def _check(
+        self,
+        comp: Component,
+        archs: machine.ArchList,
+        toolkit: machine.Toolkit | None,
+        cxx: tuple[str, str] | None,
+        info: machine.PythonInfo,
+    ) -> None:
         where = f"component {comp.name}"
         if comp.archs and archs.archs:
             supported = {arch_base(a) for a in comp.archs}
@@ -159,29 +171,55 @@ class Builder:
                         "build for a supported arch with --arch, or pin a commit that supports it",
                     )
         if comp.cuda and not archs.archs:
-            raise StackError(where, "no GPU arch to build for: no GPU found by NVML, no --arch, no deploy file env.TORCH_CUDA_ARCH_LIST", "pass --arch (e.g. --arch 9.0 for H100/H200)")
+            raise StackError(
+                where,
+                "no GPU arch to build for: no GPU found by NVML, no --arch, no deploy file env.TORCH_CUDA_ARCH_LIST",
+                "pass --arch (e.g. --arch 9.0 for H100/H200)",
+            )
         if comp.cuda and toolkit is None:
             given = self.environ.get("CUDA_HOME") or self.environ.get("CUDA_PATH")
             what = f"CUDA_HOME={given} has no bin/nvcc and CUDA headers" if given else "no CUDA toolkit (nvcc) found"
-            raise StackError(where, what, "install cuda-nvcc (the profile's pixi environment has it) or set CUDA_HOME to the toolkit")
+            raise StackError(
+                where, what, "install cuda-nvcc (the profile's pixi environment has it) or set CUDA_HOME to the toolkit"
+            )
         if cxx is None:
             given = self.environ.get("CXX")
             what = f"the C++ compiler CXX={given} does not run" if given else "no C++ compiler (c++ / g++) on PATH"
-            raise StackError(where, what, "install one (pixi: gxx, in the profile's environment; Debian: apt-get install g++) or set CXX")
+            raise StackError(
+                where,
+                what,
+                "install one (pixi: gxx, in the profile's environment; Debian: apt-get install g++) or set CXX",
+            )
         if comp.build == "cmake" and not shutil.which("cmake", path=self.environ.get("PATH")):
             raise StackError(where, "cmake is not on PATH", "install cmake (pixi: the profile's environment has it)")
         if comp.needs_torch and not info.torch:
-            raise StackError(where, f"its setup.py imports torch, which {info.executable} cannot ({info.torch_error or 'not installed'})", "install the profile's torch first (pixi install), or pass --python with the stack's interpreter")
+            raise StackError(
+                where,
+                f"its setup.py imports torch, which {info.executable} cannot ({info.torch_error or 'not installed'})",
+                "install the profile's torch first (pixi install), or pass --python with the stack's interpreter",
+            )
         if comp.cuda and comp.needs_torch and toolkit:
             if not info.torch_cuda:
-                raise StackError(where, f"torch {info.torch} in {info.executable} is a CPU build; CUDA kernels need torch built for CUDA {toolkit.version}", "install the profile's CUDA torch (pixi install)")
+                raise StackError(
+                    where,
+                    f"torch {info.torch} in {info.executable} is a CPU build; CUDA kernels need torch built for CUDA {toolkit.version}",
+                    "install the profile's CUDA torch (pixi install)",
+                )
             if info.torch_cuda.split(".")[0] != toolkit.version.split(".")[0]:
-                raise StackError(where, f"the CUDA toolkit {toolkit.version} at {toolkit.home} does not match torch {info.torch} (built for CUDA {info.torch_cuda})", f"install cuda-nvcc {info.torch_cuda} (the profile's environment has it) or set CUDA_HOME to a CUDA {info.torch_cuda.split('.')[0]}.x toolkit")
+                raise StackError(
+                    where,
+                    f"the CUDA toolkit {toolkit.version} at {toolkit.home} does not match torch {info.torch} (built for CUDA {info.torch_cuda})",
+                    f"install cuda-nvcc {info.torch_cuda} (the profile's environment has it) or set CUDA_HOME to a CUDA {info.torch_cuda.split('.')[0]}.x toolkit",
+                )
             bounds = info.gcc_bounds.get(toolkit.version)
             have = machine.cxx_version(cxx[1]) if cxx else None
             if bounds and have and not (tuple(bounds[0]) <= have < tuple(bounds[1])):
                 lo, hi = ".".join(map(str, bounds[0])), ".".join(map(str, bounds[1]))
-                raise StackError(where, f"the C++ compiler {cxx[1]} is outside what torch accepts for CUDA {toolkit.version} (g++ >= {lo}, < {hi}; torch/utils/cpp_extension.py)", "install a g++ in that range (the profile's environment has one) or set CXX")
+                raise StackError(
+                    where,
+                    f"the C++ compiler {cxx[1]} is outside what torch accepts for CUDA {toolkit.version} (g++ >= {lo}, < {hi}; torch/utils/cpp_extension.py)",
+                    "install a g++ in that range (the profile's environment has one) or set CXX",
+                )
 
     def _check_libraries(self, comp: Component, info: machine.PythonInfo) -> None:
         """NVSHMEM and NCCL as the component's own setup.py will find them, checked before compiling."""
@@ -189,50 +227,94 @@ class Builder:
         if comp.needs_nvshmem and not self._built_nvshmem():
             given = self.environ.get("NVSHMEM_DIR")
             if given and not Path(given, "include").is_dir():
-                raise StackError(where, f"NVSHMEM_DIR={given} has no include/ folder", "point NVSHMEM_DIR at an NVSHMEM install (include/, lib/)")
+                raise StackError(
+                    where,
+                    f"NVSHMEM_DIR={given} has no include/ folder",
+                    "point NVSHMEM_DIR at an NVSHMEM install (include/, lib/)",
+                )
             if given and comp.nvshmem_unversioned and not Path(given, "lib", "libnvshmem_host.so").exists():
-                raise StackError(where, f"NVSHMEM_DIR={given} has no lib/libnvshmem_host.so, the name this commit's setup.py links when NVSHMEM_DIR is set", "unset NVSHMEM_DIR so that its setup.py finds the nvidia-nvshmem wheel itself, or point it at an NVSHMEM install")
+                raise StackError(
+                    where,
+                    f"NVSHMEM_DIR={given} has no lib/libnvshmem_host.so, the name this commit's setup.py links when NVSHMEM_DIR is set",
+                    "unset NVSHMEM_DIR so that its setup.py finds the nvidia-nvshmem wheel itself, or point it at an NVSHMEM install",
+                )
             if not given and info.nvshmem_dir:
                 self._check_package(comp, info, "nvshmem")
         if comp.needs_nccl:
             fix = f"install one NCCL {comp.needs_nccl} that torch and {comp.name} both load: pip install '{self._nccl_wheel(info)}{comp.needs_nccl}' --no-deps (or set EP_NCCL_ROOT_DIR)"
             if not info.nccl:
-                raise StackError(where, f"needs NCCL {comp.needs_nccl} and none was found (no EP_NCCL_ROOT_DIR / NCCL_DIR, no nvidia-nccl wheel in {info.executable})", fix)
+                raise StackError(
+                    where,
+                    f"needs NCCL {comp.needs_nccl} and none was found (no EP_NCCL_ROOT_DIR / NCCL_DIR, no nvidia-nccl wheel in {info.executable})",
+                    fix,
+                )
             if not _satisfies(info.nccl["version"], comp.needs_nccl):
-                raise StackError(where, f"needs NCCL {comp.needs_nccl} at build and run time; the environment has NCCL {info.nccl['version']} ({info.nccl['origin']})", fix)
+                raise StackError(
+                    where,
+                    f"needs NCCL {comp.needs_nccl} at build and run time; the environment has NCCL {info.nccl['version']} ({info.nccl['origin']})",
+                    fix,
+                )
             if comp.needs_torch:
                 loaded = machine.torch_nccl(info.executable, self._nccl_env(info))
                 if len(loaded.get("libs", [])) > 1:
-                    raise StackError(where, f"importing torch maps two NCCL libraries ({', '.join(loaded['libs'])}); {comp.name} refuses a second NCCL in the process", "keep one nvidia-nccl wheel (or one NCCL folder) where torch and the kernels find it")
+                    raise StackError(
+                        where,
+                        f"importing torch maps two NCCL libraries ({', '.join(loaded['libs'])}); {comp.name} refuses a second NCCL in the process",
+                        "keep one nvidia-nccl wheel (or one NCCL folder) where torch and the kernels find it",
+                    )
                 if loaded.get("version") and loaded["version"] != info.nccl["version"]:
-                    raise StackError(where, f"torch loads NCCL {loaded['version']} ({', '.join(loaded.get('libs', [])) or '?'}) even with NCCL {info.nccl['version']} from {info.nccl['root']} first on LD_LIBRARY_PATH", "install the newer NCCL where torch finds it (the same environment's nvidia-nccl wheel)")
+                    raise StackError(
+                        where,
+                        f"torch loads NCCL {loaded['version']} ({', '.join(loaded.get('libs', [])) or '?'}) even with NCCL {info.nccl['version']} from {info.nccl['root']} first on LD_LIBRARY_PATH",
+                        "install the newer NCCL where torch finds it (the same environment's nvidia-nccl wheel)",
+                    )
 
     def _check_package(self, comp: Component, info: machine.PythonInfo, name: str) -> None:
         """A wheel the component builds against satisfies the profile's pin of it."""
         pin = next((c for c in self.config.profile.components if c.name == name and c.kind == "pypi"), None)
         have = info.packages.get(pin.url) if pin else None
         if pin and have and not _satisfies(have, pin.ref):
-            raise StackError(f"component {comp.name}", f"builds against {pin.url} {have}; the profile pins {pin.ref}", f"pip install '{pin.url}{pin.ref}' (pixi install does)")
+            raise StackError(
+                f"component {comp.name}",
+                f"builds against {pin.url} {have}; the profile pins {pin.ref}",
+                f"pip install '{pin.url}{pin.ref}' (pixi install does)",
+            )
 
     def _nccl_wheel(self, info: machine.PythonInfo) -> str:
         pin = next((c for c in self.config.profile.components if c.name == "nccl" and c.kind == "pypi"), None)
-        return pin.url if pin else ("nvidia-nccl-cu13" if (info.torch_cuda or "").startswith("13") else "nvidia-nccl-cu12")
+        return (
+            pin.url if pin else ("nvidia-nccl-cu13" if (info.torch_cuda or "").startswith("13") else "nvidia-nccl-cu12")
+        )
 
     def _nccl_env(self, info: machine.PythonInfo) -> dict[str, str]:
         """The build's environment with the one NCCL first on LD_LIBRARY_PATH, as env/paths.py orders it."""
         env = dict(self.environ)
         if info.nccl:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(Path(info.nccl["root"]) / "lib"), env.get("LD_LIBRARY_PATH", "")) if p)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (str(Path(info.nccl["root"]) / "lib"), env.get("LD_LIBRARY_PATH", "")) if p
+            )
         return env
 
     def _built_nvshmem(self) -> bool:
         manifest = Manifest.load(self.config.prefix) if (self.config.prefix / "manifest.json").is_file() else None
         built = [c for c in selected(self.config.profile, self.config.only) if "NVSHMEM_DIR" in c.exports]
-        return bool(built) or any(manifest and manifest.live(c.name) for c in self.config.profile.components if "NVSHMEM_DIR" in c.exports)
+        return bool(built) or any(
+            manifest and manifest.live(c.name) for c in self.config.profile.components if "NVSHMEM_DIR" in c.exports
+        )
 
     # ---- one component ------------------------------------------------------------------------------------
 
-    def _build_one(self, tag: str, comp: Component, manifest: Manifest, archs: machine.ArchList, toolkit: machine.Toolkit | None, cxx: tuple[str, str] | None, info: machine.PythonInfo, jobs: int) -> None:
+    def _build_one(
+        self,
+        tag: str,
+        comp: Component,
+        manifest: Manifest,
+        archs: machine.ArchList,
+        toolkit: machine.Toolkit | None,
+        cxx: tuple[str, str] | None,
+        info: machine.PythonInfo,
+        jobs: int,
+    ) -> None:
         cfg = self.config
         where = f"component {comp.name}"
         nvshmem = self._nvshmem(comp, manifest, info) if comp.needs_nvshmem else None
@@ -325,8 +407,10 @@ class Builder:
             log=f"logs/{log.name}",
             pythonpath=[f"{comp.name}/python"] if (final / "python").is_dir() else [],
             ld_library_path=[f"{comp.name}/{d}" for d in ("lib", "lib64") if (final / d).is_dir()],
-            env={**{k: os.path.normpath(f"{comp.name}/{v}") for k, v in comp.exports.items()},
-                 **({comp.jit_cache_env: f"jit-cache/{comp.name}"} if comp.jit_cache_env else {})},
+            env={
+                **{k: os.path.normpath(f"{comp.name}/{v}") for k, v in comp.exports.items()},
+                **({comp.jit_cache_env: f"jit-cache/{comp.name}"} if comp.jit_cache_env else {}),
+            },
         )
         write_json(final / BUILD_RECORD, asdict(entry))
         previous = manifest.entries.get(comp.name)
@@ -365,11 +449,21 @@ class Builder:
         flags = [f.format(**values) for f in comp.cmake_flags]
         if any(f.startswith("NVSHMEM_") for f in flags):
             # NVSHMEM uses GDRCopy where its library is present (the guide's container had it).
-            home = next((p for p in (env_prefix, "/usr", "/opt/gdrcopy") if Path(p, "include", "gdrapi.h").is_file()), None)
+            home = next(
+                (p for p in (env_prefix, "/usr", "/opt/gdrcopy") if Path(p, "include", "gdrapi.h").is_file()), None
+            )
             flags += ["NVSHMEM_USE_GDRCOPY=1", f"GDRCOPY_HOME={home}"] if home else ["NVSHMEM_USE_GDRCOPY=0"]
         return flags
 
-    def _env(self, comp: Component, toolkit: machine.Toolkit | None, archs: machine.ArchList, jobs: int, nvshmem_dir: str | None, info: machine.PythonInfo) -> dict[str, str]:
+    def _env(
+        self,
+        comp: Component,
+        toolkit: machine.Toolkit | None,
+        archs: machine.ArchList,
+        jobs: int,
+        nvshmem_dir: str | None,
+        info: machine.PythonInfo,
+    ) -> dict[str, str]:
         env = self._nccl_env(info) if comp.needs_nccl else dict(self.environ)
         env.update(comp.build_env)
         env["MAX_JOBS"] = env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
@@ -392,22 +486,66 @@ class Builder:
             env[comp.jit_cache_env] = str(cache)
         if nvshmem_dir:
             env["NVSHMEM_DIR"] = nvshmem_dir
-            env["CMAKE_PREFIX_PATH"] = os.pathsep.join(p for p in (f"{nvshmem_dir}/lib/cmake", env.get("CMAKE_PREFIX_PATH", "")) if p)
+            env["CMAKE_PREFIX_PATH"] = os.pathsep.join(
+                p for p in (f"{nvshmem_dir}/lib/cmake", env.get("CMAKE_PREFIX_PATH", "")) if p
+            )
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         return env
 
-    def _commands(self, comp: Component, src: Path, out_dir: Path, cmake_flags: list[str], jobs: int) -> list[list[str]]:
+    def _commands(
+        self, comp: Component, src: Path, out_dir: Path, cmake_flags: list[str], jobs: int
+    ) -> list[list[str]]:
         if comp.build == "pip":
             # No isolation: setup.py imports the environment's torch. No deps, no index: nothing else moves.
-            return [[self.config.python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--no-input", "--no-cache-dir", "-v", "--target", str(out_dir / "python"), "."]]
+            return [
+                [
+                    self.config.python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-build-isolation",
+                    "--no-deps",
+                    "--no-index",
+                    "--no-input",
+                    "--no-cache-dir",
+                    "-v",
+                    "--target",
+                    str(out_dir / "python"),
+                    ".",
+                ]
+            ]
         build_dir = src / "_build"
         generator = ["-G", "Ninja"] if shutil.which("ninja", path=self.environ.get("PATH")) else []
-        configure = ["cmake", "-S", str(src), "-B", str(build_dir), *generator, f"-DCMAKE_INSTALL_PREFIX={out_dir}", "-DCMAKE_BUILD_TYPE=Release", *(f"-D{f}" for f in cmake_flags)]
-        return [configure, ["cmake", "--build", str(build_dir), "-j", str(jobs)], ["cmake", "--install", str(build_dir)]]
+        configure = [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build_dir),
+            *generator,
+            f"-DCMAKE_INSTALL_PREFIX={out_dir}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            *(f"-D{f}" for f in cmake_flags),
+        ]
+        return [
+            configure,
+            ["cmake", "--build", str(build_dir), "-j", str(jobs)],
+            ["cmake", "--install", str(build_dir)],
+        ]
 
     @staticmethod
     def _recorded_flags(comp: Component, env: dict[str, str], cmake_flags: list[str]) -> dict[str, str]:
-        keys = [*comp.build_env, "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "NVSHMEM_DIR", "MAX_JOBS", "NVCC_APPEND_FLAGS", "CPLUS_INCLUDE_PATH", "EP_NCCL_ROOT_DIR", *([comp.jit_cache_env] if comp.jit_cache_env else [])]
+        keys = [
+            *comp.build_env,
+            "TORCH_CUDA_ARCH_LIST",
+            "CUDA_HOME",
+            "NVSHMEM_DIR",
+            "MAX_JOBS",
+            "NVCC_APPEND_FLAGS",
+            "CPLUS_INCLUDE_PATH",
+            "EP_NCCL_ROOT_DIR",
+            *([comp.jit_cache_env] if comp.jit_cache_env else []),
+        ]
         flags = {k: env[k] for k in keys if k in env}
         for f in cmake_flags:
             key, _, value = f.partition("=")
@@ -426,7 +564,11 @@ class Builder:
             for args in (["apply", "--check"], ["apply"]):
                 proc = git([*args, str(path)], timeout=120, cwd=src)
                 if proc.returncode:
-                    raise StackError(where, f"patch {patch.file_name} does not apply to {comp.ref[:12]} ({_first(proc.stderr)})", "pin a patch made for this commit, or drop it from the pin; the previous build is kept")
+                    raise StackError(
+                        where,
+                        f"patch {patch.file_name} does not apply to {comp.ref[:12]} ({_first(proc.stderr)})",
+                        "pin a patch made for this commit, or drop it from the pin; the previous build is kept",
+                    )
             self.out(f"      {comp.name}: applied {patch.file_name} (sha256 {patch.sha256[:12]})")
 
     def _run(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
@@ -437,7 +579,15 @@ class Builder:
             f.write(f"$ {shlex.join(argv)}\n")
             f.flush()
             try:
-                proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                )
             except FileNotFoundError:
                 raise StackError(where, f"{argv[0]} is not installed", "install it in the build environment") from None
             start = time.monotonic()
@@ -446,7 +596,12 @@ class Builder:
                     left = timeout - (time.monotonic() - start)
                     if left <= 0:
                         _kill(proc)
-                        raise StackError(where, f"build took more than {timeout:g} s and was stopped", f"see {log}; give more time with --timeout", code=1)
+                        raise StackError(
+                            where,
+                            f"build took more than {timeout:g} s and was stopped",
+                            f"see {log}; give more time with --timeout",
+                            code=1,
+                        )
                     try:
                         code = proc.wait(timeout=min(self.config.heartbeat_s, left))
                         break
@@ -456,7 +611,12 @@ class Builder:
                 _kill(proc)
                 raise
         if code:
-            raise StackError(where, f"build failed (exit {code}): {_error_line(log)}", f"full log: {log}; the previous build, if any, is kept", code=1)
+            raise StackError(
+                where,
+                f"build failed (exit {code}): {_error_line(log)}",
+                f"full log: {log}; the previous build, if any, is kept",
+                code=1,
+            )
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
@@ -492,7 +652,9 @@ def _lock(prefix: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StackError(str(prefix), "another `python -m env build` is running on this prefix", "wait for it to finish") from None
+            raise StackError(
+                str(prefix), "another `python -m env build` is running on this prefix", "wait for it to finish"
+            ) from None
         try:
             yield
         finally:
@@ -542,7 +704,9 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-_DIAGNOSTIC = re.compile(r":\d+(:\d+)?: (fatal )?error\b|^CMake Error|\berror: #error|^ERROR: .*\bcompil", re.IGNORECASE)
+_DIAGNOSTIC = re.compile(
+    r":\d+(:\d+)?: (fatal )?error\b|^CMake Error|\berror: #error|^ERROR: .*\bcompil", re.IGNORECASE
+)
 
 
 def _error_line(log: Path) -> str:

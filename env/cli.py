@@ -51,7 +51,9 @@ def default_cache() -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m env", description="The pinned EP kernel stack: pins, sources, builds, paths, status.")
+    parser = argparse.ArgumentParser(
+        prog="python -m env", description="The pinned EP kernel stack: pins, sources, builds, paths, status."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{pins,fetch,build,paths,status}")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -67,8 +69,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download every source at its pin into the source cache")
     common(p)
     p.add_argument("--cache", type=Path, help="source cache folder (default: EP_STACK_CACHE, else .cache/ep-sources)")
-    p.add_argument("--only", action="append", default=[], help="components, comma-separated (default: every source component)")
-    p.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX", help="checksum of an unverified tarball, after checking it")
+    p.add_argument(
+        "--only", action="append", default=[], help="components, comma-separated (default: every source component)"
+    )
+    p.add_argument(
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="NAME=HEX",
+        help="checksum of an unverified tarball, after checking it",
+    )
 
     # ---- build ----
     p = sub.add_parser("build", help="build the profile's source components into the prefix")
@@ -80,9 +90,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST, e.g. 9.0 or '9.0a;10.0' (default: the GPUs found)")
     p.add_argument("--deploy", type=Path, help="deploy file whose env.TORCH_CUDA_ARCH_LIST names the cluster's GPUs")
     p.add_argument("--jobs", type=int, help="parallel compile jobs (default: cores, fewer where memory is short)")
-    p.add_argument("--python", default=sys.executable, help="interpreter of the stack's environment (default: this one)")
-    p.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX", help="checksum of an unverified tarball, after checking it")
-    p.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds one build command may take (default 21600)")
+    p.add_argument(
+        "--python", default=sys.executable, help="interpreter of the stack's environment (default: this one)"
+    )
+    p.add_argument(
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="NAME=HEX",
+        help="checksum of an unverified tarball, after checking it",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=6 * 3600.0, help="seconds one build command may take (default 21600)"
+    )
     p.add_argument("--force", action="store_true", help="build even where the inputs are unchanged")
 
     # ---- paths ----
@@ -96,7 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--prefix", type=Path, help="stack prefix (default: EP_STACK_PREFIX, else .stack/<profile>)")
     p.add_argument("--arch", help="the arch list the builds should have (default: not compared)")
-    p.add_argument("--python", default=sys.executable, help="interpreter of the stack's environment (default: this one)")
+    p.add_argument(
+        "--python", default=sys.executable, help="interpreter of the stack's environment (default: this one)"
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
@@ -133,15 +155,35 @@ def parse_sha256(values: list[str]) -> dict[str, str]:
 def cmd_pins(args: argparse.Namespace) -> int:
     profile = pick_profile(args)
     if args.format == "json":
-        data = {"profile": profile.name, "vllm": profile.vllm, "torch": profile.torch, "python": profile.python, "cuda": profile.cuda,
-                "components": [{**c.pin(), "source": c.source, "note": c.note, "default": c.default, "needs_env": list(c.needs_env), "archs": list(c.archs)} for c in profile.components]}
+        data = {
+            "profile": profile.name,
+            "vllm": profile.vllm,
+            "torch": profile.torch,
+            "python": profile.python,
+            "cuda": profile.cuda,
+            "components": [
+                {
+                    **c.pin(),
+                    "source": c.source,
+                    "note": c.note,
+                    "default": c.default,
+                    "needs_env": list(c.needs_env),
+                    "archs": list(c.archs),
+                }
+                for c in profile.components
+            ],
+        }
         print(json.dumps(data, indent=2))
         return 0
     print(f"# {profile.name}: {profile.description}")
-    print(f"  {'vllm':<14} pypi     =={profile.vllm}\n  {'torch':<14} pypi     =={profile.torch}  (CUDA {profile.cuda or '-'})")
+    print(
+        f"  {'vllm':<14} pypi     =={profile.vllm}\n  {'torch':<14} pypi     =={profile.torch}  (CUDA {profile.cuda or '-'})"
+    )
     for c in profile.components:
         optional = "" if c.default else "  [optional]"
-        print(f"  {c.name:<14} {c.kind:<8} {c.ref}{optional}\n  {'':<14} url      {c.url}\n  {'':<14} source   {c.source}")
+        print(
+            f"  {c.name:<14} {c.kind:<8} {c.ref}{optional}\n  {'':<14} url      {c.url}\n  {'':<14} source   {c.source}"
+        )
         if c.sha256:
             print(f"  {'':<14} sha256   {c.sha256}")
         if c.is_source:
@@ -203,7 +245,17 @@ def cmd_paths(args: argparse.Namespace) -> int:
     prefix = (args.prefix or default_prefix(name)).absolute()
     stack = stack_paths(name, prefix)
     if args.format == "json":
-        print(json.dumps({"prefix": str(prefix), "PYTHONPATH": stack.pythonpath, "LD_LIBRARY_PATH": stack.ld_library_path, "env": stack.env}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "prefix": str(prefix),
+                    "PYTHONPATH": stack.pythonpath,
+                    "LD_LIBRARY_PATH": stack.ld_library_path,
+                    "env": stack.env,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"# stack paths: profile {name}, prefix {prefix}")
     for var, paths in stack.as_prepend().items():
@@ -221,7 +273,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = machine.probe_python(args.python, packages)
     archs = machine.parse_archs(args.arch, "--arch") if args.arch else None
     table = rows(profile, prefix, info, archs, os.environ.get("CONDA_PREFIX"))
-    print(render_json(profile, prefix, table, info.nccl) if args.format == "json" else render_text(profile, prefix, table, info.nccl))
+    print(
+        render_json(profile, prefix, table, info.nccl)
+        if args.format == "json"
+        else render_text(profile, prefix, table, info.nccl)
+    )
     return 0 if healthy(table) else 1
 
 

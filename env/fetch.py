@@ -51,7 +51,9 @@ def git(args: list[str], timeout: float = GIT_TIMEOUT_S, cwd: Path | None = None
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(["git", *args], 124, "", f"git {args[0]} took more than {timeout:g} s")
     except FileNotFoundError:
-        raise StackError("git", "is not installed", "install git (Debian: apt-get install git; pixi: add git)") from None
+        raise StackError(
+            "git", "is not installed", "install git (Debian: apt-get install git; pixi: add git)"
+        ) from None
 
 
 def _last_line(text: str) -> str:
@@ -88,7 +90,10 @@ class SourceCache:
 
     @staticmethod
     def has_commit(mirror: Path, commit: str) -> bool:
-        return mirror.is_dir() and git(["--git-dir", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], timeout=60).returncode == 0
+        return (
+            mirror.is_dir()
+            and git(["--git-dir", str(mirror), "cat-file", "-e", f"{commit}^{{commit}}"], timeout=60).returncode == 0
+        )
 
     def ensure_commit(self, where: str, url: str, commit: str) -> Path:
         """The mirror of `url`, holding `commit`: from the cache, else fetched (never when offline)."""
@@ -96,7 +101,9 @@ class SourceCache:
         if self.has_commit(mirror, commit):
             return mirror
         if self.offline:
-            raise StackError(where, f"commit {commit[:12]} of {url} is not in the source cache {self.root}", OFFLINE_FIX)
+            raise StackError(
+                where, f"commit {commit[:12]} of {url} is not in the source cache {self.root}", OFFLINE_FIX
+            )
         mirror.parent.mkdir(parents=True, exist_ok=True)
         if not mirror.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=".clone-", dir=mirror.parent))
@@ -114,7 +121,11 @@ class SourceCache:
             # A commit no branch or tag reaches (e.g. from a pull request) can still be asked for by its hash.
             git(["--git-dir", str(mirror), "fetch", "--quiet", "origin", commit])
         if not self.has_commit(mirror, commit):
-            raise StackError(where, f"commit {commit} does not exist in {url}", "fix the pin (env/pins.py, or the --pins file): use a full commit of that repository")
+            raise StackError(
+                where,
+                f"commit {commit} does not exist in {url}",
+                "fix the pin (env/pins.py, or the --pins file): use a full commit of that repository",
+            )
         return mirror
 
     def submodules(self, where: str, mirror: Path, commit: str, parent_url: str) -> list[Submodule]:
@@ -140,7 +151,11 @@ class SourceCache:
             tree = git(["--git-dir", str(mirror), "ls-tree", commit, "--", spec["path"]], timeout=60)
             fields = tree.stdout.split()
             if len(fields) < 3 or fields[1] != "commit":
-                raise StackError(where, f"submodule {name} has no commit recorded at {commit[:12]}", "pin a commit whose submodules are complete")
+                raise StackError(
+                    where,
+                    f"submodule {name} has no commit recorded at {commit[:12]}",
+                    "pin a commit whose submodules are complete",
+                )
             out.append(Submodule(spec["path"], _resolve_url(parent_url, spec["url"]), fields[2]))
         return out
 
@@ -156,15 +171,21 @@ class SourceCache:
                 found[f"{sub.path}/{path}"] = c
         return found
 
-    def checkout(self, where: str, url: str, commit: str, dest: Path, with_submodules: bool, depth: int = 0) -> dict[str, str]:
+    def checkout(
+        self, where: str, url: str, commit: str, dest: Path, with_submodules: bool, depth: int = 0
+    ) -> dict[str, str]:
         """A working tree of `url` at `commit` in `dest` (and its submodules, from their mirrors)."""
         mirror = self.ensure_commit(where, url, commit)
         clone = git(["clone", "--quiet", "--no-checkout", "--", str(mirror), str(dest)])
         if clone.returncode:
-            raise StackError(where, f"cannot copy the cached source ({_last_line(clone.stderr)})", f"remove {mirror} and fetch again")
+            raise StackError(
+                where, f"cannot copy the cached source ({_last_line(clone.stderr)})", f"remove {mirror} and fetch again"
+            )
         co = git(["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit], cwd=dest)
         if co.returncode:
-            raise StackError(where, f"cannot check out {commit[:12]} ({_last_line(co.stderr)})", f"remove {mirror} and fetch again")
+            raise StackError(
+                where, f"cannot check out {commit[:12]} ({_last_line(co.stderr)})", f"remove {mirror} and fetch again"
+            )
         found: dict[str, str] = {}
         if not with_submodules or depth >= SUBMODULE_DEPTH:
             return found
@@ -201,7 +222,11 @@ class SourceCache:
             )
         if actual != expected:
             path.unlink()
-            raise StackError(where, f"checksum mismatch for {path.name}: got {actual}, expected {expected}", "the download is corrupt or the pin is wrong: fetch again, or correct sha256 in the pins")
+            raise StackError(
+                where,
+                f"checksum mismatch for {path.name}: got {actual}, expected {expected}",
+                "the download is corrupt or the pin is wrong: fetch again, or correct sha256 in the pins",
+            )
         return path
 
     # ---- patches ------------------------------------------------------------------------------------------
@@ -219,7 +244,11 @@ class SourceCache:
         actual = sha256_file(path)
         if actual != patch.sha256:
             path.unlink()
-            raise StackError(where, f"checksum mismatch for patch {patch.file_name}: got {actual}, expected {patch.sha256}", "the download is corrupt or the pin is wrong: fetch again, or correct the patch's sha256 in the pins")
+            raise StackError(
+                where,
+                f"checksum mismatch for patch {patch.file_name}: got {actual}, expected {patch.sha256}",
+                "the download is corrupt or the pin is wrong: fetch again, or correct the patch's sha256 in the pins",
+            )
         return path
 
     def fetch(self, comp: Component, sha256: str | None = None) -> str:
@@ -274,7 +303,9 @@ def extract(where: str, archive: Path, dest: Path) -> None:
                 tar.extractall(tmp)  # noqa: S202
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StackError(where, f"cannot unpack {archive.name} ({exc})", "remove it from the cache and fetch again") from None
+        raise StackError(
+            where, f"cannot unpack {archive.name} ({exc})", "remove it from the cache and fetch again"
+        ) from None
     entries = list(tmp.iterdir())
     top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
     os.replace(top, dest)

@@ -54,7 +54,9 @@ def parse_archs(text: str, origin: str) -> ArchList:
         try:
             arch_base(a)
         except ValueError as exc:
-            raise StackError(origin, str(exc), "write the list like TORCH_CUDA_ARCH_LIST: '9.0' or '9.0a;10.0'") from None
+            raise StackError(
+                origin, str(exc), "write the list like TORCH_CUDA_ARCH_LIST: '9.0' or '9.0a;10.0'"
+            ) from None
     return ArchList(tuple(dict.fromkeys(items)), origin)
 
 
@@ -276,20 +278,28 @@ class PythonInfo:
     """The NCCL the stack loads there (env/nccl.py): root, version, origin."""
 
 
-def probe_python(python: str, packages: list[str], timeout: float = 180, environ: dict[str, str] | None = None) -> PythonInfo:
+def probe_python(
+    python: str, packages: list[str], timeout: float = 180, environ: dict[str, str] | None = None
+) -> PythonInfo:
     where = f"python {python}"
     try:
         argv = [python, "-c", _PROBE, json.dumps(packages), str(Path(__file__).with_name("nccl.py"))]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environ)
     except FileNotFoundError:
-        raise StackError(where, "does not exist", "pass --python with the interpreter of the stack's environment") from None
+        raise StackError(
+            where, "does not exist", "pass --python with the interpreter of the stack's environment"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise StackError(where, f"did not answer within {timeout:g} s (importing torch)", "check that environment") from None
+        raise StackError(
+            where, f"did not answer within {timeout:g} s (importing torch)", "check that environment"
+        ) from None
     try:
         data = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StackError(where, f"could not be probed ({tail[:200]})", "pass --python with a working Python 3.11+") from None
+        raise StackError(
+            where, f"could not be probed ({tail[:200]})", "pass --python with a working Python 3.11+"
+        ) from None
     return PythonInfo(executable=python, **data)
 
 
@@ -324,7 +334,9 @@ def cxx_version(version_line: str) -> tuple[int, ...] | None:
     """(13, 3, 0) from 'g++ (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0'; None for a compiler that is not GCC."""
     if "clang" in version_line.lower():
         return None
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?\s*$", version_line.strip()) or re.search(r"\)\s+(\d+)\.(\d+)(?:\.(\d+))?", version_line)
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?\s*$", version_line.strip()) or re.search(
+        r"\)\s+(\d+)\.(\d+)(?:\.(\d+))?", version_line
+    )
     return tuple(int(g) for g in m.groups() if g is not None) if m else None
 
 

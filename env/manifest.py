@@ -104,11 +104,17 @@ class Manifest:
             return cls(prefix, data.get("profile", ""), entries)
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             if strict:
-                raise StackError(str(path), f"is not a readable build manifest ({exc})", "remove it and build again") from None
+                raise StackError(
+                    str(path), f"is not a readable build manifest ({exc})", "remove it and build again"
+                ) from None
             return cls(prefix)
 
     def save(self) -> None:
-        data = {"schema": SCHEMA, "profile": self.profile, "entries": {n: asdict(e) for n, e in sorted(self.entries.items())}}
+        data = {
+            "schema": SCHEMA,
+            "profile": self.profile,
+            "entries": {n: asdict(e) for n, e in sorted(self.entries.items())},
+        }
         write_json(self.path, data)
 
     def live(self, name: str) -> Entry | None:
@@ -155,5 +161,7 @@ def tree_sha256(root: Path) -> str:
                     h.update(chunk)
         for d in dirnames:
             if (Path(dirpath) / d).is_symlink():
-                h.update(f"L {(Path(dirpath) / d).relative_to(root).as_posix()} {os.readlink(Path(dirpath) / d)}\n".encode())
+                h.update(
+                    f"L {(Path(dirpath) / d).relative_to(root).as_posix()} {os.readlink(Path(dirpath) / d)}\n".encode()
+                )
     return h.hexdigest()

@@ -108,4 +108,3 @@ def joined(prepend: list[str], inherited: str | None) -> str:
     """The value a path variable gets: ours first, then what the user had."""
     parts = list(prepend) + ([inherited] if inherited else [])
     return os.pathsep.join(parts)
-

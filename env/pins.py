@@ -74,9 +74,15 @@ class Patch:
 
     def check(self, where: str) -> None:
         if not _SHA256.match(self.sha256):
-            raise StackError(where, f"patch {self.url} has sha256 {self.sha256!r}, not 64 lower-case hex digits", "copy the patch's checksum exactly")
+            raise StackError(
+                where,
+                f"patch {self.url} has sha256 {self.sha256!r}, not 64 lower-case hex digits",
+                "copy the patch's checksum exactly",
+            )
         if not _PATCH_NAME.match(self.file_name):
-            raise StackError(where, f"patch URL {self.url} does not end in a file name", "give the URL of the patch file itself")
+            raise StackError(
+                where, f"patch URL {self.url} does not end in a file name", "give the URL of the patch file itself"
+            )
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,11 @@ class Component:
     def __post_init__(self) -> None:
         where = f"component {self.name}"
         if not _NAME.match(self.name) or self.name in RESERVED:
-            raise StackError(where, f"name {self.name!r} is not allowed", "use lower-case letters, digits, '-', '.', '_' and none of " + ", ".join(sorted(RESERVED)))
+            raise StackError(
+                where,
+                f"name {self.name!r} is not allowed",
+                "use lower-case letters, digits, '-', '.', '_' and none of " + ", ".join(sorted(RESERVED)),
+            )
         if self.kind not in KINDS:
             raise StackError(where, f"kind {self.kind!r} is unknown", f"use one of {', '.join(KINDS)}")
         if self.build not in BUILDS:
@@ -137,7 +147,9 @@ class Component:
             # An abbreviated hash is no ref: `git fetch origin <short>` cannot resolve it.
             raise StackError(where, f"commit {self.ref!r} is not a full 40-hex commit", "pin the full commit hash")
         if self.sha256 is not None and not _SHA256.match(self.sha256):
-            raise StackError(where, f"sha256 {self.sha256!r} is not 64 lower-case hex digits", "copy the checksum exactly")
+            raise StackError(
+                where, f"sha256 {self.sha256!r} is not 64 lower-case hex digits", "copy the checksum exactly"
+            )
         if self.kind in ("pypi", "conda") and self.build != "none":
             raise StackError(where, f"a {self.kind} package is installed by pixi, not built", "set build = 'none'")
         if self.kind in ("git", "tarball") and self.build == "none":
@@ -150,7 +162,9 @@ class Component:
             try:
                 SpecifierSet(self.needs_nccl)
             except InvalidSpecifier:
-                raise StackError(where, f"needs_nccl {self.needs_nccl!r} is not a version specifier", "write it like '>=2.30.4'") from None
+                raise StackError(
+                    where, f"needs_nccl {self.needs_nccl!r} is not a version specifier", "write it like '>=2.30.4'"
+                ) from None
         for arch in self.archs:
             try:
                 arch_base(arch)
@@ -202,13 +216,19 @@ class Profile:
         names = [c.name for c in self.components]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise StackError(f"profile {self.name}", f"component {dupes[0]} is listed twice", "give each component a unique name")
+            raise StackError(
+                f"profile {self.name}", f"component {dupes[0]} is listed twice", "give each component a unique name"
+            )
 
     def component(self, name: str) -> Component:
         for c in self.components:
             if c.name == name:
                 return c
-        raise StackError(f"profile {self.name}", f"has no component {name!r}", f"choose one of {', '.join(c.name for c in self.components)}")
+        raise StackError(
+            f"profile {self.name}",
+            f"has no component {name!r}",
+            f"choose one of {', '.join(c.name for c in self.components)}",
+        )
 
     def pypi_pins(self) -> dict[str, str]:
         """PyPI packages and specifiers, exactly as pixi.toml's feature lists them."""
@@ -576,23 +596,39 @@ def _profile(where: str, name: str, table: Any) -> Profile:
         raise StackError(where, f"profiles.{name} is not a table", "write [profiles.NAME]")
     unknown = sorted(set(table) - _PROFILE_FIELDS - {"components"})
     if unknown:
-        raise StackError(where, f"profiles.{name}.{unknown[0]} is not a profile field", f"use {', '.join(sorted(_PROFILE_FIELDS | {'components'}))}")
+        raise StackError(
+            where,
+            f"profiles.{name}.{unknown[0]} is not a profile field",
+            f"use {', '.join(sorted(_PROFILE_FIELDS | {'components'}))}",
+        )
     comps = []
     for i, ctable in enumerate(table.get("components", [])):
         if not isinstance(ctable, dict):
-            raise StackError(where, f"profiles.{name}.components[{i}] is not a table", "write [[profiles.NAME.components]]")
+            raise StackError(
+                where, f"profiles.{name}.components[{i}] is not a table", "write [[profiles.NAME.components]]"
+            )
         bad = sorted(set(ctable) - _COMPONENT_FIELDS)
         if bad:
-            raise StackError(where, f"profiles.{name}.components[{i}].{bad[0]} is not a component field", f"use {', '.join(sorted(_COMPONENT_FIELDS))}")
+            raise StackError(
+                where,
+                f"profiles.{name}.components[{i}].{bad[0]} is not a component field",
+                f"use {', '.join(sorted(_COMPONENT_FIELDS))}",
+            )
         missing = [k for k in ("name", "kind", "url", "ref", "source") if k not in ctable]
         if missing:
-            raise StackError(where, f"profiles.{name}.components[{i}] has no {missing[0]}", "name, kind, url, ref and source are required")
+            raise StackError(
+                where,
+                f"profiles.{name}.components[{i}] has no {missing[0]}",
+                "name, kind, url, ref and source are required",
+            )
         kw = dict(ctable)
         for key in ("archs", "cmake_flags"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         if "patches" in kw:
-            kw["patches"] = tuple(_patch(where, f"profiles.{name}.components[{i}].patches[{j}]", t) for j, t in enumerate(kw["patches"]))
+            kw["patches"] = tuple(
+                _patch(where, f"profiles.{name}.components[{i}].patches[{j}]", t) for j, t in enumerate(kw["patches"])
+            )
         comps.append(Component(**kw))
     kw = {k: v for k, v in table.items() if k != "components"}
     for key in ("vllm", "torch", "python", "description"):
@@ -602,7 +638,9 @@ def _profile(where: str, name: str, table: Any) -> Profile:
 
 def _patch(where: str, field_name: str, table: Any) -> Patch:
     if not isinstance(table, dict) or not {"url", "sha256"} <= set(table) or set(table) - {"url", "sha256", "source"}:
-        raise StackError(where, f"{field_name} is not a patch table", "write {url = '...', sha256 = '<64 hex>'} (source optional)")
+        raise StackError(
+            where, f"{field_name} is not a patch table", "write {url = '...', sha256 = '<64 hex>'} (source optional)"
+        )
     return Patch(url=str(table["url"]), sha256=str(table["sha256"]), source=str(table.get("source", "")))
 
 

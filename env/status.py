@@ -38,26 +38,70 @@ def _pin_text(comp: Component) -> str:
     return comp.ref[:7] if comp.kind == "git" else comp.ref
 
 
-def component_row(comp: Component, manifest: Manifest, info: machine.PythonInfo | None, archs: machine.ArchList | None, conda_prefix: str | None) -> Row:
+def component_row(
+    comp: Component,
+    manifest: Manifest,
+    info: machine.PythonInfo | None,
+    archs: machine.ArchList | None,
+    conda_prefix: str | None,
+) -> Row:
     pin = _pin_text(comp)
     if comp.kind in ("pypi", "conda"):
         return _package_row(comp, pin, info, conda_prefix)
     entry = manifest.live(comp.name)
     if entry is None:
         if comp.name in manifest.entries:
-            return Row(comp.name, comp.kind, pin, "-", "-", "missing", "recorded, but its build folder or link is gone: build again", comp.default)
+            return Row(
+                comp.name,
+                comp.kind,
+                pin,
+                "-",
+                "-",
+                "missing",
+                "recorded, but its build folder or link is gone: build again",
+                comp.default,
+            )
         if not comp.default:
-            return Row(comp.name, comp.kind, pin, "-", "-", "optional", f"not built (optional: --only {comp.name})", False)
+            return Row(
+                comp.name, comp.kind, pin, "-", "-", "optional", f"not built (optional: --only {comp.name})", False
+            )
         return Row(comp.name, comp.kind, pin, "-", "-", "missing", "not built: python -m env build", True)
     built = (entry.commit or "")[:7] or (entry.version or "?")
     shown_archs = entry.arch_list or "-"
     if entry.pin_hash != digest(comp.pin()):
         what = f"built {built}, pinned {pin}" if built != pin else "the recipe or URL changed"
-        return Row(comp.name, comp.kind, pin, built, shown_archs, "stale", f"pin changed since the build ({what}): build again", comp.default)
+        return Row(
+            comp.name,
+            comp.kind,
+            pin,
+            built,
+            shown_archs,
+            "stale",
+            f"pin changed since the build ({what}): build again",
+            comp.default,
+        )
     if comp.needs_torch and info and info.torch and entry.torch != info.torch:
-        return Row(comp.name, comp.kind, pin, built, shown_archs, "stale", f"built against torch {entry.torch}, the environment has {info.torch}: build again", comp.default)
+        return Row(
+            comp.name,
+            comp.kind,
+            pin,
+            built,
+            shown_archs,
+            "stale",
+            f"built against torch {entry.torch}, the environment has {info.torch}: build again",
+            comp.default,
+        )
     if comp.cuda and archs and archs.archs and entry.arch_list != archs.value:
-        return Row(comp.name, comp.kind, pin, built, shown_archs, "stale", f"built for {entry.arch_list}, {archs.origin} says {archs.value}: build again", comp.default)
+        return Row(
+            comp.name,
+            comp.kind,
+            pin,
+            built,
+            shown_archs,
+            "stale",
+            f"built for {entry.arch_list}, {archs.origin} says {archs.value}: build again",
+            comp.default,
+        )
     detail = f"built {entry.built_at} in {entry.duration_s:g} s, artifact {entry.artifact_sha256[:12]}"
     return Row(comp.name, comp.kind, pin, built, shown_archs, "ok", detail, comp.default)
 
@@ -66,28 +110,67 @@ def _package_row(comp: Component, pin: str, info: machine.PythonInfo | None, con
     if comp.kind == "conda":
         metas = sorted(Path(conda_prefix, "conda-meta").glob(f"{comp.url}-[0-9]*.json")) if conda_prefix else []
         if not conda_prefix:
-            return Row(comp.name, comp.kind, pin, "-", "-", "unchecked", "no conda environment active (pixi shell / pixi run)", comp.default)
+            return Row(
+                comp.name,
+                comp.kind,
+                pin,
+                "-",
+                "-",
+                "unchecked",
+                "no conda environment active (pixi shell / pixi run)",
+                comp.default,
+            )
         if not metas:
-            return Row(comp.name, comp.kind, pin, "-", "-", "missing", "not in the conda environment: pixi install", comp.default)
+            return Row(
+                comp.name,
+                comp.kind,
+                pin,
+                "-",
+                "-",
+                "missing",
+                "not in the conda environment: pixi install",
+                comp.default,
+            )
         version = metas[-1].name[len(comp.url) + 1 :].split("-")[0]
         return Row(comp.name, comp.kind, pin, version, "-", "ok", "from the conda environment", comp.default)
     have = info.packages.get(comp.url) if info else None
     if info is None:
         return Row(comp.name, comp.kind, pin, "-", "-", "unchecked", "Python not probed", comp.default)
     if not have:
-        return Row(comp.name, comp.kind, pin, "-", "-", "missing", "not installed: pixi install (or pip install)", comp.default)
+        return Row(
+            comp.name, comp.kind, pin, "-", "-", "missing", "not installed: pixi install (or pip install)", comp.default
+        )
     try:
         ok = Version(have) in SpecifierSet(comp.ref) if comp.ref not in ("", "*") else True
     except (InvalidSpecifier, InvalidVersion):
         ok = True
     state: State = "ok" if ok else "stale"
-    return Row(comp.name, comp.kind, pin, have, "-", state, "installed" if ok else f"installed {have} does not satisfy {comp.ref}", comp.default)
+    return Row(
+        comp.name,
+        comp.kind,
+        pin,
+        have,
+        "-",
+        state,
+        "installed" if ok else f"installed {have} does not satisfy {comp.ref}",
+        comp.default,
+    )
 
 
-def rows(profile: Profile, prefix: Path, info: machine.PythonInfo | None, archs: machine.ArchList | None, conda_prefix: str | None) -> list[Row]:
+def rows(
+    profile: Profile,
+    prefix: Path,
+    info: machine.PythonInfo | None,
+    archs: machine.ArchList | None,
+    conda_prefix: str | None,
+) -> list[Row]:
     manifest = Manifest.load(prefix)
     # vLLM and torch head the table: the builds are made for them.
-    base = [Component(name=n, kind="pypi", url=n, ref=spec, source=f"profile {profile.name}", cuda=False) for n, spec in (("vllm", f"=={profile.vllm}"), ("torch", f"=={profile.torch}")) if spec != "=="]
+    base = [
+        Component(name=n, kind="pypi", url=n, ref=spec, source=f"profile {profile.name}", cuda=False)
+        for n, spec in (("vllm", f"=={profile.vllm}"), ("torch", f"=={profile.torch}"))
+        if spec != "=="
+    ]
     return [component_row(c, manifest, info, archs, conda_prefix) for c in (*base, *profile.components)]
 
 
@@ -97,9 +180,14 @@ def healthy(table: list[Row]) -> bool:
 
 
 def render_text(profile: Profile, prefix: Path, table: list[Row], nccl: dict[str, str] | None = None) -> str:
-    lines = [f"# env status: profile {profile.name}, prefix {prefix}", f"# {'component':<14} {'kind':<8} {'pin':<12} {'built':<12} {'archs':<10} {'state':<9} detail"]
+    lines = [
+        f"# env status: profile {profile.name}, prefix {prefix}",
+        f"# {'component':<14} {'kind':<8} {'pin':<12} {'built':<12} {'archs':<10} {'state':<9} detail",
+    ]
     for r in table:
-        lines.append(f"  {r.name:<14} {r.kind:<8} {r.pin[:12]:<12} {r.built[:12]:<12} {r.archs[:10]:<10} {r.state:<9} {r.detail}")
+        lines.append(
+            f"  {r.name:<14} {r.kind:<8} {r.pin[:12]:<12} {r.built[:12]:<12} {r.archs[:10]:<10} {r.state:<9} {r.detail}"
+        )
     if nccl:  # the library `env paths` puts first on LD_LIBRARY_PATH: torch and the kernels load it
         lines.append(f"# nccl  : {nccl['version']} from {nccl['root']} ({nccl['origin']})")
     lines.append(f"# stack : {'OK' if healthy(table) else 'INCOMPLETE'}")
@@ -107,4 +195,13 @@ def render_text(profile: Profile, prefix: Path, table: list[Row], nccl: dict[str
 
 
 def render_json(profile: Profile, prefix: Path, table: list[Row], nccl: dict[str, str] | None = None) -> str:
-    return json.dumps({"profile": profile.name, "prefix": str(prefix), "ok": healthy(table), "nccl": nccl, "components": [asdict(r) for r in table]}, indent=2)
+    return json.dumps(
+        {
+            "profile": profile.name,
+            "prefix": str(prefix),
+            "ok": healthy(table),
+            "nccl": nccl,
+            "components": [asdict(r) for r in table],
+        },
+        indent=2,
+    )

@@ -20,8 +20,17 @@ from pathlib import Path
 
 from launch.config import DeployConfig
 
-GUIDE_DEFAULTS = ["--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "128",
-                  "--num-prompts", "10000", "--ignore-eos"]
+GUIDE_DEFAULTS = [
+    "--dataset-name",
+    "random",
+    "--random-input-len",
+    "128",
+    "--random-output-len",
+    "128",
+    "--num-prompts",
+    "10000",
+    "--ignore-eos",
+]
 
 # (key in vLLM's result JSON, label, better when higher)
 METRICS = [
@@ -45,13 +54,36 @@ def api_base(config: DeployConfig) -> str:
 
 
 def argv(config: DeployConfig, out: Path, extra: list[str]) -> list[str]:
-    return ["vllm", "bench", "serve", "--base-url", api_base(config), "--model", config.model, *GUIDE_DEFAULTS,
-            "--save-result", "--result-dir", str(out), "--result-filename", "result.json", *extra]
+    return [
+        "vllm",
+        "bench",
+        "serve",
+        "--base-url",
+        api_base(config),
+        "--model",
+        config.model,
+        *GUIDE_DEFAULTS,
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        "result.json",
+        *extra,
+    ]
 
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("vllm", "torch", "nvidia-nccl-cu12", "nvidia-nccl-cu13", "deep_ep", "deep_gemm", "nixl", "vllm-ep-deploy"):
+    for dist in (
+        "vllm",
+        "torch",
+        "nvidia-nccl-cu12",
+        "nvidia-nccl-cu13",
+        "deep_ep",
+        "deep_gemm",
+        "nixl",
+        "vllm-ep-deploy",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -90,8 +122,12 @@ def compare(a: dict, b: dict, names: tuple[str, str]) -> list[str]:
         ratio = f"{vb / va:.3f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else "-"
         rows.append((label, _fmt(va), _fmt(vb), ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-            for row in rows]
+    return [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
 
 
 def _fmt(value) -> str:

@@ -56,7 +56,11 @@ def manifests(config: DeployConfig, deploy_text: str, source: str) -> list[dict[
     python = shlex.split(k.python)  # checked when the deploy file was read
     leader = _pod_template(config, python, config.nodes[0].gpus, leader=True)
     # LWS requires a workerTemplate even when the group is the leader alone (size 1).
-    worker = _pod_template(config, python, config.nodes[1].gpus, leader=False) if len(config.nodes) > 1 else copy.deepcopy(leader)
+    worker = (
+        _pod_template(config, python, config.nodes[1].gpus, leader=False)
+        if len(config.nodes) > 1
+        else copy.deepcopy(leader)
+    )
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -101,11 +105,15 @@ def _check(config: DeployConfig, source: str) -> None:
             "LeaderWorkerSet; prefill/decode groups and the router are not rendered for Kubernetes)"
         )
     if not k.image:
-        raise ConfigError(f"{source}: kubernetes.image: missing (required for --format k8s: the image with the toolkit and its stack)")
+        raise ConfigError(
+            f"{source}: kubernetes.image: missing (required for --format k8s: the image with the toolkit and its stack)"
+        )
     for name in ("model_cache", "jit_cache"):
         value = getattr(k, name)
         if value is not None and not value.startswith("/"):
-            raise ConfigError(f"{source}: kubernetes.{name}: {value!r} is not an absolute path (expected a directory on the node, e.g. /mnt/{name.split('_')[0]})")
+            raise ConfigError(
+                f"{source}: kubernetes.{name}: {value!r} is not an absolute path (expected a directory on the node, e.g. /mnt/{name.split('_')[0]})"
+            )
     for rank in range(2, len(config.nodes)):
         gpus, first = config.nodes[rank].gpus, config.nodes[1].gpus
         if gpus != first:
@@ -164,7 +172,11 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
     if k.env_from_secret:
         common["envFrom"] = [{"secretRef": {"name": k.env_from_secret}}]
     step = [*python, "-m", "launch", "lws-step"]
-    vllm: dict[str, Any] = {"name": "vllm", **copy.deepcopy(common), "command": [*step, "serve", "--deploy", DEPLOY_PATH]}
+    vllm: dict[str, Any] = {
+        "name": "vllm",
+        **copy.deepcopy(common),
+        "command": [*step, "serve", "--deploy", DEPLOY_PATH],
+    }
     # Probes on every pod. The leader answers vLLM's /health; a worker runs vLLM headless (no port of its own),
     # so it is asked by command: ready = its group's primary serves, live = its vLLM process runs (launch/pod.py).
     if leader:
@@ -172,19 +184,38 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
         serving = live = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
     else:
         pod = [*python, "-m", "launch.pod"]
-        serving = {"exec": {"command": [*pod, "ready", "--deploy", DEPLOY_PATH, "--timeout", "5"]}, "timeoutSeconds": 10}
+        serving = {
+            "exec": {"command": [*pod, "ready", "--deploy", DEPLOY_PATH, "--timeout", "5"]},
+            "timeoutSeconds": 10,
+        }
         live = {"exec": {"command": [*pod, "live"]}, "timeoutSeconds": 10}
-    vllm["startupProbe"] = {**copy.deepcopy(serving), "periodSeconds": PROBE_PERIOD_S,
-                            "failureThreshold": -(-k.startup_timeout_s // PROBE_PERIOD_S)}
+    vllm["startupProbe"] = {
+        **copy.deepcopy(serving),
+        "periodSeconds": PROBE_PERIOD_S,
+        "failureThreshold": -(-k.startup_timeout_s // PROBE_PERIOD_S),
+    }
     vllm["readinessProbe"] = {**copy.deepcopy(serving), "periodSeconds": PROBE_PERIOD_S, "failureThreshold": 3}
-    vllm["livenessProbe"] = {**copy.deepcopy(live), "periodSeconds": PROBE_PERIOD_S, "failureThreshold": LIVENESS_FAILURES}
-    spec: dict[str, Any] = {"containers": [vllm], "volumes": volumes, "hostNetwork": k.host_network,
-                            "terminationGracePeriodSeconds": k.termination_grace_s}
+    vllm["livenessProbe"] = {
+        **copy.deepcopy(live),
+        "periodSeconds": PROBE_PERIOD_S,
+        "failureThreshold": LIVENESS_FAILURES,
+    }
+    spec: dict[str, Any] = {
+        "containers": [vllm],
+        "volumes": volumes,
+        "hostNetwork": k.host_network,
+        "terminationGracePeriodSeconds": k.termination_grace_s,
+    }
     if k.preflight:
         # The node checks (GPUs, NICs, cross-node collectives) run with the same devices before vLLM starts.
         more = ["--", *k.preflight_args] if k.preflight_args else []
-        spec["initContainers"] = [{"name": "preflight", **copy.deepcopy(common),
-                                   "command": [*step, "preflight", "--deploy", DEPLOY_PATH, *more]}]
+        spec["initContainers"] = [
+            {
+                "name": "preflight",
+                **copy.deepcopy(common),
+                "command": [*step, "preflight", "--deploy", DEPLOY_PATH, *more],
+            }
+        ]
     if k.host_network:
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     if k.node_selector:
@@ -198,8 +229,12 @@ def _pod_template(config: DeployConfig, python: list[str], gpus: int, *, leader:
     annotations = dict(k.pod_annotations)
     if leader and k.metrics_annotations:
         # The common Prometheus convention for scraping pods; vLLM serves /metrics on its API port.
-        annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(config.port),
-                       "prometheus.io/path": "/metrics", **annotations}
+        annotations = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(config.port),
+            "prometheus.io/path": "/metrics",
+            **annotations,
+        }
     if annotations:
         metadata["annotations"] = annotations
     return {"metadata": metadata, "spec": spec}

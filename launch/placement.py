@@ -111,7 +111,9 @@ def scontrol(argv: list[str], timeout: float = 30.0) -> str:
     except FileNotFoundError:
         raise SchedulerError("scontrol: not found on PATH (expected Slurm's client commands on every node)") from None
     except subprocess.TimeoutExpired:
-        raise SchedulerError(f"scontrol {' '.join(argv)}: no answer within {timeout:g} s (is slurmctld reachable?)") from None
+        raise SchedulerError(
+            f"scontrol {' '.join(argv)}: no answer within {timeout:g} s (is slurmctld reachable?)"
+        ) from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SchedulerError(f"scontrol {' '.join(argv)}: exited with {proc.returncode}: {tail}")
@@ -133,8 +135,9 @@ def slurm_addresses(nodelist: str, run: Run = scontrol) -> dict[str, str]:
     return found
 
 
-def slurm_allocation(config: DeployConfig, source: str, environ: Mapping[str, str] = os.environ,
-                     run: Run = scontrol) -> tuple[DeployConfig, dict[str | None, list[str]]]:
+def slurm_allocation(
+    config: DeployConfig, source: str, environ: Mapping[str, str] = os.environ, run: Run = scontrol
+) -> tuple[DeployConfig, dict[str | None, list[str]]]:
     """The deploy file placed on the job's nodes; a short allocation is refused in one line."""
     if config.disaggregation is not None:
         lists = {g: f"SLURM_JOB_NODELIST_HET_GROUP_{i}" for i, g in enumerate(GROUPS)}
@@ -161,12 +164,15 @@ def slurm_allocation(config: DeployConfig, source: str, environ: Mapping[str, st
             try:
                 placed[group][rank] = resolve(addresses.get(host, host))
             except OSError as exc:
-                raise SchedulerError(f"{host}: its NodeAddr {addresses.get(host, host)!r} does not resolve ({exc})") from None
+                raise SchedulerError(
+                    f"{host}: its NodeAddr {addresses.get(host, host)!r} does not resolve ({exc})"
+                ) from None
     return with_addresses(config, placed), hosts
 
 
-def slurm(config: DeployConfig, source: str, group: str | None, environ: Mapping[str, str] = os.environ,
-          run: Run = scontrol) -> Placement:
+def slurm(
+    config: DeployConfig, source: str, group: str | None, environ: Mapping[str, str] = os.environ, run: Run = scontrol
+) -> Placement:
     """This node's place in the job: the placed deploy file and its rank (SLURM_NODEID)."""
     _check_group(config, source, group)
     node_id = _whole(environ, "SLURM_NODEID", SLURM_STEP)
@@ -174,10 +180,14 @@ def slurm(config: DeployConfig, source: str, group: str | None, environ: Mapping
     placed, hosts = slurm_allocation(config, source, environ, run)
     names = hosts[group]
     if node_id >= len(names):
-        raise SchedulerError(f"SLURM_NODEID: {node_id} is not a node of {source}'s {len(names)} (expected srun --nodes={len(names)})")
+        raise SchedulerError(
+            f"SLURM_NODEID: {node_id} is not a node of {source}'s {len(names)} (expected srun --nodes={len(names)})"
+        )
     if names[node_id] != me:
-        raise SchedulerError(f"SLURM_NODEID: {node_id} is {names[node_id]} in the allocation, but this is {me} "
-                             f"(expected one task per node: srun --ntasks-per-node=1)")
+        raise SchedulerError(
+            f"SLURM_NODEID: {node_id} is {names[node_id]} in the allocation, but this is {me} "
+            f"(expected one task per node: srun --ntasks-per-node=1)"
+        )
     return Placement(placed, node_id, group)
 
 
@@ -192,18 +202,28 @@ def _check_group(config: DeployConfig, source: str, group: str | None) -> None:
 LWS_POD = "inside a pod of the LeaderWorkerSet that `plan --format k8s` writes"
 
 
-def lws(config: DeployConfig, source: str, environ: Mapping[str, str] = os.environ, *,
-        resolve_timeout: float = 300.0, say: Callable[[str], None] = lambda _: None) -> Placement:
+def lws(
+    config: DeployConfig,
+    source: str,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    resolve_timeout: float = 300.0,
+    say: Callable[[str], None] = lambda _: None,
+) -> Placement:
     """This pod's place in its group: the leader is the primary, worker index = node rank."""
     if config.disaggregation is not None:
-        raise SchedulerError(f"{source}: disaggregation: prefill/decode are not rendered for Kubernetes (expected one group)")
+        raise SchedulerError(
+            f"{source}: disaggregation: prefill/decode are not rendered for Kubernetes (expected one group)"
+        )
     index = _whole(environ, "LWS_WORKER_INDEX", LWS_POD)
     size = _whole(environ, "LWS_GROUP_SIZE", LWS_POD)
     leader = _need(environ, "LWS_LEADER_ADDRESS", LWS_POD)
     own = _need(environ, "EP_POD_IP", LWS_POD + " (env from the downward API: status.podIP)")
     if size != len(config.nodes):
-        raise SchedulerError(f"{source}: nodes: {len(config.nodes)} nodes but the LeaderWorkerSet group has LWS_GROUP_SIZE={size} "
-                             f"(expected leaderWorkerTemplate.size {len(config.nodes)}: render with `plan --format k8s`)")
+        raise SchedulerError(
+            f"{source}: nodes: {len(config.nodes)} nodes but the LeaderWorkerSet group has LWS_GROUP_SIZE={size} "
+            f"(expected leaderWorkerTemplate.size {len(config.nodes)}: render with `plan --format k8s`)"
+        )
     if index >= size:
         raise SchedulerError(f"LWS_WORKER_INDEX: {index} is outside the group of {size} (expected 0..{size - 1})")
     primary = own if index == 0 else _resolve_within(leader, resolve_timeout, say)
@@ -227,6 +247,8 @@ def _resolve_within(name: str, timeout: float, say: Callable[[str], None]) -> st
     try:
         wait.until(resolved, f"the leader's address {name} (LWS_LEADER_ADDRESS) to resolve", timeout, say=say)
     except wait.WaitTimeout as exc:
-        raise LeaderNotFound(f"LWS_LEADER_ADDRESS: {exc} (expected the LeaderWorkerSet's headless service in cluster DNS; "
-                             f"with hostNetwork the pod needs dnsPolicy: ClusterFirstWithHostNet)") from None
+        raise LeaderNotFound(
+            f"LWS_LEADER_ADDRESS: {exc} (expected the LeaderWorkerSet's headless service in cluster DNS; "
+            f"with hostNetwork the pod needs dnsPolicy: ClusterFirstWithHostNet)"
+        ) from None
     return found[-1]

@@ -65,13 +65,31 @@ def main() -> int:
             print(f"{nodes:>6} {median * 1e3:>9.2f} {median * 1e3 / nodes:>12.3f}")
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    launcher = [sys.executable, "-m", "launch", "primary", "127.0.0.1", "13345", "m", "1", "1", "1",
-                "--socket-ifname", "lo", "--vllm-bin", "/bin/true"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "launch",
+        "primary",
+        "127.0.0.1",
+        "13345",
+        "m",
+        "1",
+        "1",
+        "1",
+        "--socket-ifname",
+        "lo",
+        "--vllm-bin",
+        "/bin/true",
+    ]
     runs = max(5, args.repeat // 2)
-    with_launcher = statistics.median(timed(lambda: subprocess.run(launcher, env=env, check=True, capture_output=True), runs))
+    with_launcher = statistics.median(
+        timed(lambda: subprocess.run(launcher, env=env, check=True, capture_output=True), runs)
+    )
     bare = statistics.median(timed(lambda: subprocess.run(["/bin/true"], check=True), runs))
-    print(f"# launcher start-up, median of {runs}: {with_launcher * 1e3:.0f} ms through the launcher, "
-          f"{bare * 1e3:.1f} ms bare: {(with_launcher - bare) * 1e3:.0f} ms added before vLLM starts")
+    print(
+        f"# launcher start-up, median of {runs}: {with_launcher * 1e3:.0f} ms through the launcher, "
+        f"{bare * 1e3:.1f} ms bare: {(with_launcher - bare) * 1e3:.0f} ms added before vLLM starts"
+    )
     return 0
 
 

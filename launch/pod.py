@@ -39,7 +39,11 @@ def vllm_processes(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         names = [os.path.basename(a) for a in argv[:3]]
-        if "serve" in argv and any(n == "vllm" or n.startswith("vllm.") for n in names) and state != psutil.STATUS_ZOMBIE:
+        if (
+            "serve" in argv
+            and any(n == "vllm" or n.startswith("vllm.") for n in names)
+            and state != psutil.STATUS_ZOMBIE
+        ):
             found.append(proc)
     return found
 

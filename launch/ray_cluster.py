@@ -27,7 +27,9 @@ class Stopped(Exception):
 def active_nodes(ray: str, address: str, env: Mapping[str, str], timeout: float = 30.0) -> int | None:
     """Nodes in the "Active:" section of `ray status`; None while the cluster does not answer."""
     try:
-        proc = subprocess.run([ray, "status", "--address", address], capture_output=True, text=True, env=dict(env), timeout=timeout)
+        proc = subprocess.run(
+            [ray, "status", "--address", address], capture_output=True, text=True, env=dict(env), timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:
@@ -59,12 +61,14 @@ def head(argv: Sequence[str], env: Mapping[str, str], nodes: int, timeout: float
 
     previous = {sig: signal.signal(sig, stop_waiting) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+
         def gone() -> str | None:
             return f"the Ray head exited with {proc.returncode}" if proc.poll() is not None else None
 
         what = f"{nodes} nodes in the Ray cluster at {address}"
-        took = wait.until(lambda: (active_nodes(argv[0], address, env) or 0) >= nodes, what, timeout, say=say,
-                          interval=2.0, stop=gone)
+        took = wait.until(
+            lambda: (active_nodes(argv[0], address, env) or 0) >= nodes, what, timeout, say=say, interval=2.0, stop=gone
+        )
         say(f"{what} (after {took:.1f} s): starting vLLM")
         yield  # vLLM's supervision installs its own handlers meanwhile and puts these back after
     finally:

@@ -21,8 +21,20 @@ def argv(config: DeployConfig) -> list[str]:
     d = config.disaggregation
     assert d is not None
     prefill, decode = config.group("prefill"), config.group("decode")
-    return ["vllm-router", "--vllm-pd-disaggregation", "--prefill", api_url(prefill), "--decode", api_url(decode),
-            "--host", d.router.host, "--port", str(d.router.port), "--policy", d.router.policy]
+    return [
+        "vllm-router",
+        "--vllm-pd-disaggregation",
+        "--prefill",
+        api_url(prefill),
+        "--decode",
+        api_url(decode),
+        "--host",
+        d.router.host,
+        "--port",
+        str(d.router.port),
+        "--policy",
+        d.router.policy,
+    ]
 
 
 def health_urls(config: DeployConfig) -> dict[str, str]:

@@ -44,7 +44,9 @@ def _sbatch_options(s: Slurm, nodes: list[Node], *, first: bool) -> list[str]:
 def _summary(config: DeployConfig, source: str) -> str:
     if config.disaggregation is not None:
         d = config.disaggregation
-        return f"prefill on {len(d.prefill.nodes)} node(s), decode on {len(d.decode.nodes)} node(s), vllm-router in front"
+        return (
+            f"prefill on {len(d.prefill.nodes)} node(s), decode on {len(d.decode.nodes)} node(s), vllm-router in front"
+        )
     total = sum(config.local_dp(r) for r in range(len(config.nodes)))
     ep = ", EP" if config.enable_expert_parallel else ""
     return f"{len(config.nodes)} node(s), DP {total} x TP {config.tensor_parallel_size}{ep}, data parallel backend {config.data_parallel_backend}"
@@ -57,22 +59,31 @@ def script(config: DeployConfig, deploy_text: str, source: str) -> str:
     if d is None:
         header = _sbatch_options(s, config.nodes, first=True)
     else:
-        header = _sbatch_options(s, d.prefill.nodes, first=True) + ["#SBATCH hetjob"] + _sbatch_options(s, d.decode.nodes, first=False)
+        header = (
+            _sbatch_options(s, d.prefill.nodes, first=True)
+            + ["#SBATCH hetjob"]
+            + _sbatch_options(s, d.decode.nodes, first=False)
+        )
     text = deploy_text if deploy_text.endswith("\n") else deploy_text + "\n"
     if any(line.strip() == HEREDOC for line in text.splitlines()):
         raise ConfigError(f"{source}: a line reads {HEREDOC}, which ends the embedded copy (expected any other text)")
-    lines = ["#!/bin/bash", *header,
-             f"# {config.model}: {_summary(config, source)}.",
-             f"# Rendered from {source} by `python -m launch plan --format slurm`; submit with `sbatch` (no -N: the",
-             "# node count is the deploy file's). Every node runs the same steps; its rank is SLURM_NODEID, the",
-             "# primary is the allocation's first node; a step that fails on any node ends the job.",
-             "set -euo pipefail",
-             f"run=({shlex.join(shlex.split(s.python))})",
-             f"export EP_DEPLOY_NAME={shlex.quote(source)}",
-             f"export EP_DEPLOY_TEXT=\"$(cat <<'{HEREDOC}'", text + f"{HEREDOC}", ')"',
-             "",
-             "# The allocation must hold the deploy file's nodes: checked once, before any step starts.",
-             '"${run[@]}" -m launch slurm-step allocation']
+    lines = [
+        "#!/bin/bash",
+        *header,
+        f"# {config.model}: {_summary(config, source)}.",
+        f"# Rendered from {source} by `python -m launch plan --format slurm`; submit with `sbatch` (no -N: the",
+        "# node count is the deploy file's). Every node runs the same steps; its rank is SLURM_NODEID, the",
+        "# primary is the allocation's first node; a step that fails on any node ends the job.",
+        "set -euo pipefail",
+        f"run=({shlex.join(shlex.split(s.python))})",
+        f"export EP_DEPLOY_NAME={shlex.quote(source)}",
+        f"export EP_DEPLOY_TEXT=\"$(cat <<'{HEREDOC}'",
+        text + f"{HEREDOC}",
+        ')"',
+        "",
+        "# The allocation must hold the deploy file's nodes: checked once, before any step starts.",
+        '"${run[@]}" -m launch slurm-step allocation',
+    ]
     steps = s.steps
     for i, step in enumerate(steps, 1):
         lines += ["", f'echo "[job] step {i}/{len(steps)}: {step}"']
@@ -93,19 +104,26 @@ def _homogeneous(step: str, nodes: int) -> list[str]:
 
 
 def _heterogeneous(step: str) -> list[str]:
-    per_group = [f"{_srun(f'--het-group={i}', '--ntasks-per-node=1', *(['--kill-on-bad-exit=1'] if step == 'serve' else []))} "
-                 f"{step} --group {g}" for i, g in enumerate(GROUPS)]
+    per_group = [
+        f"{_srun(f'--het-group={i}', '--ntasks-per-node=1', *(['--kill-on-bad-exit=1'] if step == 'serve' else []))} "
+        f"{step} --group {g}"
+        for i, g in enumerate(GROUPS)
+    ]
     if step != "serve":
         return per_group
     # Both groups and the router run together; the first to end stops the others. The router sits beside the
     # prefill primary (the address `allocation` printed) and waits as long as the groups may take to load.
     beside = '--nodelist="$prefill_primary"'
-    router = f"{_srun('--het-group=0', '--nodes=1', '--ntasks=1', '--overlap', beside)} proxy -- --wait-for-groups 14400"
-    return ['prefill_primary=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | head -n 1)',
-            *[f"{line} &" for line in (*per_group, router)],
-            "set +e; wait -n; code=$?",
-            'echo "[job] a serving step ended with exit code $code; stopping the others"',
-            # SIGTERM to the steps' tasks (the launchers stop vLLM in order); a SIGTERM to srun itself would
-            # make it SIGKILL its tasks.
-            'scancel --signal=TERM "$SLURM_JOB_ID"; wait',
-            "exit $code"]
+    router = (
+        f"{_srun('--het-group=0', '--nodes=1', '--ntasks=1', '--overlap', beside)} proxy -- --wait-for-groups 14400"
+    )
+    return [
+        'prefill_primary=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | head -n 1)',
+        *[f"{line} &" for line in (*per_group, router)],
+        "set +e; wait -n; code=$?",
+        'echo "[job] a serving step ended with exit code $code; stopping the others"',
+        # SIGTERM to the steps' tasks (the launchers stop vLLM in order); a SIGTERM to srun itself would
+        # make it SIGKILL its tasks.
+        'scancel --signal=TERM "$SLURM_JOB_ID"; wait',
+        "exit $code",
+    ]

@@ -34,13 +34,18 @@ _PATTERNS = {
     "moe_choice": re.compile(r"Using (\S+) (?:\w+ )?MoE backend out of potential backends"),
     "attention": re.compile(r"Using (\S+) attention backend"),
     "flash_attn": re.compile(r"Using FlashAttention version (\d+)"),
-    "ep_rank": re.compile(r"\[EP Rank (\d+)/(\d+)\] Expert parallelism is enabled.*?Local/global number of experts: (\d+)/(\d+)"
-                          r"(?:.*?Experts local to global index map: ([\d\->, ]+))?"),
+    "ep_rank": re.compile(
+        r"\[EP Rank (\d+)/(\d+)\] Expert parallelism is enabled.*?Local/global number of experts: (\d+)/(\d+)"
+        r"(?:.*?Experts local to global index map: ([\d\->, ]+))?"
+    ),
     "dp_rank": re.compile(r"is assigned as DP rank (\d+)"),
     "nccl": re.compile(r"NCCL version (\d+\.\d+\.\d+)"),
     "deep_gemm": re.compile(r"(Using DeepGemm|DeepGEMM)", re.IGNORECASE),
-    "fallback": re.compile(r"(has been removed\. Falling back to '?(\w+)'?|falling back to \S+ all2all)", re.IGNORECASE),
+    "fallback": re.compile(
+        r"(has been removed\. Falling back to '?(\w+)'?|falling back to \S+ all2all)", re.IGNORECASE
+    ),
 }
+
 
 def _squeeze(label: str) -> str:
     return re.sub(r"[^a-z0-9]", "", label.lower())
@@ -108,13 +113,28 @@ class Findings:
         rows = [
             ("logs", ", ".join(self.files)),
             ("vLLM", self.version or "not found"),
-            ("all2all manager", f"{self.all2all_manager} ({self.all2all_backend or 'unknown backend'})" if self.all2all_manager else "not found"),
+            (
+                "all2all manager",
+                f"{self.all2all_manager} ({self.all2all_backend or 'unknown backend'})"
+                if self.all2all_manager
+                else "not found",
+            ),
             ("MoE backend", ", ".join(sorted(self.moe_backends)) or "not found"),
-            ("attention", ", ".join(sorted(self.attention_backends)) + (f" (FlashAttention {self.flash_attention})" if self.flash_attention else "") or "not found"),
+            (
+                "attention",
+                ", ".join(sorted(self.attention_backends))
+                + (f" (FlashAttention {self.flash_attention})" if self.flash_attention else "")
+                or "not found",
+            ),
             ("DP ranks", ", ".join(map(str, sorted(self.dp_ranks))) or "not found"),
         ]
-        rows += [("expert parallel", r.describe()) for _, r in sorted(self.ep_ranks.items())] or [("expert parallel", "not found")]
-        rows += [("NCCL", self.nccl or "not logged (NCCL_DEBUG=INFO logs it)"), ("DeepGEMM", "used" if self.deep_gemm else "not seen")]
+        rows += [("expert parallel", r.describe()) for _, r in sorted(self.ep_ranks.items())] or [
+            ("expert parallel", "not found")
+        ]
+        rows += [
+            ("NCCL", self.nccl or "not logged (NCCL_DEBUG=INFO logs it)"),
+            ("DeepGEMM", "used" if self.deep_gemm else "not seen"),
+        ]
         rows += [("fallback", f) for f in self.fallbacks]
         width = max(len(k) for k, _ in rows)
         return [f"{k:<{width}} : {v}" for k, v in rows]
@@ -131,7 +151,9 @@ def read(paths: list[Path]) -> Findings:
 
 def _scan(line: str, found: Findings) -> None:
     p = _PATTERNS
-    if ("version" in line or "engine (v" in line) and any(m := p[k].search(line) for k in ("engine_version", "version", "banner_version")):
+    if ("version" in line or "engine (v" in line) and any(
+        m := p[k].search(line) for k in ("engine_version", "version", "banner_version")
+    ):
         found.version = found.version or m.group(1)
     if m := p["all2all"].search(line):
         found.all2all_manager = m.group(1)
@@ -163,9 +185,13 @@ def problems(found: Findings, *, backend: str | None, ep_size: int | None = None
     asked = backend or (target.default_backend if target else "allgather_reducescatter")
     if found.all2all_manager is None:
         if ep_size and ep_size > 1:
-            out.append("no all2all manager in the logs (expected one with expert parallelism; is this the primary's log?)")
+            out.append(
+                "no all2all manager in the logs (expected one with expert parallelism; is this the primary's log?)"
+            )
     elif not _as_asked(found.all2all_manager, asked, target):
-        out.append(f"all2all backend: asked for {asked}, vLLM used {found.all2all_manager} ({found.all2all_backend or 'unknown'})")
+        out.append(
+            f"all2all backend: asked for {asked}, vLLM used {found.all2all_manager} ({found.all2all_backend or 'unknown'})"
+        )
     if ep_size:
         missing = sorted(set(range(ep_size)) - set(found.ep_ranks))
         if missing:

@@ -60,7 +60,20 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
     out = ["#" + _cell(COLUMNS)[1:], ("#" + _cell(UNITS)[1:]).rstrip()]
     for r in rows:
         redop = "sum" if r.collective == "all_reduce" else "none"
-        out.append(_cell((str(r.size), str(r.count), r.dtype, redop, f"{r.time_us:.1f}", f"{r.algbw:.3f}", f"{r.busbw:.3f}", str(r.wrong))))
+        out.append(
+            _cell(
+                (
+                    str(r.size),
+                    str(r.count),
+                    r.dtype,
+                    redop,
+                    f"{r.time_us:.1f}",
+                    f"{r.algbw:.3f}",
+                    f"{r.busbw:.3f}",
+                    str(r.wrong),
+                )
+            )
+        )
     return out
 
 
@@ -71,13 +84,26 @@ def parse_table(lines: Sequence[str]) -> list[dict]:
         if line.startswith("#") or not line.strip():
             continue
         size, count, dtype, redop, time_us, algbw, busbw, wrong = line.split()
-        rows.append({"size": int(size), "count": int(count), "type": dtype, "redop": redop, "time_us": float(time_us),
-                     "algbw": float(algbw), "busbw": float(busbw), "wrong": int(wrong)})
+        rows.append(
+            {
+                "size": int(size),
+                "count": int(count),
+                "type": dtype,
+                "redop": redop,
+                "time_us": float(time_us),
+                "algbw": float(algbw),
+                "busbw": float(busbw),
+                "wrong": int(wrong),
+            }
+        )
     return rows
 
 
 def identity_lines(result: Result) -> list[str]:
-    return [f"#  Rank {i.rank:2d} Pid {i.pid:7d} on {i.host:>12} device {i.device:>7} [{i.pci}] {i.name}" for i in result.ranks]
+    return [
+        f"#  Rank {i.rank:2d} Pid {i.pid:7d} on {i.host:>12} device {i.device:>7} [{i.pci}] {i.name}"
+        for i in result.ranks
+    ]
 
 
 def verdicts(result: Result, minimums: Mapping[str, tuple[float | None, str]]) -> list[Verdict]:
@@ -86,25 +112,41 @@ def verdicts(result: Result, minimums: Mapping[str, tuple[float | None, str]]) -
         return [Verdict(result.collective or "run", result.problem, False)]
     out = []
     for collective in dict.fromkeys(r.collective for r in result.rows):
-        out.append(Verdict(f"{collective} wrong elements", str(result.wrong(collective)), result.wrong(collective) == 0))
+        out.append(
+            Verdict(f"{collective} wrong elements", str(result.wrong(collective)), result.wrong(collective) == 0)
+        )
         row = result.largest(collective)
         minimum, why = minimums.get(collective, (None, "no minimum"))
         shown = f"{row.busbw:.3f} GB/s" + (f" (>= {minimum:g}, {why})" if minimum is not None else f" ({why})")
-        out.append(Verdict(f"{collective} busbw at {size_label(row.size)}", shown, None if minimum is None else row.busbw >= minimum))
+        out.append(
+            Verdict(
+                f"{collective} busbw at {size_label(row.size)}",
+                shown,
+                None if minimum is None else row.busbw >= minimum,
+            )
+        )
     return out
 
 
 def header_lines(config: Mapping[str, object]) -> list[str]:
     width = max(len(k) for k in config)
-    return ["# preflight bench: collectives through torch.distributed, in nccl-tests' layout", "#",
-            *(f"# {k:<{width}} : {v}" for k, v in config.items())]
+    return [
+        "# preflight bench: collectives through torch.distributed, in nccl-tests' layout",
+        "#",
+        *(f"# {k:<{width}} : {v}" for k, v in config.items()),
+    ]
 
 
 def body_lines(result: Result, checks: Sequence[Verdict]) -> list[str]:
     out = ["#", "# Using devices", *identity_lines(result)]
     for collective in dict.fromkeys(r.collective for r in result.rows):
         rows = result.of(collective)
-        out += ["#", f"# Collective: {collective}" + (" (redop sum)" if collective == "all_reduce" else ""), "#", *table_lines(rows)]
+        out += [
+            "#",
+            f"# Collective: {collective}" + (" (redop sum)" if collective == "all_reduce" else ""),
+            "#",
+            *table_lines(rows),
+        ]
         wrong = result.wrong(collective)
         out.append(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
         out.append(f"# Avg bus bandwidth    : {sum(r.busbw for r in rows) / len(rows):.3f}")
@@ -114,9 +156,18 @@ def body_lines(result: Result, checks: Sequence[Verdict]) -> list[str]:
 
 
 def to_json(config: Mapping[str, object], result: Result, checks: Sequence[Verdict]) -> str:
-    return json.dumps({"version": JSON_VERSION, "kind": "preflight-bench", "config": dict(config), "result": result.to_dict(),
-                       "checks": [{"name": v.name, "value": v.value, "verdict": "unchecked" if v.ok is None else v.ok} for v in checks]},
-                      indent=2)
+    return json.dumps(
+        {
+            "version": JSON_VERSION,
+            "kind": "preflight-bench",
+            "config": dict(config),
+            "result": result.to_dict(),
+            "checks": [
+                {"name": v.name, "value": v.value, "verdict": "unchecked" if v.ok is None else v.ok} for v in checks
+            ],
+        },
+        indent=2,
+    )
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -125,18 +176,36 @@ def to_json(config: Mapping[str, object], result: Result, checks: Sequence[Verdi
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m preflight bench", description=__doc__.split("\n\n")[1].strip())
     # what runs
-    parser.add_argument("--backend", choices=collectives.BACKENDS, default=None, help="default: nccl when CUDA GPUs are visible, else gloo")
+    parser.add_argument(
+        "--backend",
+        choices=collectives.BACKENDS,
+        default=None,
+        help="default: nccl when CUDA GPUs are visible, else gloo",
+    )
     parser.add_argument("--nprocs", type=int, default=None, help="processes (default: every visible GPU; gloo: 2)")
-    parser.add_argument("--collectives", nargs="+", choices=collectives.COLLECTIVES, default=list(collectives.COLLECTIVES))
+    parser.add_argument(
+        "--collectives", nargs="+", choices=collectives.COLLECTIVES, default=list(collectives.COLLECTIVES)
+    )
     # how
-    parser.add_argument("--sizes", nargs="+", type=_size, default=None,
-                        help="buffer sizes per rank, e.g. 64K 1M 1G (default: 1M..1G x4 on nccl, 64K..16M x4 on gloo)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=_size,
+        default=None,
+        help="buffer sizes per rank, e.g. 64K 1M 1G (default: 1M..1G x4 on nccl, 64K..16M x4 on gloo)",
+    )
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per size (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per size before timing (default 5)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default: collective_timeout_s, 60)")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds for the whole run (default: collective_timeout_s, 60)"
+    )
     # where the limits and the environment come from
-    parser.add_argument("--deploy", default=None, help="deploy file: thresholds (preflight:) and this node's environment")
-    parser.add_argument("--node-rank", type=int, default=None, help="this node's rank in --deploy (default: from its addresses)")
+    parser.add_argument(
+        "--deploy", default=None, help="deploy file: thresholds (preflight:) and this node's environment"
+    )
+    parser.add_argument(
+        "--node-rank", type=int, default=None, help="this node's rank in --deploy (default: from its addresses)"
+    )
     parser.add_argument("--json", default=None, help="also write the figures and verdicts here, as JSON")
     return parser
 
@@ -167,7 +236,10 @@ def config_from_args(args: argparse.Namespace, visible: int) -> BenchConfig:
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         env, timeout = node.env(), node.thresholds.get("collective_timeout_s")
-        for collective, name in (("all_reduce", "intra_allreduce_busbw_min_gbps"), ("all_to_all", "intra_alltoall_busbw_min_gbps")):
+        for collective, name in (
+            ("all_reduce", "intra_allreduce_busbw_min_gbps"),
+            ("all_to_all", "intra_alltoall_busbw_min_gbps"),
+        ):
             if name in node.thresholds.overridden:
                 overrides[collective] = node.thresholds.get(name)
     backend = args.backend or ("nccl" if visible else "gloo")
@@ -181,8 +253,15 @@ def config_from_args(args: argparse.Namespace, visible: int) -> BenchConfig:
     if args.iters < 1 or args.warmup < 0:
         raise ValueError(f"--iters {args.iters} / --warmup {args.warmup}: expected iters >= 1 and warmup >= 0")
     sizes = tuple(args.sizes) if args.sizes else (collectives.GPU_SIZES if backend == "nccl" else collectives.CPU_SIZES)
-    spec = collectives.Spec(backend, nprocs, sizes, tuple(args.collectives), warmup=args.warmup, iters=args.iters,  # type: ignore[arg-type]
-                            timeout_s=args.timeout or timeout)
+    spec = collectives.Spec(
+        backend,
+        nprocs,
+        sizes,
+        tuple(args.collectives),
+        warmup=args.warmup,
+        iters=args.iters,  # type: ignore[arg-type]
+        timeout_s=args.timeout or timeout,
+    )
     return BenchConfig(spec, env, overrides)
 
 
@@ -209,14 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     spec = bench.spec
     env = bench.env
     # NCCL_VERSION is a container image's label, not the NCCL that loads (that one is in the header).
-    shown_env = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(ECHOED_ENV) and k != "NCCL_VERSION") or "-"
+    shown_env = (
+        " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(ECHOED_ENV) and k != "NCCL_VERSION") or "-"
+    )
     config: dict[str, object] = {
-        "host": socket.gethostname(), **_versions(), "backend": spec.backend, "processes": spec.nprocs,
+        "host": socket.gethostname(),
+        **_versions(),
+        "backend": spec.backend,
+        "processes": spec.nprocs,
         "collectives": " ".join(spec.collectives),
         "sizes": f"{size_label(min(spec.sizes))} .. {size_label(max(spec.sizes))} ({len(spec.sizes)} sizes)",
-        "iterations": f"warmup {spec.warmup}, timed {spec.iters} per size", "timeout": f"{spec.timeout_s:g} s",
-        "interface": collectives.interface_in_use(spec.backend, env if spec.backend == "nccl" or env.get("GLOO_SOCKET_IFNAME") else {"GLOO_SOCKET_IFNAME": "lo"}),
-        "environment": shown_env, "deploy": args.deploy or "-",
+        "iterations": f"warmup {spec.warmup}, timed {spec.iters} per size",
+        "timeout": f"{spec.timeout_s:g} s",
+        "interface": collectives.interface_in_use(
+            spec.backend,
+            env if spec.backend == "nccl" or env.get("GLOO_SOCKET_IFNAME") else {"GLOO_SOCKET_IFNAME": "lo"},
+        ),
+        "environment": shown_env,
+        "deploy": args.deploy or "-",
     }
     for line in header_lines(config):
         print(line, flush=True)

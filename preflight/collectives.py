@@ -104,7 +104,9 @@ def parse_size(text: str) -> int:
     scale = {"K": KiB, "M": MiB, "G": GiB}.get(raw[-1:], 1)
     digits = raw[:-1] if scale != 1 else raw
     if not digits.isdigit() or int(digits) <= 0:
-        raise ValueError(f"size {text!r}: expected a positive number of bytes, optionally with K, M or G (e.g. 64K, 1M)")
+        raise ValueError(
+            f"size {text!r}: expected a positive number of bytes, optionally with K, M or G (e.g. 64K, 1M)"
+        )
     return int(digits) * scale
 
 
@@ -271,12 +273,18 @@ def workers_for(selection: Selection, expected_gpus: int | None, visible: int, *
     EP_PREFLIGHT_NPROCS, default 2 on one node and 1 per node across nodes."""
     if selection.backend == "gloo":
         n = selection.nprocs or (1 if crossnode else 2)
-        return Workers("gloo", n, skip="" if crossnode or n > 1 else "EP_PREFLIGHT_NPROCS=1: one process, nothing to exchange")
+        return Workers(
+            "gloo", n, skip="" if crossnode or n > 1 else "EP_PREFLIGHT_NPROCS=1: one process, nothing to exchange"
+        )
     if visible == 0:
         return Workers("nccl", 0, problem="no CUDA GPUs")
     n = selection.nprocs or expected_gpus or visible
     if n > visible:
-        return Workers("nccl", n, problem=f"{n} GPUs wanted ({'EP_PREFLIGHT_NPROCS' if selection.nprocs else 'the plan'}), {visible} visible")
+        return Workers(
+            "nccl",
+            n,
+            problem=f"{n} GPUs wanted ({'EP_PREFLIGHT_NPROCS' if selection.nprocs else 'the plan'}), {visible} visible",
+        )
     if n == 1 and not crossnode:
         return Workers("nccl", 1, skip="one GPU on this node: no intra-node collective")
     return Workers("nccl", n)
@@ -330,12 +338,18 @@ def run(spec: Spec, env: Mapping[str, str]) -> Result:
         store = None
         host, port = spec.store_host, spec.store_port
         if host is None:
-            store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=spec.timeout_s))
+            store = dist.TCPStore(
+                "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=spec.timeout_s)
+            )
             host, port = "127.0.0.1", store.port
-        job = {**asdict(spec), "store_host": host, "store_port": port, "workdir": work,
-               # the workers' own timeout comes after ours, so that it is the parent that says what hung
-               "pg_timeout_s": spec.timeout_s + 30}
+        job = {
+            **asdict(spec),
+            "store_host": host,
+            "store_port": port,
+            "workdir": work,
+            # the workers' own timeout comes after ours, so that it is the parent that says what hung
+            "pg_timeout_s": spec.timeout_s + 30,
+        }
         workers: list[_Worker] = []
         try:
             workers = _start(job, spec, env, Path(work), workers)
@@ -359,8 +373,14 @@ def _start(job: dict, spec: Spec, env: dict[str, str], work: Path, workers: list
         log, err = work / f"rank-{rank}.jsonl", work / f"rank-{rank}.err"
         # One process group for all workers (the first one leads it), so one killpg stops them all.
         with open(err, "wb") as errf:
-            proc = subprocess.Popen([sys.executable, "-m", "preflight.collectives", "--worker", str(spec_file), str(local)],
-                                    env=env, stdin=subprocess.DEVNULL, stdout=errf, stderr=subprocess.STDOUT, process_group=pgid)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "preflight.collectives", "--worker", str(spec_file), str(local)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=errf,
+                stderr=subprocess.STDOUT,
+                process_group=pgid,
+            )
         pgid = pgid or proc.pid
         workers.append(_Worker(local, rank, proc, log, err))
     return workers
@@ -414,8 +434,14 @@ def _where(event: dict | None) -> str:
     at = event.get("at")
     if at in ("enter", "leave"):
         return f"{'in' if at == 'enter' else 'after'} {event['collective']} of {size_label(event['size'])}"
-    return {"store": "connecting to the store", "init": "in init_process_group", "up": "process group up",
-            "exchange": "exchanging results", "result": "finished", "error": "failed"}.get(at, str(at))
+    return {
+        "store": "connecting to the store",
+        "init": "in init_process_group",
+        "up": "process group up",
+        "exchange": "exchanging results",
+        "result": "finished",
+        "error": "failed",
+    }.get(at, str(at))
 
 
 def _explain(result: Result, workers: list[_Worker], timed_out: bool, codes: dict[int, int | None], spec: Spec) -> None:
@@ -443,7 +469,12 @@ def _explain(result: Result, workers: list[_Worker], timed_out: bool, codes: dic
 
     def state(rank: int) -> str:
         here = last[rank]
-        if stuck and here is not None and (here.get("at"), here.get("collective"), here.get("size")) != ("enter", stuck["collective"], stuck["size"]):
+        if (
+            stuck
+            and here is not None
+            and (here.get("at"), here.get("collective"), here.get("size"))
+            != ("enter", stuck["collective"], stuck["size"])
+        ):
             return f"rank {rank}: never reached it (last: {_where(here)})"
         return f"rank {rank}: {_where(here)}"
 
@@ -451,17 +482,25 @@ def _explain(result: Result, workers: list[_Worker], timed_out: bool, codes: dic
     states = "; ".join(state(r) for r in result.unfinished)
     # Who failed first: a silent death (signal, os._exit) before a rank that reported an error, since
     # peers of a dead rank report errors of their own ("connection closed") that are consequences.
-    failed = [w for w in workers if w.rank not in done and (codes[w.rank] not in (None, 0) or _error_time(events[w.rank]) < float("inf"))]
+    failed = [
+        w
+        for w in workers
+        if w.rank not in done and (codes[w.rank] not in (None, 0) or _error_time(events[w.rank]) < float("inf"))
+    ]
     failed.sort(key=lambda w: (_error_time(events[w.rank]) < float("inf"), _error_time(events[w.rank])))
     if failed:
         first = failed[0]
         code = codes[first.rank]
         how = "failed" if code is None else f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
-        result.problem = (f"{what}: rank {first.rank} {how} ({_where(last[first.rank])}): {_error_text(events[first.rank], first)}; "
-                          f"did not finish: rank(s) {ranks} ({states}); interface {result.interface}")
+        result.problem = (
+            f"{what}: rank {first.rank} {how} ({_where(last[first.rank])}): {_error_text(events[first.rank], first)}; "
+            f"did not finish: rank(s) {ranks} ({states}); interface {result.interface}"
+        )
         return
-    result.problem = (f"{what} did not finish within {spec.timeout_s:g} s: rank(s) {ranks} did not finish ({states}); "
-                      f"interface {result.interface}")
+    result.problem = (
+        f"{what} did not finish within {spec.timeout_s:g} s: rank(s) {ranks} did not finish ({states}); "
+        f"interface {result.interface}"
+    )
 
 
 def _error_time(events: list[dict]) -> float:
@@ -535,7 +574,9 @@ def _identity(rank: int, device) -> dict:
         if hasattr(props, "pci_bus_id"):
             pci = f"{getattr(props, 'pci_domain_id', 0):08x}:{props.pci_bus_id:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
         return asdict(Identity(rank, socket.gethostname(), os.getpid(), f"cuda:{device.index}", pci, props.name))
-    return asdict(Identity(rank, socket.gethostname(), os.getpid(), "cpu", "cpu", platform.processor() or platform.machine()))
+    return asdict(
+        Identity(rank, socket.gethostname(), os.getpid(), "cpu", "cpu", platform.processor() or platform.machine())
+    )
 
 
 def _fault(job: dict, rank: int, collective: str) -> None:
@@ -618,8 +659,14 @@ def worker(spec_file: str, local_rank: int) -> int:
         else:
             device = torch.device("cpu")
         progress("init")
-        dist.init_process_group(job["backend"], store=dist.PrefixStore(job["store_prefix"], store), rank=rank,
-                                world_size=world, timeout=timeout, **options)
+        dist.init_process_group(
+            job["backend"],
+            store=dist.PrefixStore(job["store_prefix"], store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            **options,
+        )
         progress("up")
         everyone: list = [None] * world
         dist.all_gather_object(everyone, _identity(rank, device))
@@ -638,8 +685,20 @@ def worker(spec_file: str, local_rank: int) -> int:
             time_us = float(totals[2 * i]) / world
             size = count * ELEMENT
             algbw = size / time_us / 1e3 if time_us > 0 else 0.0
-            rows.append(asdict(Row(collective, size, count, "float", round(time_us, 2), round(algbw, 3),
-                                   round(algbw * bus_factor(collective, world), 3), int(totals[2 * i + 1]))))
+            rows.append(
+                asdict(
+                    Row(
+                        collective,
+                        size,
+                        count,
+                        "float",
+                        round(time_us, 2),
+                        round(algbw, 3),
+                        round(algbw * bus_factor(collective, world), 3),
+                        int(totals[2 * i + 1]),
+                    )
+                )
+            )
         progress("result", rows=rows, ranks=everyone)
         dist.destroy_process_group()
         return 0

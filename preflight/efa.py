@@ -39,6 +39,7 @@ _DEFAULT_DIRS = ("/lib64", "/usr/lib64", "/lib", "/usr/lib")
 
 # ---------------------------------------------------------------------------------------------- fi_info
 
+
 @dataclass(frozen=True)
 class FiInfo:
     """What `fi_info -p PROVIDER` said."""
@@ -80,8 +81,16 @@ def _run(argv: list[str], env: dict[str, str] | None, timeout: float) -> tuple[i
     """(exit code, stdout, reason); exit code None when it could not run or hung."""
     try:
         # Own session, so that a hung command and anything it started can be killed as one group.
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                text=True, errors="replace", env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,
+        )
     except FileNotFoundError:
         return None, "", f"{argv[0]} not found"
     except PermissionError:
@@ -97,8 +106,12 @@ def _run(argv: list[str], env: dict[str, str] | None, timeout: float) -> tuple[i
     return proc.returncode, out, lines[-1] if lines else f"exit code {proc.returncode}"
 
 
-def fi_info(provider: str = "efa", binary: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = FI_INFO_TIMEOUT_S) -> FiInfo:
+def fi_info(
+    provider: str = "efa",
+    binary: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = FI_INFO_TIMEOUT_S,
+) -> FiInfo:
     """Runs `fi_info -p PROVIDER`. Without ``binary``, the one :func:`find_fi_info` picks."""
     binary = binary or find_fi_info(env)
     if not binary:
@@ -113,8 +126,9 @@ def fi_info(provider: str = "efa", binary: str | None = None, env: dict[str, str
     return FiInfo(provider, False, binary, f"provider {provider} not found ({reason})", lines)
 
 
-def available_providers(binary: str | None = None, env: dict[str, str] | None = None,
-                        timeout: float = FI_INFO_TIMEOUT_S) -> list[str] | None:
+def available_providers(
+    binary: str | None = None, env: dict[str, str] | None = None, timeout: float = FI_INFO_TIMEOUT_S
+) -> list[str] | None:
     """The core providers plain `fi_info` lists (tcp, udp, shm, efa...); None when it cannot run."""
     binary = binary or find_fi_info(env)
     if not binary:
@@ -124,6 +138,7 @@ def available_providers(binary: str | None = None, env: dict[str, str] | None = 
 
 
 # ------------------------------------------------------------------------------------- the NCCL plugin
+
 
 def plugin_names(setting: str | None) -> list[str]:
     """What NCCL will dlopen, in order, for NCCL_NET_PLUGIN=``setting`` ([] for none)."""
@@ -191,8 +206,12 @@ def _locate(name: str, dirs: list[str], cache: dict[str, str], cwd: str) -> str 
     return None
 
 
-def find_net_plugin(env: dict[str, str], cache: dict[str, str] | None = None,
-                    usual_dirs: tuple[str, ...] = USUAL_PLUGIN_DIRS, cwd: str | None = None) -> PluginSearch:
+def find_net_plugin(
+    env: dict[str, str],
+    cache: dict[str, str] | None = None,
+    usual_dirs: tuple[str, ...] = USUAL_PLUGIN_DIRS,
+    cwd: str | None = None,
+) -> PluginSearch:
     """Resolves NCCL_NET_PLUGIN / libnccl-net.so against ``env``'s LD_LIBRARY_PATH and ``cache``."""
     setting = env.get("NCCL_NET_PLUGIN")
     names = plugin_names(setting)

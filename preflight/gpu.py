@@ -35,14 +35,30 @@ MiB = 1024**2
 
 # P2P status codes of nvmlDeviceGetP2PStatus (nvmlGpuP2PStatus_t).
 P2P_OK = 0
-P2P_STATUS = {0: "ok", 1: "chipset not supported", 2: "GPU not supported", 3: "IOH topology not supported",
-              4: "disabled by regkey", 5: "not supported", 6: "unknown"}
+P2P_STATUS = {
+    0: "ok",
+    1: "chipset not supported",
+    2: "GPU not supported",
+    3: "IOH topology not supported",
+    4: "disabled by regkey",
+    5: "not supported",
+    6: "unknown",
+}
 
 # Clock event (formerly "throttle") reason bits of nvmlDeviceGetCurrentClocksEventReasons.
-CLOCK_REASONS = {0x1: "gpu idle", 0x2: "applications clocks setting", 0x4: "SW power cap", 0x8: "HW slowdown",
-                 0x10: "sync boost", 0x20: "SW thermal slowdown", 0x40: "HW thermal slowdown",
-                 0x80: "HW power brake slowdown", 0x100: "display clock setting", 0x200: "board limit",
-                 0x400: "reliability"}
+CLOCK_REASONS = {
+    0x1: "gpu idle",
+    0x2: "applications clocks setting",
+    0x4: "SW power cap",
+    0x8: "HW slowdown",
+    0x10: "sync boost",
+    0x20: "SW thermal slowdown",
+    0x40: "HW thermal slowdown",
+    0x80: "HW power brake slowdown",
+    0x100: "display clock setting",
+    0x200: "board limit",
+    0x400: "reliability",
+}
 # The ones that mean the GPU is held back by heat, power delivery or a hardware fault. A power cap under
 # load, idle and clocks set by the operator are normal operation.
 CLOCK_BAD = 0x8 | 0x20 | 0x40 | 0x80
@@ -286,7 +302,10 @@ def _read_gpu(nvml: Nvml, index: int) -> tuple[GpuFacts, Any]:
     gpu.ecc_uncorrected_volatile = _field(gpu, "ECC errors", lambda: nvml.ecc_uncorrected(h, aggregate=False))
     gpu.ecc_uncorrected_aggregate = _field(gpu, "ECC errors", lambda: nvml.ecc_uncorrected(h, aggregate=True))
     gpu.retired_pages_pending = _field(gpu, "retired pages", lambda: nvml.retired_pages_pending(h))
-    gpu.row_remap_pending, gpu.row_remap_failure = _field(gpu, "remapped rows", lambda: nvml.remapped_rows(h)) or (None, None)
+    gpu.row_remap_pending, gpu.row_remap_failure = _field(gpu, "remapped rows", lambda: nvml.remapped_rows(h)) or (
+        None,
+        None,
+    )
     gpu.mig_enabled, gpu.mig_pending = _field(gpu, "MIG mode", lambda: nvml.mig_mode(h)) or (None, None)
     procs = _field(gpu, "processes", lambda: nvml.compute_processes(h))
     gpu.processes = None if procs is None else [Process(pid, used) for pid, used in procs]
@@ -418,8 +437,12 @@ def visible_gpus(gpus: list[GpuFacts], cuda_visible_devices: str | None) -> int:
         return len(gpus)
     seen: set[int] = set()
     for entry in (e.strip() for e in cuda_visible_devices.split(",")):
-        match = [g.index for g in gpus if (entry.isdigit() and int(entry) == g.index)
-                 or (entry.startswith("GPU-") and g.uuid and g.uuid.startswith(entry))]
+        match = [
+            g.index
+            for g in gpus
+            if (entry.isdigit() and int(entry) == g.index)
+            or (entry.startswith("GPU-") and g.uuid and g.uuid.startswith(entry))
+        ]
         if len(match) != 1 or match[0] in seen:
             break
         seen.add(match[0])
@@ -430,12 +453,19 @@ def count_problems(visible: int, expected: int | None) -> list[str]:
     need = expected or 1
     if visible >= need:
         return []
-    return [f"{visible} GPU{'s' if visible != 1 else ''} visible, " + (f"this node's plan uses {expected}" if expected else "need at least 1")]
+    return [
+        f"{visible} GPU{'s' if visible != 1 else ''} visible, "
+        + (f"this node's plan uses {expected}" if expected else "need at least 1")
+    ]
 
 
 def unreadable_problems(gpus: list[GpuFacts], *fields: str) -> list[str]:
-    return [f"{g.label}: cannot read {what}: {err}" for g in gpus for what, err in g.unreadable.items()
-            if not fields or what in fields]
+    return [
+        f"{g.label}: cannot read {what}: {err}"
+        for g in gpus
+        for what, err in g.unreadable.items()
+        if not fields or what in fields
+    ]
 
 
 def model_problems(gpus: list[GpuFacts]) -> list[str]:
@@ -468,8 +498,10 @@ def arch_problems(gpus: list[GpuFacts], archs: tuple[str, ...] | list[str]) -> l
     for cc in sorted({g.compute_capability for g in gpus if g.compute_capability}):
         if not any(arch_runs_on(a, cc) for a in archs):
             which = ", ".join(g.label for g in gpus if g.compute_capability == cc)
-            out.append(f"{which}: compute capability {cc[0]}.{cc[1]} (sm_{cc[0]}{cc[1]}) is not among the "
-                       f"architectures torch was built for ({' '.join(archs) or 'none'})")
+            out.append(
+                f"{which}: compute capability {cc[0]}.{cc[1]} (sm_{cc[0]}{cc[1]}) is not among the "
+                f"architectures torch was built for ({' '.join(archs) or 'none'})"
+            )
     return out + unreadable_problems(gpus, "compute capability")
 
 
@@ -547,7 +579,9 @@ def nvlink_problems(node: NodeGpus) -> list[str]:
     for g in node.gpus:
         down = [link for link, up in g.nvlinks.items() if not up]
         if down:
-            out.append(f"{g.label}: NVLink {', '.join(map(str, down))} down ({len(g.nvlinks) - len(down)}/{len(g.nvlinks)} up)")
+            out.append(
+                f"{g.label}: NVLink {', '.join(map(str, down))} down ({len(g.nvlinks) - len(down)}/{len(g.nvlinks)} up)"
+            )
         elif not g.nvlinks and has_nvlink(node):
             out.append(f"{g.label}: no NVLink while the other GPUs have it")
     for (i, j), p in node.p2p.items():

@@ -113,11 +113,15 @@ def satisfied(module: str, results: dict[str, Imported]) -> Imported:
     return results[module]
 
 
-def probe(modules: list[str], env: dict[str, str], timeout: float, python: str = sys.executable) -> dict[str, Imported] | str:
+def probe(
+    modules: list[str], env: dict[str, str], timeout: float, python: str = sys.executable
+) -> dict[str, Imported] | str:
     """The import results, or why the probe itself could not run (timeout, crash)."""
     wanted = {m: DISTRIBUTIONS.get(m, m) for m in modules}
     try:
-        proc = subprocess.run([python, "-c", _PROBE, json.dumps(wanted)], capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            [python, "-c", _PROBE, json.dumps(wanted)], capture_output=True, text=True, env=env, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return f"importing {', '.join(modules)} took more than {timeout:g} s"
     try:
@@ -214,9 +218,12 @@ def libraries(env: dict[str, str], timeout: float, python: str = sys.executable)
         return f"the library probe exited with {proc.returncode}: {tail[:300]}"
     nccl, nvshmem = data["nccl"], data["nvshmem"]
     return {
-        "nccl": Library(nccl_version(nccl["code"]) if "code" in nccl else None, nccl.get("file"), nccl.get("error", "")),
-        "nvshmem": Library(tuple(nvshmem["version"]) if "version" in nvshmem else None, nvshmem.get("file"),
-                           nvshmem.get("error", "")),
+        "nccl": Library(
+            nccl_version(nccl["code"]) if "code" in nccl else None, nccl.get("file"), nccl.get("error", "")
+        ),
+        "nvshmem": Library(
+            tuple(nvshmem["version"]) if "version" in nvshmem else None, nvshmem.get("file"), nvshmem.get("error", "")
+        ),
     }
 
 
@@ -228,10 +235,22 @@ the same against the runtime library (vllm/utils/import_utils.py DEEPEP_V2_MIN_N
 def nccl_for_backend(backend: str, nccl: Library) -> Verdict:
     floor = NCCL_FLOOR[backend]
     want = ".".join(map(str, floor))
-    fix = (f'pip install "nvidia-nccl-cu13>={want}" --no-deps (or -cu12) in the environment vLLM runs in, and rebuild DeepEP '
-           "against it; or point VLLM_NCCL_SO_PATH / LD_LIBRARY_PATH at such a libnccl.so.2")
+    fix = (
+        f'pip install "nvidia-nccl-cu13>={want}" --no-deps (or -cu12) in the environment vLLM runs in, and rebuild DeepEP '
+        "against it; or point VLLM_NCCL_SO_PATH / LD_LIBRARY_PATH at such a libnccl.so.2"
+    )
     if nccl.version is None:
-        return Verdict(False, f"NCCL {nccl.describe()}", f">= {want} ({backend})", fix=fix,
-                       why="the NCCL that torch loads could not be read")
-    return Verdict(nccl.version >= floor, f"NCCL {nccl.describe()}", f">= {want} ({backend})", fix=fix,
-                   why=f"{backend} runs on NCCL GIN, which needs this NCCL")
+        return Verdict(
+            False,
+            f"NCCL {nccl.describe()}",
+            f">= {want} ({backend})",
+            fix=fix,
+            why="the NCCL that torch loads could not be read",
+        )
+    return Verdict(
+        nccl.version >= floor,
+        f"NCCL {nccl.describe()}",
+        f">= {want} ({backend})",
+        fix=fix,
+        why=f"{backend} runs on NCCL GIN, which needs this NCCL",
+    )

@@ -18,8 +18,23 @@ from pathlib import Path
 from preflight.verdict import Verdict
 
 EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E8M0": 1, "F4": 1, "U32": 4}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E8M0": 1,
+    "F4": 1,
+    "U32": 4,
+}
 
 
 def hub_cache() -> Path:
@@ -40,7 +55,11 @@ def model_dir(model: str, cache: Path | None = None) -> Path | None:
     ref = repo / "refs" / "main"
     if ref.is_file() and (snapshots / ref.read_text().strip() / "config.json").is_file():
         return snapshots / ref.read_text().strip()
-    found = sorted((p for p in snapshots.glob("*") if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+    found = (
+        sorted((p for p in snapshots.glob("*") if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+        if snapshots.is_dir()
+        else []
+    )
     return found[-1] if found else None
 
 
@@ -147,8 +166,12 @@ def expert_split(experts: int, ep: int, eplb_on: bool = False, redundant: int = 
     fused_moe/layer.py in both), and redundant experts without EPLB ("Redundant experts are only supported with
     EPLB")."""
     if redundant and not eplb_on:
-        return Verdict(False, f"{redundant} redundant experts without --enable-eplb", "redundant experts only with EPLB",
-                       fix="add --enable-eplb, or drop the redundant experts")
+        return Verdict(
+            False,
+            f"{redundant} redundant experts without --enable-eplb",
+            "redundant experts only with EPLB",
+            fix="add --enable-eplb, or drop the redundant experts",
+        )
     physical = experts + (redundant if eplb_on else 0)
     counted = f"{experts} + {redundant} redundant" if eplb_on and redundant else str(experts)
     base, extra = divmod(physical, ep)
@@ -156,12 +179,20 @@ def expert_split(experts: int, ep: int, eplb_on: bool = False, redundant: int = 
         return Verdict(True, f"{counted} experts over {ep} EP ranks: {base} each")
     if eplb_on:
         fits = [n for n in range(redundant + 1, redundant + ep + 1) if (experts + n) % ep == 0][:1]
-        return Verdict(False, f"{counted} experts over {ep} EP ranks", f"(experts + redundant) a multiple of {ep} with EPLB",
-                       fix=f"set the redundant experts to {fits[0]}" + " (--num-redundant-experts or --eplb-config)",
-                       why="vLLM's EPLB places the same number of physical experts on every rank")
+        return Verdict(
+            False,
+            f"{counted} experts over {ep} EP ranks",
+            f"(experts + redundant) a multiple of {ep} with EPLB",
+            fix=f"set the redundant experts to {fits[0]}" + " (--num-redundant-experts or --eplb-config)",
+            why="vLLM's EPLB places the same number of physical experts on every rank",
+        )
+
     def ranks(first: int, last: int) -> str:
         return f"rank {first} holds" if first == last else f"ranks {first}-{last} hold"
 
     spread = f"{ranks(0, extra - 1)} {base + 1}, {ranks(extra, ep - 1)} {base}"
-    return Verdict(True, f"{counted} experts over {ep} EP ranks: {spread} (note: uneven; vLLM gives the remainder "
-                         f"to the first ranks, whose MoE layers carry more experts)")
+    return Verdict(
+        True,
+        f"{counted} experts over {ep} EP ranks: {spread} (note: uneven; vLLM gives the remainder "
+        f"to the first ranks, whose MoE layers carry more experts)",
+    )

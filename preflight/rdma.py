@@ -128,11 +128,16 @@ def read_devices(root: str | Path = IB_CLASS) -> list[Device]:
             if not entry.isdigit():
                 continue
             d = ports_dir / entry
-            ports.append(Port(
-                device=name, number=int(entry), state=_after_colon(_read(d / "state")),
-                phys_state=_after_colon(_read(d / "phys_state")), rate=_read(d / "rate"),
-                link_layer=_read(d / "link_layer"),
-            ))
+            ports.append(
+                Port(
+                    device=name,
+                    number=int(entry),
+                    state=_after_colon(_read(d / "state")),
+                    phys_state=_after_colon(_read(d / "phys_state")),
+                    rate=_read(d / "rate"),
+                    link_layer=_read(d / "link_layer"),
+                )
+            )
         devices.append(Device(name, driver, tuple(ports)))
     return devices
 
@@ -249,7 +254,7 @@ def gid_types(port: Port, root: str | Path = IB_CLASS) -> dict[int, str]:
 
 IBGDA_FIX = (
     "either run vLLM's tools/ep_kernels/configure_system_drivers.sh as root (it appends `options nvidia "
-    "NVreg_EnableStreamMemOPs=1 NVreg_RegistryDwords=\"PeerMappingOverride=1;\"` to /etc/modprobe.d/nvidia.conf "
+    'NVreg_EnableStreamMemOPs=1 NVreg_RegistryDwords="PeerMappingOverride=1;"` to /etc/modprobe.d/nvidia.conf '
     "and runs update-initramfs -u) and reboot; or install GDRCopy and load gdrdrv (gdrcopy's insmod.sh, or the "
     "gdrdrv-dkms package); or use NVSHMEM >= 3.4.5"
 )
@@ -259,8 +264,12 @@ setting. Systems not supporting the other methods will automatically fall back t
 (docs.nvidia.com/nvshmem/release-notes-install-guide/release-notes/release-3405.html)"""
 
 
-def ibgda_ready(params: NvidiaParams | None, modules: set[str] | None, nvshmem: tuple[int, int, int] | None,
-                nvshmem_problem: str = "") -> Verdict:
+def ibgda_ready(
+    params: NvidiaParams | None,
+    modules: set[str] | None,
+    nvshmem: tuple[int, int, int] | None,
+    nvshmem_problem: str = "",
+) -> Verdict:
     """Whether NVSHMEM can drive the NIC from the GPU (IBGDA) here. DeepEP's docs/nvshmem.md ("Enable NVSHMEM
     IBGDA support": "Either of the following methods can be used") accepts the NVIDIA driver's regkeys
     (GPU-initiated) or GDRCopy's gdrdrv (CPU-assisted); from NVSHMEM 3.4.5 neither is required."""
@@ -271,16 +280,25 @@ def ibgda_ready(params: NvidiaParams | None, modules: set[str] | None, nvshmem: 
     else:
         driver = f"EnableStreamMemOPs={params.stream_mem_ops or '?'}, PeerMappingOverride={params.peer_mapping_override or 'unset'}"
     gdr = "gdrdrv loaded" if gdrdrv else "gdrdrv unknown" if modules is None else "gdrdrv not loaded"
-    version = ".".join(map(str, nvshmem)) if nvshmem else f"unknown ({nvshmem_problem})" if nvshmem_problem else "unknown"
+    version = (
+        ".".join(map(str, nvshmem)) if nvshmem else f"unknown ({nvshmem_problem})" if nvshmem_problem else "unknown"
+    )
     value = f"{driver}; {gdr}; NVSHMEM {version}"
     if regkeys:
         return Verdict(True, f"{value}: GPU-initiated IBGDA (driver regkeys)")
     if gdrdrv:
         return Verdict(True, f"{value}: CPU-assisted IBGDA through GDRCopy (a small cost, DeepEP docs/nvshmem.md 2.2)")
     if nvshmem and nvshmem >= NVSHMEM_CPU_ASSISTED_IBGDA:
-        return Verdict(True, f"{value}: note: neither regkeys nor GDRCopy; NVSHMEM falls back to its own CPU-assisted IBGDA")
-    return Verdict(False, value, "driver regkeys (EnableStreamMemOPs=1, PeerMappingOverride=1), or gdrdrv loaded, or NVSHMEM >= 3.4.5",
-                   fix=IBGDA_FIX, why="without one of them NVSHMEM cannot drive the NIC from the GPU (IBGDA)")
+        return Verdict(
+            True, f"{value}: note: neither regkeys nor GDRCopy; NVSHMEM falls back to its own CPU-assisted IBGDA"
+        )
+    return Verdict(
+        False,
+        value,
+        "driver regkeys (EnableStreamMemOPs=1, PeerMappingOverride=1), or gdrdrv loaded, or NVSHMEM >= 3.4.5",
+        fix=IBGDA_FIX,
+        why="without one of them NVSHMEM cannot drive the NIC from the GPU (IBGDA)",
+    )
 
 
 GID_FIX = "set network.gid_index (NCCL and NVSHMEM both) to a RoCE v2 index, or leave it out for both to pick one"
@@ -309,15 +327,24 @@ def roce_gid(tables: dict[str, dict[int, str]], nccl: str | None, nvshmem: str |
     given = {name: index for name, index in settings.items() if index is not None}
     if nvshmem_used and given and len(set(settings.values())) > 1:
         value = ", ".join(f"{name}={'auto' if index is None else index}" for name, index in settings.items())
-        return Verdict(False, value, "one GID index for NCCL and NVSHMEM", fix=GID_FIX,
-                       why="the two libraries would address the peers through different GIDs")
+        return Verdict(
+            False,
+            value,
+            "one GID index for NCCL and NVSHMEM",
+            fix=GID_FIX,
+            why="the two libraries would address the peers through different GIDs",
+        )
     v2 = {port: [i for i, kind in table.items() if kind == "RoCE v2"] for port, table in tables.items()}
     if not given:
         missing = [port for port, indices in v2.items() if not indices]
         if missing:
-            return Verdict(False, f"no RoCE v2 GID on {', '.join(missing)}", "a RoCE v2 GID on every port (auto selection)",
-                           fix="configure an IPv4 address on the port's network device (ip addr add ... dev <netdev>)",
-                           why="NCCL and NVSHMEM pick a RoCE v2 GID themselves and find none")
+            return Verdict(
+                False,
+                f"no RoCE v2 GID on {', '.join(missing)}",
+                "a RoCE v2 GID on every port (auto selection)",
+                fix="configure an IPv4 address on the port's network device (ip addr add ... dev <netdev>)",
+                why="NCCL and NVSHMEM pick a RoCE v2 GID themselves and find none",
+            )
         common = sorted(set.intersection(*(set(i) for i in v2.values()))) if v2 else []
         where = f"index {', '.join(map(str, common))}" if common else "different indices"
         return Verdict(True, f"auto: RoCE v2 at {where} on {len(tables)} ports")

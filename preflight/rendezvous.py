@@ -130,8 +130,16 @@ def model_digest(path: str) -> str | None:
 
 def facts(model: str | None = None) -> dict[str, Any]:
     """This process's view of the node; run it with the environment vLLM will get (see :class:`FactsJob`)."""
-    out: dict[str, Any] = {"host": socket.gethostname(), "python": platform.python_version(), "torch": None,
-                           "cuda": None, "nccl": None, "gpu": None, "gpus": 0, "driver": driver_version()}
+    out: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": None,
+        "cuda": None,
+        "nccl": None,
+        "gpu": None,
+        "gpus": 0,
+        "driver": driver_version(),
+    }
     try:
         import torch
 
@@ -167,9 +175,13 @@ class FactsJob:
 
     def __init__(self, env: Mapping[str, str], model: str | None):
         env = dict(env)
-        env["PYTHONPATH"] = os.pathsep.join([str(collectives.ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(collectives.ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+        )
         argv = [sys.executable, "-m", "preflight.rendezvous", "facts", *(["--model", model] if model else [])]
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        )
 
     def result(self, timeout_s: float = 60.0) -> dict[str, Any]:
         try:
@@ -177,7 +189,9 @@ class FactsJob:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate()
-            raise RendezvousError(f"collecting this node's facts (python -m preflight.rendezvous facts) took more than {timeout_s:g} s") from None
+            raise RendezvousError(
+                f"collecting this node's facts (python -m preflight.rendezvous facts) took more than {timeout_s:g} s"
+            ) from None
         if self.proc.returncode != 0:
             tail = (err.strip().splitlines() or ["no output"])[-1]
             raise RendezvousError(f"collecting this node's facts failed (exit {self.proc.returncode}): {tail}")
@@ -212,8 +226,10 @@ def describe_difference(diffs: Mapping[str, Mapping[str, list[int]]]) -> str:
     """``nccl: 2.28.9 on node 0, 2.27.3 on node 1``; None shows as ``absent``."""
     parts = []
     for key, values in diffs.items():
-        shown = ", ".join(f"{'absent' if v == 'None' else v} on node{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
-                          for v, r in values.items())
+        shown = ", ".join(
+            f"{'absent' if v == 'None' else v} on node{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+            for v, r in values.items()
+        )
         parts.append(f"{key}: {shown}")
     return "; ".join(parts)
 
@@ -259,7 +275,9 @@ class Session:
 PROGRESS_S = 10.0
 
 
-def _progress(say: Callable[[str], None], what: str | Callable[[], str], start: float, bound: float) -> Callable[[], None]:
+def _progress(
+    say: Callable[[str], None], what: str | Callable[[], str], start: float, bound: float
+) -> Callable[[], None]:
     """A function that, called in a wait loop, says what is awaited every PROGRESS_S seconds."""
     next_line = [start + PROGRESS_S]
 
@@ -275,7 +293,9 @@ def _progress(say: Callable[[str], None], what: str | Callable[[], str], start: 
 def _reachable(address: str, port: int, deadline: float, say: Callable[[str], None] = lambda _line: None) -> str | None:
     """None once a TCP connection to address:port succeeds; else the last error, at the deadline."""
     last = "no attempt"
-    tick = _progress(say, f"the primary's rendezvous at {address}:{port}", time.monotonic(), deadline - time.monotonic())
+    tick = _progress(
+        say, f"the primary's rendezvous at {address}:{port}", time.monotonic(), deadline - time.monotonic()
+    )
     while True:
         tick()
         left = deadline - time.monotonic()
@@ -289,8 +309,15 @@ def _reachable(address: str, port: int, deadline: float, say: Callable[[str], No
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
 
 
-def open_store(rank: int, nodes: int, address: str, port: int, ifname: str | None, timeout_s: float,
-               say: Callable[[str], None] = lambda _line: None) -> Session:
+def open_store(
+    rank: int,
+    nodes: int,
+    address: str,
+    port: int,
+    ifname: str | None,
+    timeout_s: float,
+    say: Callable[[str], None] = lambda _line: None,
+) -> Session:
     """The primary hosts the store; a secondary connects to it. Bounded by ``timeout_s``; ``say`` gets progress lines."""
     from torch.distributed import PrefixStore, TCPStore
 
@@ -298,18 +325,24 @@ def open_store(rank: int, nodes: int, address: str, port: int, ifname: str | Non
     session = Session(rank, nodes, address, port, ifname, timeout_s, say=say)
     if rank == 0:
         try:
-            store = TCPStore(address, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+            store = TCPStore(
+                address, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+            )
         except Exception as exc:
             busy = "in use" if "in use" in str(exc).lower() else " ".join(str(exc).split())[:200]
-            session.problem = (f"cannot host the rendezvous on {address}:{port}: {busy} "
-                               f"(set {PORT_VAR} to a free port, the same on every node)")
+            session.problem = (
+                f"cannot host the rendezvous on {address}:{port}: {busy} "
+                f"(set {PORT_VAR} to a free port, the same on every node)"
+            )
             return session
     else:
         why = _reachable(address, port, start + timeout_s, say)
         if why is not None:
-            session.problem = (f"cannot reach the primary's rendezvous at {address}:{port} within {timeout_s:g} s "
-                               f"({why}; this node's socket interface: {ifname or 'none'}): is preflight running on the "
-                               f"primary with the same deploy file, and is port {port} open between the nodes?")
+            session.problem = (
+                f"cannot reach the primary's rendezvous at {address}:{port} within {timeout_s:g} s "
+                f"({why}; this node's socket interface: {ifname or 'none'}): is preflight running on the "
+                f"primary with the same deploy file, and is port {port} open between the nodes?"
+            )
             return session
         left = max(start + timeout_s - time.monotonic(), 1.0)
         try:
@@ -332,6 +365,7 @@ def exchange(session: Session, key: str, value: dict, timeout_s: float) -> tuple
         return {}, [], f"lost the rendezvous at {session.where} ({' '.join(str(exc).split())[:160]})"
     deadline = time.monotonic() + timeout_s
     got: dict[int, dict] = {}
+
     def waiting() -> str:
         return f"node(s) {sorted(set(range(session.nodes)) - set(got))} at {session.where} ({key!r})"
 
@@ -344,7 +378,11 @@ def exchange(session: Session, key: str, value: dict, timeout_s: float) -> tuple
                     got[rank] = json.loads(store.get(f"{key}/{rank}"))
         except Exception as exc:
             gone = "the primary stopped" if session.rank else "the store failed"
-            return got, [], f"lost the rendezvous at {session.where} while waiting for {key!r} ({gone}: {' '.join(str(exc).split())[:120]})"
+            return (
+                got,
+                [],
+                f"lost the rendezvous at {session.where} while waiting for {key!r} ({gone}: {' '.join(str(exc).split())[:120]})",
+            )
         if len(got) == session.nodes:
             return got, [], ""
         if time.monotonic() >= deadline:
@@ -372,8 +410,10 @@ def join(session: Session, own: dict, addresses: Sequence[str]) -> Session:
         session.problem = problem
     elif missing:
         names = ", ".join(f"{r} ({addresses[r]})" if r < len(addresses) else str(r) for r in missing)
-        session.problem = (f"rank(s) {names} did not join the rendezvous at {session.where} within {session.timeout_s:g} s: "
-                           f"start preflight on {'them' if len(missing) > 1 else 'it'} with the same deploy file and its --node-rank")
+        session.problem = (
+            f"rank(s) {names} did not join the rendezvous at {session.where} within {session.timeout_s:g} s: "
+            f"start preflight on {'them' if len(missing) > 1 else 'it'} with the same deploy file and its --node-rank"
+        )
     return session
 
 
@@ -426,33 +466,60 @@ class Ready:
     host: str
 
 
-def cross_collective(session: Session, ready: Ready, env: Mapping[str, str], sizes: Sequence[int],
-                     collective_timeout_s: float, addresses: Sequence[str]) -> collectives.Result:
+def cross_collective(
+    session: Session,
+    ready: Ready,
+    env: Mapping[str, str],
+    sizes: Sequence[int],
+    collective_timeout_s: float,
+    addresses: Sequence[str],
+) -> collectives.Result:
     """Runs the world-wide collectives once every node is ready; fails every node at once when one is not."""
     var = collectives.interface_in_use(ready.backend, env)
     failed = collectives.Result(ready.backend, 0, ready.nprocs, var)
     got, missing, lost = exchange(session, "ready", asdict(ready), session.timeout_s)
     if lost or missing:
-        failed.problem = lost or f"node(s) {', '.join(map(str, missing))} did not reach the cross-node collective within {session.timeout_s:g} s"
+        failed.problem = (
+            lost
+            or f"node(s) {', '.join(map(str, missing))} did not reach the cross-node collective within {session.timeout_s:g} s"
+        )
         return failed
-    bad = [f"node {r} ({addresses[r] if r < len(addresses) else got[r]['host']}): {got[r]['problem']}" for r in sorted(got) if got[r]["problem"]]
+    bad = [
+        f"node {r} ({addresses[r] if r < len(addresses) else got[r]['host']}): {got[r]['problem']}"
+        for r in sorted(got)
+        if got[r]["problem"]
+    ]
     if bad:
         failed.problem = "; ".join(bad)
         return failed
     backends = {got[r]["backend"] for r in got}
     if len(backends) > 1:
-        failed.problem = "nodes disagree on the backend: " + ", ".join(f"node {r} {got[r]['backend']}" for r in sorted(got))
+        failed.problem = "nodes disagree on the backend: " + ", ".join(
+            f"node {r} {got[r]['backend']}" for r in sorted(got)
+        )
         return failed
     offset = sum(got[r]["nprocs"] for r in range(session.rank))
     world = sum(got[r]["nprocs"] for r in got)
-    spec = collectives.Spec(ready.backend, ready.nprocs, tuple(sizes), timeout_s=collective_timeout_s,  # type: ignore[arg-type]
-                            store_host=session.address, store_port=session.port, store_prefix="preflight/crossnode/",
-                            rank_offset=offset, world_size=world)
+    spec = collectives.Spec(
+        ready.backend,
+        ready.nprocs,
+        tuple(sizes),
+        timeout_s=collective_timeout_s,  # type: ignore[arg-type]
+        store_host=session.address,
+        store_port=session.port,
+        store_prefix="preflight/crossnode/",
+        rank_offset=offset,
+        world_size=world,
+    )
     result = collectives.run(spec, env)
     # What the other nodes saw, to say where a failure started (bounded: they end within the same limits).
-    others, _, _ = exchange(session, "outcome", {"problem": result.problem}, min(session.timeout_s, collectives.GRACE_S * 2))
+    others, _, _ = exchange(
+        session, "outcome", {"problem": result.problem}, min(session.timeout_s, collectives.GRACE_S * 2)
+    )
     if result.problem:
-        elsewhere = [f"node {r}: {others[r]['problem']}" for r in sorted(others) if r != session.rank and others[r]["problem"]]
+        elsewhere = [
+            f"node {r}: {others[r]['problem']}" for r in sorted(others) if r != session.rank and others[r]["problem"]
+        ]
         if elsewhere:
             result.problem += " | " + " | ".join(elsewhere)
     return result

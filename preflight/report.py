@@ -63,7 +63,13 @@ def summary(records: list[Record], seconds: float, title: str) -> list[str]:
 
 def to_json(records: list[Record], seconds: float, node: dict) -> str:
     return json.dumps(
-        {"version": REPORT_VERSION, "node": node, "verdict": verdict(records), "seconds": round(seconds, 3),
-         "counts": counts(records), "checks": [asdict(r) for r in records]},
+        {
+            "version": REPORT_VERSION,
+            "node": node,
+            "verdict": verdict(records),
+            "seconds": round(seconds, 3),
+            "counts": counts(records),
+            "checks": [asdict(r) for r in records],
+        },
         indent=2,
     )

@@ -14,7 +14,10 @@ from launch.config import ConfigError
 
 KNOWN: dict[str, tuple[float | None, str]] = {
     "shm_min_gib": (1.0, "/dev/shm size (vLLM's API servers and NCCL's shared memory transport use it)"),
-    "gpu_memory_used_max_mib": (2048.0, "memory in use on a GPU before vLLM starts (another process holds it otherwise)"),
+    "gpu_memory_used_max_mib": (
+        2048.0,
+        "memory in use on a GPU before vLLM starts (another process holds it otherwise)",
+    ),
     "ib_rate_min_gbps": (100.0, "rate of every active InfiniBand / RoCE port"),
     "intra_allreduce_busbw_min_gbps": (None, "all-reduce bus bandwidth between this node's GPUs at the largest size"),
     "intra_alltoall_busbw_min_gbps": (None, "all-to-all bus bandwidth between this node's GPUs at the largest size"),
@@ -22,7 +25,10 @@ KNOWN: dict[str, tuple[float | None, str]] = {
     "inter_alltoall_busbw_min_gbps": (None, "all-to-all bus bandwidth across nodes at the largest size"),
     "collective_timeout_s": (60.0, "longest a collective check may take before it counts as hung"),
     "rendezvous_timeout_s": (120.0, "longest the primary waits for every node to join"),
-    "ep_timeout_s": (300.0, "longest the EP kernel check may take (NVSHMEM start, DeepEP v2's kernel compilation included)"),
+    "ep_timeout_s": (
+        300.0,
+        "longest the EP kernel check may take (NVSHMEM start, DeepEP v2's kernel compilation included)",
+    ),
     "ep_bandwidth_min_gbps": (None, "EP dispatch + combine bandwidth per rank, as DeepEP's tests compute it"),
     "ep_memory_reserve_gib": (2.0, "GPU memory the EP budget keeps for CUDA graphs and activations it does not count"),
 }
@@ -40,7 +46,9 @@ class Thresholds:
     def override(self, given: dict[str, float], source: str) -> Thresholds:
         for name, value in given.items():
             if name not in KNOWN:
-                raise ConfigError(f"{source}: preflight.{name}: unknown threshold (expected one of: {', '.join(KNOWN)})")
+                raise ConfigError(
+                    f"{source}: preflight.{name}: unknown threshold (expected one of: {', '.join(KNOWN)})"
+                )
             if value < 0:
                 raise ConfigError(f"{source}: preflight.{name}: {value} is negative (expected a number >= 0)")
         return Thresholds({**self.values, **given}, frozenset(given))

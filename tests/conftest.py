@@ -26,11 +26,18 @@ class Result:
     err: str
 
 
-def run_module(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None) -> Result:
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+) -> Result:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("VLLM_ALL2ALL_BACKEND", None) if "VLLM_ALL2ALL_BACKEND" not in (env or {}) else None
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or ROOT
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

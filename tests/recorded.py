@@ -51,7 +51,8 @@ ExcludedGpus: ""
 
 
 IBGDA_PARAMS = H200_PARAMS.replace("EnableStreamMemOPs: 0", "EnableStreamMemOPs: 1").replace(
-    'RegistryDwords: ""', 'RegistryDwords: "PeerMappingOverride=1;"')
+    'RegistryDwords: ""', 'RegistryDwords: "PeerMappingOverride=1;"'
+)
 
 
 MODULES_PEERMEM = """\
@@ -68,8 +69,14 @@ mlx5_core 2449408 1 mlx5_ib, Live 0xffffffffc1522000 (OE)
 """
 
 
-MODULES_PLAIN = "\n".join(line.replace("nvidia_peermem,", "").replace("gdrdrv,", "") for line in MODULES_PEERMEM.splitlines()
-                          if not line.startswith(("nvidia_peermem ", "gdrdrv "))) + "\n"
+MODULES_PLAIN = (
+    "\n".join(
+        line.replace("nvidia_peermem,", "").replace("gdrdrv,", "")
+        for line in MODULES_PEERMEM.splitlines()
+        if not line.startswith(("nvidia_peermem ", "gdrdrv "))
+    )
+    + "\n"
+)
 
 
 def proc_tree(root: Path, modules: str | None = MODULES_PEERMEM, params: str | None = IBGDA_PARAMS) -> Path:

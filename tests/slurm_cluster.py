@@ -59,8 +59,14 @@ class Cluster:
 
     def submit(self, script: Path, *options: str, env: dict[str, str], cwd: Path) -> str:
         """sbatch the script (command-line options override its #SBATCH lines); the job id."""
-        proc = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True,
-                              timeout=30, cwd=cwd, env={**env, **self.env})
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=cwd,
+            env={**env, **self.env},
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch: {proc.stderr.strip()}")
         return proc.stdout.strip().split(";")[0]
@@ -143,8 +149,15 @@ def running(tag: str, subnet: str = "10.79.0") -> Iterator[Cluster]:
         key = folder / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        _sh("munged", "--force", f"--socket={folder}/munge/socket", f"--key-file={key}", f"--pid-file={folder}/munge/pid",
-            f"--log-file={folder}/munge/log", f"--seed-file={folder}/munge/seed")
+        _sh(
+            "munged",
+            "--force",
+            f"--socket={folder}/munge/socket",
+            f"--key-file={key}",
+            f"--pid-file={folder}/munge/pid",
+            f"--log-file={folder}/munge/log",
+            f"--seed-file={folder}/munge/seed",
+        )
         _sh("ip", "link", "add", bridge, "type", "bridge")
         _sh("ip", "addr", "add", f"{ctl_address}/24", "dev", bridge)
         _sh("ip", "link", "set", bridge, "up")
@@ -157,17 +170,39 @@ def running(tag: str, subnet: str = "10.79.0") -> Iterator[Cluster]:
             _sh("ip", "-n", node.ns, "addr", "add", f"{node.address}/24", "dev", node.ifname)
             _sh("ip", "-n", node.ns, "link", "set", node.ifname, "up")
             (folder / "spool" / node.name).mkdir()
-        conf.write_text(CONF.format(
-            ctl="epctl", ctl_address=ctl_address, ctl_port=_free_port(), slurmd_port=6818, folder=folder,
-            nodes="\n".join(f"NodeName={n.name} NodeAddr={n.address} CPUs=2 RealMemory=1000 State=UNKNOWN" for n in nodes),
-            names=",".join(n.name for n in nodes)))
+        conf.write_text(
+            CONF.format(
+                ctl="epctl",
+                ctl_address=ctl_address,
+                ctl_port=_free_port(),
+                slurmd_port=6818,
+                folder=folder,
+                nodes="\n".join(
+                    f"NodeName={n.name} NodeAddr={n.address} CPUs=2 RealMemory=1000 State=UNKNOWN" for n in nodes
+                ),
+                names=",".join(n.name for n in nodes),
+            )
+        )
         # slurmd initialises a cgroup plugin even with linuxproc tracking; confine nothing
-        (folder / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
-                                            if Path("/sys/fs/cgroup/cpu").is_dir() else "CgroupPlugin=autodetect\n")
+        (folder / "cgroup.conf").write_text(
+            "CgroupPlugin=cgroup/v1\nConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
+            if Path("/sys/fs/cgroup/cpu").is_dir()
+            else "CgroupPlugin=autodetect\n"
+        )
         # each daemon under its own host name (UTS namespace): slurmctld checks it against SlurmctldHost
         _sh("unshare", "--uts", "sh", "-c", f"hostname epctl && exec slurmctld -f {conf} -i")
         for node in nodes:
-            _sh("ip", "netns", "exec", node.ns, "unshare", "--uts", "sh", "-c", f"hostname {node.name} && exec slurmd -f {conf} -N {node.name}")
+            _sh(
+                "ip",
+                "netns",
+                "exec",
+                node.ns,
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                f"hostname {node.name} && exec slurmd -f {conf} -N {node.name}",
+            )
         cluster = Cluster(folder, conf, nodes)
         deadline = time.monotonic() + 60
         while True:
@@ -195,7 +230,9 @@ def _teardown(folder: Path, conf: Path, nodes: list[SlurmNode], bridge: str) -> 
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
     # job steps (slurmstepd and what it started) outlive slurmd; stop anything still in the namespaces
     for node in nodes:
-        found = subprocess.run(["ip", "netns", "pids", node.ns], capture_output=True, text=True, timeout=10).stdout.split()
+        found = subprocess.run(
+            ["ip", "netns", "pids", node.ns], capture_output=True, text=True, timeout=10
+        ).stdout.split()
         for pid in found:
             with suppress(OSError):
                 os.kill(int(pid), signal.SIGKILL)

@@ -43,14 +43,22 @@ def assert_one_line_error(res, *fragments):
 def vllm_metrics(ranks: dict[int, tuple[int, int, float]], model: str = "m", old_kv_name: bool = False) -> str:
     """Prometheus text with vLLM 0.26's metric names, help texts and labels (vllm/v1/metrics/loggers.py)."""
     out = []
-    for name, doc, at in (("vllm:num_requests_running", "Number of requests in model execution batches.", 0),
-                          ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", 1),
-                          ("vllm:gpu_cache_usage_perc" if old_kv_name else "vllm:kv_cache_usage_perc",
-                           "KV-cache usage. 1 means 100 percent usage.", 2)):
+    for name, doc, at in (
+        ("vllm:num_requests_running", "Number of requests in model execution batches.", 0),
+        ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", 1),
+        (
+            "vllm:gpu_cache_usage_perc" if old_kv_name else "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            2,
+        ),
+    ):
         out += [f"# HELP {name} {doc}", f"# TYPE {name} gauge"]
         out += [f'{name}{{engine="{r}",model_name="{model}"}} {float(v[at])}' for r, v in sorted(ranks.items())]
-    out += ["# HELP python_gc_objects_collected_total Objects collected during gc",
-            "# TYPE python_gc_objects_collected_total counter", 'python_gc_objects_collected_total{generation="0"} 96.0']
+    out += [
+        "# HELP python_gc_objects_collected_total Objects collected during gc",
+        "# TYPE python_gc_objects_collected_total counter",
+        'python_gc_objects_collected_total{generation="0"} 96.0',
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -16,13 +16,34 @@ from tests.support import PARSER_PYTHON as PYTHON, VLLM_VERSIONS as VERSIONS, pa
 
 
 def test_guide_defaults_against_the_primary(launch):
-    res = launch("bench", str(EXAMPLES / "guide-2node.yaml"), "--dry-run", "--out", "runs/a", "--", "--num-prompts", "200")
+    res = launch(
+        "bench", str(EXAMPLES / "guide-2node.yaml"), "--dry-run", "--out", "runs/a", "--", "--num-prompts", "200"
+    )
     assert res.code == 0, res.err
     assert shlex.split(res.out) == [
-        "vllm", "bench", "serve", "--base-url", "http://10.1.59.30:8000", "--model", "deepseek-ai/DeepSeek-V3-0324",
-        "--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "128", "--num-prompts", "10000",
-        "--ignore-eos", "--save-result", "--result-dir", "runs/a", "--result-filename", "result.json",
-        "--num-prompts", "200",  # after `--`: last, so it wins
+        "vllm",
+        "bench",
+        "serve",
+        "--base-url",
+        "http://10.1.59.30:8000",
+        "--model",
+        "deepseek-ai/DeepSeek-V3-0324",
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "128",
+        "--random-output-len",
+        "128",
+        "--num-prompts",
+        "10000",
+        "--ignore-eos",
+        "--save-result",
+        "--result-dir",
+        "runs/a",
+        "--result-filename",
+        "result.json",
+        "--num-prompts",
+        "200",  # after `--`: last, so it wins
     ]
 
 
@@ -42,8 +63,9 @@ def test_bench_command_is_accepted_by_vllm_bench_serve(version, tmp_path):
 def test_two_runs_side_by_side(launch, tmp_path):
     for name, tput in (("a", 1000.0), ("b", 1100.0)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "result.json").write_text(json.dumps(
-            {"completed": 200, "failed": 0, "output_throughput": tput, "mean_ttft_ms": 50.0}))
+        (tmp_path / name / "result.json").write_text(
+            json.dumps({"completed": 200, "failed": 0, "output_throughput": tput, "mean_ttft_ms": 50.0})
+        )
     res = launch("bench", "--compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert res.code == 0, res.err
     lines = res.out.splitlines()
@@ -60,13 +82,23 @@ def test_compare_with_a_missing_run_is_one_line(launch, tmp_path):
 def test_a_run_is_recorded_with_its_plan_and_versions(launch, tmp_path, write_yaml):
     """A real run against a stand-in `vllm` that writes a result the way `vllm bench serve` does."""
     fake = tmp_path / "vllm"
-    fake.write_text('#!/bin/sh\nwhile [ "$1" != "--result-dir" ]; do shift; done\n'
-                    'printf \'{"completed": 3, "failed": 0, "output_throughput": 12.5}\' > "$2/result.json"\n')
+    fake.write_text(
+        '#!/bin/sh\nwhile [ "$1" != "--result-dir" ]; do shift; done\n'
+        'printf \'{"completed": 3, "failed": 0, "output_throughput": 12.5}\' > "$2/result.json"\n'
+    )
     fake.chmod(0o755)
     deploy = write_yaml("model: m\nnodes: [{address: 10.0.0.1}, {address: 10.0.0.2}]\n")
     out = tmp_path / "run"
-    res = launch("bench", str(deploy), "--out", str(out), "--vllm-bin", str(fake), "--logs",
-                 str(VLLM_LOGS / "dp2-ep" / "primary.log"))
+    res = launch(
+        "bench",
+        str(deploy),
+        "--out",
+        str(out),
+        "--vllm-bin",
+        str(fake),
+        "--logs",
+        str(VLLM_LOGS / "dp2-ep" / "primary.log"),
+    )
     assert res.code == 0, res.err
     assert "output tokens/s      : 12.50" in res.out
     assert [p["role"] for p in json.loads((out / "plan.json").read_text())] == ["primary", "secondary"]

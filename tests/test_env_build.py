@@ -32,7 +32,16 @@ from tests.env_support import run_env
 
 pytest.importorskip("torch")
 
-GIT_ID = ["-c", "user.name=env tests", "-c", "user.email=env-tests@example.invalid", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main"]
+GIT_ID = [
+    "-c",
+    "user.name=env tests",
+    "-c",
+    "user.email=env-tests@example.invalid",
+    "-c",
+    "protocol.file.allow=always",
+    "-c",
+    "init.defaultBranch=main",
+]
 
 SETUP_PY = """\
 import os
@@ -117,7 +126,11 @@ def make_repo(root: Path) -> Repo:
     (ext / "setup.py").write_text(SETUP_PY)
     git("submodule", "--quiet", "add", "../tinyhdr.git", "third-party/tinyhdr", cwd=ext)
     commits = {}
-    versions = {"A": ("", "x.mul(kScale)"), "B": ("", "x.mul(kScale).add(1)"), "C": ('#include "this_commit_does_not_compile.h"\n', "x")}
+    versions = {
+        "A": ("", "x.mul(kScale)"),
+        "B": ("", "x.mul(kScale).add(1)"),
+        "C": ('#include "this_commit_does_not_compile.h"\n', "x"),
+    }
     for version, (prologue, body) in versions.items():
         (ext / "tinyext" / "__init__.py").write_text(INIT_PY.format(version=version))
         (ext / "csrc" / "ext.cpp").write_text(EXT_CPP.format(prologue=prologue, body=body))
@@ -147,13 +160,11 @@ def write_pins(path: Path, url: str, commit: str, archs: tuple[str, ...] = ("9.0
     return path
 
 
-
-
 def import_through_paths(prefix: Path, pins: Path, profile: str = "test") -> dict:
     """`eval "$(python -m env paths)"` in a shell, then a fresh Python imports the extension and calls it."""
     paths = run_env("paths", "--pins", str(pins), "--profile", profile, "--prefix", str(prefix))
     script = 'import json, torch, tinyext; print(json.dumps({"version": tinyext.VERSION, "twice": tinyext.twice(torch.ones(3)).tolist(), "file": tinyext.__file__}))'
-    shell = f'{paths["out"]}\ncd /\nexec "{sys.executable}" -c \'{script}\''
+    shell = f"{paths['out']}\ncd /\nexec \"{sys.executable}\" -c '{script}'"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, timeout=120)
     result = {"paths": paths["out"], "code": proc.returncode, "err": proc.stderr[-2000:]}
@@ -181,7 +192,9 @@ def story(root: Path) -> dict:
     steps["build_a"] = run_env("build", *base, "--offline")
     steps["manifest_a"] = manifest(prefix)
     steps["import_a"] = import_through_paths(prefix, pins)
-    steps["status_a"] = run_env("status", "--pins", str(pins), "--profile", "test", "--prefix", str(prefix), "--format", "json")
+    steps["status_a"] = run_env(
+        "status", "--pins", str(pins), "--profile", "test", "--prefix", str(prefix), "--format", "json"
+    )
 
     # 2. unchanged inputs: nothing to do; a commit the cache lacks, with the source out of reach.
     steps["build_a_again"] = run_env("build", *base, "--offline")

@@ -26,14 +26,62 @@ from tests.env_support import COMMIT, build, one_line, pins_file, run_env
 # ---- bad input, through the real command line ---------------------------------------------------------------
 
 BAD_BUILDS = [
-    pytest.param({"archs": ["9.0", "10.0"]}, ["--arch", "8.0"], {}, "error: component tinyext: GPU arch 8.0 (--arch) is not supported by these sources (they build for 9.0, 10.0); build for a supported arch with --arch, or pin a commit that supports it", id="unsupported-arch"),
-    pytest.param({"cuda": True}, [], {"CUDA_HOME": "/nonexistent/cuda"}, "error: component tinyext: no GPU arch to build for", id="no-arch"),
-    pytest.param({"cuda": True}, ["--arch", "9.0"], {"CUDA_HOME": "/nonexistent/cuda"}, "error: component tinyext: CUDA_HOME=/nonexistent/cuda has no bin/nvcc and CUDA headers; install cuda-nvcc", id="no-cuda-toolkit"),
-    pytest.param({}, [], {"CXX": "/nonexistent/bin/c++"}, "error: component tinyext: the C++ compiler CXX=/nonexistent/bin/c++ does not run; install one", id="no-compiler"),
-    pytest.param({"build": "cmake"}, [], {"PATH": "<only c++>"}, "error: component tinyext: cmake is not on PATH; install cmake", id="no-cmake"),
-    pytest.param({"needs_nvshmem": True}, [], {"NVSHMEM_DIR": "/nonexistent/nvshmem"}, "error: component tinyext: NVSHMEM_DIR=/nonexistent/nvshmem has no include/ folder", id="bad-nvshmem-dir"),
-    pytest.param({"ref": "c18eabd"}, [], {}, "error: component tinyext: commit 'c18eabd' is not a full 40-hex commit; pin the full commit hash", id="short-commit"),
-    pytest.param({"kind": "svn"}, [], {}, "error: component tinyext: kind 'svn' is unknown; use one of git, tarball, pypi, conda", id="unknown-kind"),
+    pytest.param(
+        {"archs": ["9.0", "10.0"]},
+        ["--arch", "8.0"],
+        {},
+        "error: component tinyext: GPU arch 8.0 (--arch) is not supported by these sources (they build for 9.0, 10.0); build for a supported arch with --arch, or pin a commit that supports it",
+        id="unsupported-arch",
+    ),
+    pytest.param(
+        {"cuda": True},
+        [],
+        {"CUDA_HOME": "/nonexistent/cuda"},
+        "error: component tinyext: no GPU arch to build for",
+        id="no-arch",
+    ),
+    pytest.param(
+        {"cuda": True},
+        ["--arch", "9.0"],
+        {"CUDA_HOME": "/nonexistent/cuda"},
+        "error: component tinyext: CUDA_HOME=/nonexistent/cuda has no bin/nvcc and CUDA headers; install cuda-nvcc",
+        id="no-cuda-toolkit",
+    ),
+    pytest.param(
+        {},
+        [],
+        {"CXX": "/nonexistent/bin/c++"},
+        "error: component tinyext: the C++ compiler CXX=/nonexistent/bin/c++ does not run; install one",
+        id="no-compiler",
+    ),
+    pytest.param(
+        {"build": "cmake"},
+        [],
+        {"PATH": "<only c++>"},
+        "error: component tinyext: cmake is not on PATH; install cmake",
+        id="no-cmake",
+    ),
+    pytest.param(
+        {"needs_nvshmem": True},
+        [],
+        {"NVSHMEM_DIR": "/nonexistent/nvshmem"},
+        "error: component tinyext: NVSHMEM_DIR=/nonexistent/nvshmem has no include/ folder",
+        id="bad-nvshmem-dir",
+    ),
+    pytest.param(
+        {"ref": "c18eabd"},
+        [],
+        {},
+        "error: component tinyext: commit 'c18eabd' is not a full 40-hex commit; pin the full commit hash",
+        id="short-commit",
+    ),
+    pytest.param(
+        {"kind": "svn"},
+        [],
+        {},
+        "error: component tinyext: kind 'svn' is unknown; use one of git, tarball, pypi, conda",
+        id="unknown-kind",
+    ),
 ]
 
 
@@ -65,19 +113,26 @@ def test_torch_missing_from_the_target_python_is_named(tmp_path):
     result = build(tmp_path, pins_file(tmp_path, needs_torch=True), "--python", str(venv / "bin" / "python"))
     line = one_line(result)
     assert result["code"] == 2
-    assert line.startswith(f"error: component tinyext: its setup.py imports torch, which {venv}/bin/python cannot (ModuleNotFoundError")
+    assert line.startswith(
+        f"error: component tinyext: its setup.py imports torch, which {venv}/bin/python cannot (ModuleNotFoundError"
+    )
     assert "install the profile's torch first" in line
 
 
 def test_unknown_profile_and_malformed_options(tmp_path):
-    assert one_line(run_env("status", "--profile", "nope")) == "error: --profile: 'nope' is not a profile; choose one of current, seed, vllm026"
+    assert (
+        one_line(run_env("status", "--profile", "nope"))
+        == "error: --profile: 'nope' is not a profile; choose one of current, seed, vllm026"
+    )
     bad = run_env("fetch", "--profile", "seed", "--cache", str(tmp_path), "--sha256", "nvshmem=xyz")
     assert bad["code"] == 2 and one_line(bad).startswith("error: --sha256: 'nvshmem=xyz' is not NAME=HEX")
 
 
 def test_pins_file_errors_name_the_file_and_field(tmp_path):
     path = tmp_path / "pins.toml"
-    path.write_text('[profiles.test]\nvllm = "1"\n[[profiles.test.components]]\nname = "x"\nkind = "git"\nurl = "u"\nref = "r"\ncolour = "red"\n')
+    path.write_text(
+        '[profiles.test]\nvllm = "1"\n[[profiles.test.components]]\nname = "x"\nkind = "git"\nurl = "u"\nref = "r"\ncolour = "red"\n'
+    )
     with pytest.raises(StackError) as err:
         load_pins(path)
     assert str(err.value).startswith(f"{path}: profiles.test.components[0].colour is not a component field")
@@ -93,7 +148,10 @@ def test_concurrent_build_on_one_prefix_is_refused(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = build(tmp_path, pins_file(tmp_path))
     assert result["code"] == 2
-    assert one_line(result) == f"error: {prefix}: another `python -m env build` is running on this prefix; wait for it to finish"
+    assert (
+        one_line(result)
+        == f"error: {prefix}: another `python -m env build` is running on this prefix; wait for it to finish"
+    )
 
 
 # ---- tarballs: verified by sha256, or refused -----------------------------------------------------------------
@@ -122,7 +180,9 @@ def test_unverified_tarball_is_refused_until_the_user_vouches_for_it(tmp_path, t
         f"compare it with the publisher's checksum, then pass --sha256 nvshmem={digest} (or set sha256 in the pins)"
     )
     path.unlink()  # the second call needs no download: the cache holds the file
-    second = run_env("fetch", "--pins", str(pins), "--profile", "test", "--cache", str(cache), "--sha256", f"nvshmem={digest}")
+    second = run_env(
+        "fetch", "--pins", str(pins), "--profile", "test", "--cache", str(cache), "--sha256", f"nvshmem={digest}"
+    )
     assert second["code"] == 0, second["err"]
     assert "nvshmem_src-1.0.tar.gz (sha256 verified)" in second["out"]
 
@@ -130,7 +190,9 @@ def test_unverified_tarball_is_refused_until_the_user_vouches_for_it(tmp_path, t
 def test_checksum_mismatch_is_refused_and_the_file_dropped(tmp_path, tarball):
     path, digest = tarball
     wrong = "0" * 64
-    comp = Component(name="nvshmem", kind="tarball", url=path.as_uri(), ref="1.0", source="tests", sha256=wrong, build="cmake")
+    comp = Component(
+        name="nvshmem", kind="tarball", url=path.as_uri(), ref="1.0", source="tests", sha256=wrong, build="cmake"
+    )
     cache = SourceCache(tmp_path / "cache")
     with pytest.raises(StackError) as err:
         cache.ensure_tarball(comp, None)
@@ -151,9 +213,14 @@ def test_extract_drops_the_archives_top_folder(tmp_path, tarball):
 
 
 def test_submodule_urls_resolve_like_git():
-    assert _resolve_url("https://github.com/deepseek-ai/DeepEP.git", "../fmtlib/fmt.git") == "https://github.com/deepseek-ai/fmtlib/fmt.git"
+    assert (
+        _resolve_url("https://github.com/deepseek-ai/DeepEP.git", "../fmtlib/fmt.git")
+        == "https://github.com/deepseek-ai/fmtlib/fmt.git"
+    )
     assert _resolve_url("/srv/git/DeepEP.git", "../fmt.git") == "/srv/git/fmt.git"
-    assert _resolve_url("/srv/git/DeepEP.git", "https://github.com/fmtlib/fmt.git") == "https://github.com/fmtlib/fmt.git"
+    assert (
+        _resolve_url("/srv/git/DeepEP.git", "https://github.com/fmtlib/fmt.git") == "https://github.com/fmtlib/fmt.git"
+    )
 
 
 # ---- the pins ---------------------------------------------------------------------------------------------------
@@ -243,10 +310,24 @@ def fake_build(prefix: Path, name: str, dirs: tuple[str, ...], env: dict[str, st
     (prefix / name).symlink_to(Path("builds") / build.name)
     manifest = Manifest.load(prefix)
     manifest.entries[name] = Entry(
-        name=name, kind="git", url="u", commit=COMMIT, version=None, sha256=None, input_hash="i", pin_hash="p",
-        artifact_sha256=tree_sha256(build), built_at="2026-11-22T00:00:00Z", duration_s=1.0, path=f"builds/{build.name}", link=name,
-        arch_list="9.0", arch_origin="--arch", pythonpath=[f"{name}/python"] if "python" in dirs else [],
-        ld_library_path=[f"{name}/lib"] if "lib" in dirs else [], env=env or {},
+        name=name,
+        kind="git",
+        url="u",
+        commit=COMMIT,
+        version=None,
+        sha256=None,
+        input_hash="i",
+        pin_hash="p",
+        artifact_sha256=tree_sha256(build),
+        built_at="2026-11-22T00:00:00Z",
+        duration_s=1.0,
+        path=f"builds/{build.name}",
+        link=name,
+        arch_list="9.0",
+        arch_origin="--arch",
+        pythonpath=[f"{name}/python"] if "python" in dirs else [],
+        ld_library_path=[f"{name}/lib"] if "lib" in dirs else [],
+        env=env or {},
     )
     manifest.save()
 
@@ -303,6 +384,8 @@ def test_vllm026_is_the_images_stack_with_the_deepep_vllm_pinned_before_v2():
 
 def test_current_deepep_carries_vllms_patch_and_its_runtime_needs():
     deepep = PROFILES["current"].component("deepep")
-    assert [(p.file_name, p.sha256[:12]) for p in deepep.patches] == [("deepep-gin-barrier-data-visibility.patch", "fbde7fef0cd1")]
+    assert [(p.file_name, p.sha256[:12]) for p in deepep.patches] == [
+        ("deepep-gin-barrier-data-visibility.patch", "fbde7fef0cd1")
+    ]
     assert deepep.needs_nccl == ">=2.30.4" and deepep.jit_cache_env == "EP_JIT_CACHE_DIR"
     assert "patches" in deepep.pin()  # a changed patch means a rebuild

@@ -23,7 +23,13 @@ from tests.env_support import COMMIT, build, one_line, pins_file, run_env
 
 
 def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout.strip()
 
 
@@ -32,7 +38,9 @@ def repo(tmp_path) -> dict:
     """A package `kernelpkg` whose VALUE is 1 at commit A and whose file is rewritten at commit B."""
     src = tmp_path / "upstream"
     (src / "kernelpkg").mkdir(parents=True)
-    (src / "setup.py").write_text("from setuptools import setup\nsetup(name='kernelpkg', version='1.0', packages=['kernelpkg'])\n")
+    (src / "setup.py").write_text(
+        "from setuptools import setup\nsetup(name='kernelpkg', version='1.0', packages=['kernelpkg'])\n"
+    )
     (src / "kernelpkg" / "__init__.py").write_text("VALUE = 1\nNAME = 'upstream'\n")
     git(src, "init", "-q")
     git(src, "add", ".")
@@ -47,7 +55,9 @@ def patch_file(tmp_path: Path) -> tuple[Path, str]:
     """A unified diff that turns commit A's VALUE = 1 into VALUE = 2 (it does not apply to B)."""
     path = tmp_path / "patches-host" / "value-fix.patch"
     path.parent.mkdir()
-    path.write_text("--- a/kernelpkg/__init__.py\n+++ b/kernelpkg/__init__.py\n@@ -1,2 +1,2 @@\n-VALUE = 1\n+VALUE = 2\n NAME = 'upstream'\n")
+    path.write_text(
+        "--- a/kernelpkg/__init__.py\n+++ b/kernelpkg/__init__.py\n@@ -1,2 +1,2 @@\n-VALUE = 1\n+VALUE = 2\n NAME = 'upstream'\n"
+    )
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -95,9 +105,14 @@ def test_a_patch_with_another_checksum_is_refused_before_building(tmp_path, repo
     wrong = "0" * 64
     result = build(tmp_path, kernel_pins(tmp_path, repo["url"], repo["A"], patch, wrong))
     assert result["code"] == 2
-    assert one_line(result) == (f"error: component kernelpkg: checksum mismatch for patch value-fix.patch: got {sha}, expected {wrong}; "
-                                "the download is corrupt or the pin is wrong: fetch again, or correct the patch's sha256 in the pins")
-    assert not (tmp_path / "stack" / "kernelpkg").exists() and not (tmp_path / "cache" / "patches" / "value-fix.patch").exists()
+    assert one_line(result) == (
+        f"error: component kernelpkg: checksum mismatch for patch value-fix.patch: got {sha}, expected {wrong}; "
+        "the download is corrupt or the pin is wrong: fetch again, or correct the patch's sha256 in the pins"
+    )
+    assert (
+        not (tmp_path / "stack" / "kernelpkg").exists()
+        and not (tmp_path / "cache" / "patches" / "value-fix.patch").exists()
+    )
 
 
 def test_a_patch_that_no_longer_applies_is_one_line_and_the_previous_build_stays(tmp_path, repo):
@@ -117,8 +132,10 @@ def test_a_patch_that_no_longer_applies_is_one_line_and_the_previous_build_stays
 
 def test_a_patch_in_a_pins_file_needs_url_and_sha256(tmp_path):
     path = tmp_path / "pins.toml"
-    path.write_text('[profiles.p]\n[[profiles.p.components]]\nname = "x"\nkind = "git"\nurl = "u"\nref = "' + COMMIT + '"\n'
-                    'source = "s"\nbuild = "pip"\npatches = [{url = "https://example.org/fix.patch"}]\n')
+    path.write_text(
+        '[profiles.p]\n[[profiles.p.components]]\nname = "x"\nkind = "git"\nurl = "u"\nref = "' + COMMIT + '"\n'
+        'source = "s"\nbuild = "pip"\npatches = [{url = "https://example.org/fix.patch"}]\n'
+    )
     with pytest.raises(StackError, match=r"profiles.p.components\[0\].patches\[0\] is not a patch table"):
         load_pins(path)
 
@@ -130,7 +147,9 @@ def nccl_dir(root: Path, version: str) -> Path:
     major, minor, patch = version.split(".")
     (root / "include").mkdir(parents=True)
     (root / "lib").mkdir()
-    (root / "include" / "nccl.h").write_text(f"#define NCCL_MAJOR {major}\n#define NCCL_MINOR {minor}\n#define NCCL_PATCH {patch}\n")
+    (root / "include" / "nccl.h").write_text(
+        f"#define NCCL_MAJOR {major}\n#define NCCL_MINOR {minor}\n#define NCCL_PATCH {patch}\n"
+    )
     return root
 
 
@@ -148,10 +167,15 @@ def test_a_kernel_that_needs_a_newer_nccl_is_refused_before_compiling(tmp_path):
     old = nccl_dir(tmp_path / "nccl-2.28.9", "2.28.9")
     result = build(tmp_path, pins_file(tmp_path, needs_nccl=">=2.30.4"), env={"EP_NCCL_ROOT_DIR": str(old)})
     assert result["code"] == 2
-    wheel = "nvidia-nccl-cu13" if (machine.probe_python(sys.executable, []).torch_cuda or "").startswith("13") else "nvidia-nccl-cu12"
+    wheel = (
+        "nvidia-nccl-cu13"
+        if (machine.probe_python(sys.executable, []).torch_cuda or "").startswith("13")
+        else "nvidia-nccl-cu12"
+    )
     assert one_line(result) == (
         f"error: component tinyext: needs NCCL >=2.30.4 at build and run time; the environment has NCCL 2.28.9 (EP_NCCL_ROOT_DIR={old}); "
-        f"install one NCCL >=2.30.4 that torch and tinyext both load: pip install '{wheel}>=2.30.4' --no-deps (or set EP_NCCL_ROOT_DIR)")
+        f"install one NCCL >=2.30.4 that torch and tinyext both load: pip install '{wheel}>=2.30.4' --no-deps (or set EP_NCCL_ROOT_DIR)"
+    )
     assert "nccl         : 2.28.9" in result["out"]
 
 
@@ -161,7 +185,13 @@ def test_the_newer_nccl_comes_first_on_ld_library_path_and_alone(tmp_path):
     assert (found.version, found.root) == ("2.32.3", str(newer / "nvidia" / "nccl"))
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), str(newer), str(older)])}
     shell = run_env("paths", "--profile", "vllm026", "--prefix", str(tmp_path / "stack"), env=env)["out"]
-    libs = next(line for line in shell.splitlines() if line.startswith("export LD_LIBRARY_PATH=")).split("=", 1)[1].split('"')[0].strip("'").split(":")
+    libs = (
+        next(line for line in shell.splitlines() if line.startswith("export LD_LIBRARY_PATH="))
+        .split("=", 1)[1]
+        .split('"')[0]
+        .strip("'")
+        .split(":")
+    )
     assert libs[0] == str(newer / "nvidia" / "nccl" / "lib")
     assert str(older / "nvidia" / "nccl" / "lib") not in libs
     assert "NVSHMEM_DIR" not in shell  # never the pip wheel's folder: DeepEP v1 links a name the wheel lacks
@@ -179,11 +209,16 @@ def test_deepep_v1_is_refused_an_nvshmem_dir_without_the_unversioned_library(tmp
     (wheel_like / "include").mkdir(parents=True)
     (wheel_like / "lib").mkdir()
     (wheel_like / "lib" / "libnvshmem_host.so.3").write_bytes(b"")
-    result = build(tmp_path, pins_file(tmp_path, needs_nvshmem=True, nvshmem_unversioned=True), env={"NVSHMEM_DIR": str(wheel_like)})
+    result = build(
+        tmp_path,
+        pins_file(tmp_path, needs_nvshmem=True, nvshmem_unversioned=True),
+        env={"NVSHMEM_DIR": str(wheel_like)},
+    )
     assert result["code"] == 2
     assert one_line(result) == (
         f"error: component tinyext: NVSHMEM_DIR={wheel_like} has no lib/libnvshmem_host.so, the name this commit's setup.py links when "
-        "NVSHMEM_DIR is set; unset NVSHMEM_DIR so that its setup.py finds the nvidia-nvshmem wheel itself, or point it at an NVSHMEM install")
+        "NVSHMEM_DIR is set; unset NVSHMEM_DIR so that its setup.py finds the nvidia-nvshmem wheel itself, or point it at an NVSHMEM install"
+    )
 
 
 def test_cuda_kernels_are_refused_a_cpu_torch(tmp_path):
@@ -195,19 +230,28 @@ def test_cuda_kernels_are_refused_a_cpu_torch(tmp_path):
     (cuda / "include").mkdir()
     (cuda / "include" / "cuda_runtime.h").write_text("")
     nvcc = cuda / "bin" / "nvcc"
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")  # a toolkit is found; none compiles here
+    nvcc.write_text(
+        "#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n"
+    )  # a toolkit is found; none compiles here
     nvcc.chmod(0o755)
-    result = build(tmp_path, pins_file(tmp_path, cuda=True, needs_torch=True), "--arch", "9.0", env={"CUDA_HOME": str(cuda)})
+    result = build(
+        tmp_path, pins_file(tmp_path, cuda=True, needs_torch=True), "--arch", "9.0", env={"CUDA_HOME": str(cuda)}
+    )
     assert result["code"] == 2
-    assert one_line(result) == (f"error: component tinyext: torch {info.torch} in {sys.executable} is a CPU build; CUDA kernels need torch "
-                                "built for CUDA 13.0; install the profile's CUDA torch (pixi install)")
+    assert one_line(result) == (
+        f"error: component tinyext: torch {info.torch} in {sys.executable} is a CPU build; CUDA kernels need torch "
+        "built for CUDA 13.0; install the profile's CUDA torch (pixi install)"
+    )
 
 
-@pytest.mark.parametrize(("line", "version"), [
-    ("g++-real (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0", (13, 3, 0)),  # the GPU machine's
-    ("x86_64-conda-linux-gnu-c++ (conda-forge gcc 14.2.0-2) 14.2.0", (14, 2, 0)),
-    ("Ubuntu clang version 18.1.3 (1ubuntu1)", None),
-])
+@pytest.mark.parametrize(
+    ("line", "version"),
+    [
+        ("g++-real (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0", (13, 3, 0)),  # the GPU machine's
+        ("x86_64-conda-linux-gnu-c++ (conda-forge gcc 14.2.0-2) 14.2.0", (14, 2, 0)),
+        ("Ubuntu clang version 18.1.3 (1ubuntu1)", None),
+    ],
+)
 def test_compiler_versions_are_read_from_their_first_line(line, version):
     assert machine.cxx_version(line) == version
 
@@ -227,8 +271,12 @@ def test_paths_takes_pins_and_refuses_an_unknown_profile_in_one_line(tmp_path):
 # ---- the toolkit and the compiler against torch's CUDA, as the GPU machine reports them ----------------------
 
 GPU_MACHINE_TORCH = machine.PythonInfo(  # what the probe read on the H200 machine's image
-    executable="/opt/torch/.venv/bin/python3", version="3.12", soabi="cpython-312-x86_64-linux-gnu", torch="2.11.0+cu130",
-    torch_cuda="13.0", gcc_bounds={"12.8": [[6, 0, 0], [15, 0]], "13.0": [[6, 0, 0], [16, 0]]},
+    executable="/opt/torch/.venv/bin/python3",
+    version="3.12",
+    soabi="cpython-312-x86_64-linux-gnu",
+    torch="2.11.0+cu130",
+    torch_cuda="13.0",
+    gcc_bounds={"12.8": [[6, 0, 0], [15, 0]], "13.0": [[6, 0, 0], [16, 0]]},
 )
 GPU_MACHINE_GXX = ("/usr/bin/g++", "g++-real (Ubuntu 13.3.0-6ubuntu2~24.04) 13.3.0")
 
@@ -248,10 +296,15 @@ def test_the_gpu_machines_toolkit_and_compiler_pass(tmp_path):
 def test_a_toolkit_of_another_cuda_major_than_torchs_is_refused(tmp_path):
     with pytest.raises(StackError) as err:
         check(tmp_path, machine.Toolkit("/usr/local/cuda-12.8", "12.8"), GPU_MACHINE_GXX)
-    assert str(err.value) == ("component deepep: the CUDA toolkit 12.8 at /usr/local/cuda-12.8 does not match torch 2.11.0+cu130 (built for "
-                              "CUDA 13.0); install cuda-nvcc 13.0 (the profile's environment has it) or set CUDA_HOME to a CUDA 13.x toolkit")
+    assert str(err.value) == (
+        "component deepep: the CUDA toolkit 12.8 at /usr/local/cuda-12.8 does not match torch 2.11.0+cu130 (built for "
+        "CUDA 13.0); install cuda-nvcc 13.0 (the profile's environment has it) or set CUDA_HOME to a CUDA 13.x toolkit"
+    )
 
 
 def test_a_compiler_outside_torchs_bounds_for_that_cuda_is_refused(tmp_path):
-    with pytest.raises(StackError, match=r"the C\+\+ compiler g\+\+ \(GCC\) 16.1.0 is outside what torch accepts for CUDA 13.0 \(g\+\+ >= 6.0.0, < 16.0;"):
+    with pytest.raises(
+        StackError,
+        match=r"the C\+\+ compiler g\+\+ \(GCC\) 16.1.0 is outside what torch accepts for CUDA 13.0 \(g\+\+ >= 6.0.0, < 16.0;",
+    ):
         check(tmp_path, machine.Toolkit("/usr/local/cuda", "13.0"), ("/usr/bin/g++", "g++ (GCC) 16.1.0"))

@@ -29,14 +29,37 @@ MODEL = "deepseek-ai/DeepSeek-V3-0324"
 
 def guide_argv(role, node1_ip, rpc_port, model, total_dp, local_dp, last):
     """The `vllm serve` line of the guide's scripts, with its positional arguments filled in."""
-    argv = ["vllm", "serve", model, "--tensor-parallel-size", "1", "--enable-expert-parallel",
-            "--data-parallel-size", str(total_dp), "--data-parallel-size-local", str(local_dp)]
+    argv = [
+        "vllm",
+        "serve",
+        model,
+        "--tensor-parallel-size",
+        "1",
+        "--enable-expert-parallel",
+        "--data-parallel-size",
+        str(total_dp),
+        "--data-parallel-size-local",
+        str(local_dp),
+    ]
     if role == "primary":
-        argv += ["--data-parallel-address", node1_ip, "--data-parallel-rpc-port", str(rpc_port),
-                 "--api-server-count", str(last)]  # the script writes --api-server-count=N
+        argv += [
+            "--data-parallel-address",
+            node1_ip,
+            "--data-parallel-rpc-port",
+            str(rpc_port),
+            "--api-server-count",
+            str(last),
+        ]  # the script writes --api-server-count=N
     else:
-        argv += ["--data-parallel-start-rank", str(last), "--data-parallel-address", node1_ip,
-                 "--data-parallel-rpc-port", str(rpc_port), "--headless"]
+        argv += [
+            "--data-parallel-start-rank",
+            str(last),
+            "--data-parallel-address",
+            node1_ip,
+            "--data-parallel-rpc-port",
+            str(rpc_port),
+            "--headless",
+        ]
     return argv + ["--trust-remote-code"]
 
 
@@ -112,7 +135,9 @@ def test_the_guide_example_uses_a_backend_its_vllm_has():
 def test_guide_positional_arguments_mean_what_they_meant(role, monkeypatch):
     """`serve-primary 10.1.59.30 13345 MODEL 16 8 8` with VLLM_ALL2ALL_BACKEND exported, as the guide did."""
     monkeypatch.setenv("VLLM_ALL2ALL_BACKEND", "naive")
-    args = get_args_parser().parse_args([role, "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.10.1.1"])
+    args = get_args_parser().parse_args(
+        [role, "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.10.1.1"]
+    )
     (plan,) = resolve(from_args(args, [])).plans
     assert plan.argv == guide_argv(role, "10.1.59.30", 13345, MODEL, 16, 8, 8)
     assert plan.env["VLLM_ALL2ALL_BACKEND"] == "naive"
@@ -121,7 +146,9 @@ def test_guide_positional_arguments_mean_what_they_meant(role, monkeypatch):
 
 def test_exported_backend_becomes_the_flag_on_newer_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_ALL2ALL_BACKEND", "deepep_low_latency")
-    args = get_args_parser().parse_args(["primary", "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.26.0"])
+    args = get_args_parser().parse_args(
+        ["primary", "10.1.59.30", "13345", MODEL, "16", "8", "8", "--vllm-version", "0.26.0"]
+    )
     (plan,) = resolve(from_args(args, [])).plans
     assert plan.argv[-3:] == ["--all2all-backend", "deepep_low_latency", "--trust-remote-code"]
     assert "VLLM_ALL2ALL_BACKEND" not in plan.env
@@ -141,6 +168,8 @@ def test_four_nodes_start_where_the_guide_would_start_them():
 
 
 def test_passthrough_arguments_go_last():
-    args = get_args_parser().parse_args(["secondary", "10.0.0.1", "13345", MODEL, "32", "8", "8", "--vllm-version", "0.26.0"])
+    args = get_args_parser().parse_args(
+        ["secondary", "10.0.0.1", "13345", MODEL, "32", "8", "8", "--vllm-version", "0.26.0"]
+    )
     (plan,) = resolve(from_args(args, ["--max-num-seqs", "64"])).plans
     assert plan.argv[-2:] == ["--max-num-seqs", "64"]

@@ -30,11 +30,29 @@ def plans():
 
 def test_two_nodes_of_two_gpus_are_planned_like_the_guide():
     primary, secondary = plans()
-    assert primary.argv[3:16] == ["--tensor-parallel-size", "1", "--enable-expert-parallel", "--data-parallel-size", "4",
-                                  "--data-parallel-size-local", "2", "--data-parallel-address", "10.77.0.1",
-                                  "--data-parallel-rpc-port", "13345", "--api-server-count", "2"]
+    assert primary.argv[3:16] == [
+        "--tensor-parallel-size",
+        "1",
+        "--enable-expert-parallel",
+        "--data-parallel-size",
+        "4",
+        "--data-parallel-size-local",
+        "2",
+        "--data-parallel-address",
+        "10.77.0.1",
+        "--data-parallel-rpc-port",
+        "13345",
+        "--api-server-count",
+        "2",
+    ]
     at = secondary.argv.index("--data-parallel-size-local")
-    assert secondary.argv[at:at + 5] == ["--data-parallel-size-local", "2", "--data-parallel-start-rank", "2", "--data-parallel-address"]
+    assert secondary.argv[at : at + 5] == [
+        "--data-parallel-size-local",
+        "2",
+        "--data-parallel-start-rank",
+        "2",
+        "--data-parallel-address",
+    ]
     assert "--headless" in secondary.argv and "--api-server-count" not in secondary.argv
 
 
@@ -53,10 +71,27 @@ def test_cross_node_preflight_with_two_ranks_per_node(two_hosts, tmp_path):
     deploy.write_text(LAYOUT.read_text() + "preflight: {rendezvous_timeout_s: 30, collective_timeout_s: 60}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GLOO_", "NCCL_"))}
     env.update(PYTHONPATH=str(ROOT), EP_PREFLIGHT_BACKEND="gloo", EP_PREFLIGHT_NPROCS="2")
-    procs = [subprocess.Popen(host.cmd(sys.executable, "-m", "preflight", "-m", "multinode", "--deploy", str(deploy),
-                                       "--preflight-json", str(tmp_path / f"n{rank}.json")),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-             for rank, host in enumerate(two_hosts)]  # each node finds its rank from its own address
+    procs = [
+        subprocess.Popen(
+            host.cmd(
+                sys.executable,
+                "-m",
+                "preflight",
+                "-m",
+                "multinode",
+                "--deploy",
+                str(deploy),
+                "--preflight-json",
+                str(tmp_path / f"n{rank}.json"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for rank, host in enumerate(two_hosts)
+    ]  # each node finds its rank from its own address
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for rank, (proc, out, host) in enumerate(zip(procs, outs, two_hosts, strict=True)):
         assert proc.returncode == 0, out

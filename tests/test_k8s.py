@@ -85,7 +85,10 @@ def test_two_node_deploy_renders_configmap_lws_and_service_that_kubernetes_accep
     ]
     validate_all(objects)
     for obj in objects:
-        assert obj["metadata"]["labels"] == {"app.kubernetes.io/name": "vllm-ep", "app.kubernetes.io/instance": "vllm-ep"}
+        assert obj["metadata"]["labels"] == {
+            "app.kubernetes.io/name": "vllm-ep",
+            "app.kubernetes.io/instance": "vllm-ep",
+        }
         assert "namespace" not in obj["metadata"]
     lws = objects[1]["spec"]
     assert (lws["replicas"], lws["startupPolicy"]) == (1, "LeaderCreated")
@@ -108,7 +111,10 @@ def test_leader_is_the_primary_and_workers_the_secondaries():
     assert "ports" not in worker["containers"][0]
     service = objects[2]["spec"]
     assert service["type"] == "ClusterIP"
-    assert service["selector"] == {"leaderworkerset.sigs.k8s.io/name": "vllm-ep", "leaderworkerset.sigs.k8s.io/worker-index": "0"}
+    assert service["selector"] == {
+        "leaderworkerset.sigs.k8s.io/name": "vllm-ep",
+        "leaderworkerset.sigs.k8s.io/worker-index": "0",
+    }
     assert service["ports"] == [{"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
 
 
@@ -120,7 +126,11 @@ def test_ep_settings_host_network_ipc_lock_shm_gpus():
         assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}} in spec["volumes"]
         for container in spec["initContainers"] + spec["containers"]:
             assert container["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
-            assert container["resources"]["limits"] == container["resources"]["requests"] == {"nvidia.com/gpu": 8, "rdma/ib": 1}
+            assert (
+                container["resources"]["limits"]
+                == container["resources"]["requests"]
+                == {"nvidia.com/gpu": 8, "rdma/ib": 1}
+            )
             assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
 
 
@@ -133,7 +143,9 @@ def test_without_host_network_the_pods_keep_the_cluster_dns_policy():
 
 
 def test_the_deploy_file_travels_in_the_configmap_verbatim(write_yaml):
-    text = "# comments, order and spacing stay as written\n" + TWO_NODES + "env:   {VLLM_LOGGING_LEVEL: DEBUG}  # kept\n"
+    text = (
+        "# comments, order and spacing stay as written\n" + TWO_NODES + "env:   {VLLM_LOGGING_LEVEL: DEBUG}  # kept\n"
+    )
     path = write_yaml(text)
     objects = manifests(load_deploy(path), path.read_text(), str(path))
     assert objects[0]["data"] == {"deploy.yaml": text}
@@ -145,17 +157,29 @@ def test_the_deploy_file_travels_in_the_configmap_verbatim(write_yaml):
 
 
 def test_every_pod_runs_lws_step_with_its_pod_ip_and_preflight_first():
-    leader, worker = leader_and_worker(render(TWO_NODES + "  python: pixi run --frozen --manifest-path '/opt/ep dir/pixi.toml' python\n"))
+    leader, worker = leader_and_worker(
+        render(TWO_NODES + "  python: pixi run --frozen --manifest-path '/opt/ep dir/pixi.toml' python\n")
+    )
     python = ["pixi", "run", "--frozen", "--manifest-path", "/opt/ep dir/pixi.toml", "python"]
     for spec in (leader, worker):
         (preflight,), (vllm,) = spec["initContainers"], spec["containers"]
         assert (preflight["name"], vllm["name"]) == ("preflight", "vllm")
         assert preflight["image"] == vllm["image"] == "registry.example.com/vllm-ep:0.26.0"
-        assert preflight["command"] == [*python, "-m", "launch", "lws-step", "preflight", "--deploy", "/etc/vllm-ep/deploy.yaml"]
+        assert preflight["command"] == [
+            *python,
+            "-m",
+            "launch",
+            "lws-step",
+            "preflight",
+            "--deploy",
+            "/etc/vllm-ep/deploy.yaml",
+        ]
         assert vllm["command"] == [*python, "-m", "launch", "lws-step", "serve", "--deploy", "/etc/vllm-ep/deploy.yaml"]
         for container in (preflight, vllm):
-            assert container["env"] == [{"name": "EP_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                                        {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "3000"}]
+            assert container["env"] == [
+                {"name": "EP_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "3000"},
+            ]
     without = leader_and_worker(render(TWO_NODES + "  preflight: false\n"))
     assert all("initContainers" not in spec for spec in without)
 
@@ -223,7 +247,9 @@ WRONG = {
     "unknown template metadata field": _set(*LEADER, "metadata", "uid", value="x"),
     "host network as a string": _set(*WORKER, "spec", "hostNetwork", value="true"),
     "command as a string": _set(*WORKER, "spec", "containers", 0, "command", value="python -m launch"),
-    "memory-backed volume with a size that is no quantity": _set(*WORKER, "spec", "volumes", 1, "emptyDir", "sizeLimit", value=[64]),
+    "memory-backed volume with a size that is no quantity": _set(
+        *WORKER, "spec", "volumes", 1, "emptyDir", "sizeLimit", value=[64]
+    ),
     "service port as a string": _set(2, "spec", "ports", 0, "port", value="8000"),
     "unknown service field": _set(2, "spec", "clusterIPP", value="None"),
     "configmap value that is no string": _set(0, "data", "deploy.yaml", value=1),
@@ -245,7 +271,9 @@ BAD = {
         "deploy.yaml: kubernetes.image: missing (required for --format k8s: the image with the toolkit and its stack)",
     ),
     "workers with different GPU counts": (
-        EP_NODES.replace("  - {gpus: 4}\n  - {gpus: 8}\n  - {gpus: 8}\n", "  - {gpus: 8}\n  - {gpus: 8}\n  - {gpus: 4}\n"),
+        EP_NODES.replace(
+            "  - {gpus: 4}\n  - {gpus: 8}\n  - {gpus: 8}\n", "  - {gpus: 8}\n  - {gpus: 8}\n  - {gpus: 4}\n"
+        ),
         "deploy.yaml: nodes[2].gpus: 4 differs from nodes[1].gpus 8 (expected one GPU count for all secondaries: "
         "LeaderWorkerSet workers share a pod template)",
     ),
@@ -261,9 +289,18 @@ kubernetes: {image: registry.example.com/vllm-ep:0.26.0}
         "deploy.yaml: disaggregation: not supported by --format k8s yet (it renders one deployment per LeaderWorkerSet; "
         "prefill/decode groups and the router are not rendered for Kubernetes)",
     ),
-    "relative model cache": (TWO_NODES + "  model_cache: hf\n", "deploy.yaml: kubernetes.model_cache: 'hf' is not an absolute path"),
-    "empty python": (TWO_NODES + "  python: ' '\n", "deploy.yaml: kubernetes.python: empty (expected how to run Python"),
-    "python that does not split": (TWO_NODES + "  python: \"pixi run 'python\"\n", "deploy.yaml: kubernetes.python: \"pixi run 'python\" does not split"),
+    "relative model cache": (
+        TWO_NODES + "  model_cache: hf\n",
+        "deploy.yaml: kubernetes.model_cache: 'hf' is not an absolute path",
+    ),
+    "empty python": (
+        TWO_NODES + "  python: ' '\n",
+        "deploy.yaml: kubernetes.python: empty (expected how to run Python",
+    ),
+    "python that does not split": (
+        TWO_NODES + '  python: "pixi run \'python"\n',
+        'deploy.yaml: kubernetes.python: "pixi run \'python" does not split',
+    ),
 }
 
 
@@ -293,7 +330,9 @@ def test_the_example_renders_through_the_cli_into_manifests_kubernetes_accepts(t
 
 
 def test_guaranteed_resources_secrets_annotations_tolerations_and_grace_pass_the_schemas():
-    text = TWO_NODES + """\
+    text = (
+        TWO_NODES
+        + """\
   cpu: "96"
   memory: 1500Gi
   env_from_secret: hf-token
@@ -302,13 +341,17 @@ def test_guaranteed_resources_secrets_annotations_tolerations_and_grace_pass_the
   preflight_args: [-k, "not model"]
   termination_grace_s: 180
 """
+    )
     objects = render(text)
     validate_all(objects)
     template = objects[1]["spec"]["leaderWorkerTemplate"]["workerTemplate"]
     spec, (vllm,), (preflight,) = template["spec"], template["spec"]["containers"], template["spec"]["initContainers"]
     # requests == limits for cpu and memory: the pod is Guaranteed, not the first to be evicted
-    assert vllm["resources"]["requests"] == vllm["resources"]["limits"] == {
-        "nvidia.com/gpu": 8, "rdma/ib": 1, "cpu": "96", "memory": "1500Gi"}
+    assert (
+        vllm["resources"]["requests"]
+        == vllm["resources"]["limits"]
+        == {"nvidia.com/gpu": 8, "rdma/ib": 1, "cpu": "96", "memory": "1500Gi"}
+    )
     assert vllm["envFrom"] == preflight["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
     assert template["metadata"]["annotations"] == {"k8s.v1.cni.cncf.io/networks": "rdma-net"}
     assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -322,9 +365,15 @@ def test_a_secret_in_the_deploy_file_stays_out_of_the_configmap(tmp_path):
     deploy = tmp_path / "d.yaml"
     deploy.write_text(TWO_NODES + "env: {HF_TOKEN: hf_x}\n")
     res = run_module("launch", "plan", str(deploy), "--format", "k8s")
-    assert res.code == 2 and res.out == "" and res.err.strip().splitlines() == [
-        f"error: {deploy}: env.HF_TOKEN: a secret would be written into a ConfigMap (expected it out of the deploy file: "
-        "a Kubernetes Secret named in kubernetes.env_from_secret)"]
+    assert (
+        res.code == 2
+        and res.out == ""
+        and res.err.strip().splitlines()
+        == [
+            f"error: {deploy}: env.HF_TOKEN: a secret would be written into a ConfigMap (expected it out of the deploy file: "
+            "a Kubernetes Secret named in kubernetes.env_from_secret)"
+        ]
+    )
 
 
 def test_every_pod_has_startup_readiness_and_liveness_probes():
@@ -337,10 +386,20 @@ def test_every_pod_has_startup_readiness_and_liveness_probes():
         assert container["readinessProbe"]["failureThreshold"] == 3
         assert container["livenessProbe"]["periodSeconds"] * container["livenessProbe"]["failureThreshold"] == 60
     # The leader is vLLM's API server: its own /health answers all three.
-    assert leader["startupProbe"]["httpGet"] == leader["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert (
+        leader["startupProbe"]["httpGet"] == leader["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    )
     # A worker runs vLLM headless, with no port: ready when its group's primary serves, live while its vLLM runs.
     assert worker["readinessProbe"]["exec"]["command"] == [
-        "python", "-m", "launch.pod", "ready", "--deploy", "/etc/vllm-ep/deploy.yaml", "--timeout", "5"]
+        "python",
+        "-m",
+        "launch.pod",
+        "ready",
+        "--deploy",
+        "/etc/vllm-ep/deploy.yaml",
+        "--timeout",
+        "5",
+    ]
     assert worker["startupProbe"]["exec"] == worker["readinessProbe"]["exec"]
     assert worker["livenessProbe"]["exec"]["command"] == ["python", "-m", "launch.pod", "live"]
 
@@ -356,7 +415,9 @@ def test_jit_caches_survive_restarts_on_a_host_path():
         assert env["DG_JIT_CACHE_DIR"] == "/var/cache/vllm-ep/deep_gemm"
         assert {"FLASHINFER_WORKSPACE_BASE", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"} <= set(env)
         assert {"name": "jit-cache", "mountPath": "/var/cache/vllm-ep"} in vllm["volumeMounts"]
-        assert {"name": "jit-cache", "hostPath": {"path": "/var/lib/vllm-ep-jit", "type": "DirectoryOrCreate"}} in spec["volumes"]
+        assert {"name": "jit-cache", "hostPath": {"path": "/var/lib/vllm-ep-jit", "type": "DirectoryOrCreate"}} in spec[
+            "volumes"
+        ]
     with pytest.raises(ConfigError, match="kubernetes.jit_cache: 'cache' is not an absolute path"):
         render(TWO_NODES + "  jit_cache: cache\n")
 
@@ -366,7 +427,10 @@ def test_the_leader_is_annotated_for_prometheus_and_the_engine_bound_is_configur
     validate_all(objects)
     templates = objects[1]["spec"]["leaderWorkerTemplate"]
     assert templates["leaderTemplate"]["metadata"]["annotations"] == {
-        "prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8000",
+        "prometheus.io/path": "/metrics",
+    }
     assert "annotations" not in templates["workerTemplate"]["metadata"]
     leader, _ = leader_and_worker(objects)
     assert {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "5400"} in leader["containers"][0]["env"]

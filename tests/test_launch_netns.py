@@ -21,7 +21,9 @@ network: {transport: tcp, socket_ifname: auto}
 
 def run_in(host, *args, env=None):
     full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(host.cmd(sys.executable, "-m", "launch", *args), capture_output=True, text=True, env=full, timeout=60, cwd=ROOT)
+    proc = subprocess.run(
+        host.cmd(sys.executable, "-m", "launch", *args), capture_output=True, text=True, env=full, timeout=60, cwd=ROOT
+    )
     return proc
 
 
@@ -37,7 +39,12 @@ def test_each_node_finds_its_rank_and_interface(two_hosts, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert f"# node {rank} ({'primary' if rank == 0 else 'secondary'} {host.address})" in proc.stdout
         env = exports(proc.stdout)
-        assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == env["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] == host.ifname
+        assert (
+            env["GLOO_SOCKET_IFNAME"]
+            == env["NCCL_SOCKET_IFNAME"]
+            == env["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"]
+            == host.ifname
+        )
 
 
 def test_guide_secondary_binds_the_interface_towards_the_primary(two_hosts):
@@ -62,8 +69,14 @@ def test_rendered_scripts_find_the_interface_on_the_node(two_hosts, tmp_path):
     deploy = tmp_path / "d.yaml"
     deploy.write_text(DEPLOY + "env: {HF_TOKEN: hf_secret}\n")
     out = tmp_path / "plans"
-    proc = subprocess.run([sys.executable, "-m", "launch", "plan", str(deploy), "--format", "shell", "--out", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "plan", str(deploy), "--format", "shell", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "hf_secret" not in (out / "node-1.sh").read_text()
     # a `vllm` that prints what it was given
@@ -75,10 +88,18 @@ def test_rendered_scripts_find_the_interface_on_the_node(two_hosts, tmp_path):
     for rank, host in enumerate(two_hosts):
         # the script asks the toolkit on its node (EP_PYTHON) for the interface of the node's address
         env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "HF_TOKEN": "from-env", **toolkit}
-        run = subprocess.run(host.cmd("bash", str(out / f"node-{rank}.sh")), capture_output=True, text=True, env=env, timeout=30)
+        run = subprocess.run(
+            host.cmd("bash", str(out / f"node-{rank}.sh")), capture_output=True, text=True, env=env, timeout=30
+        )
         assert run.returncode == 0, run.stderr
         assert run.stdout.startswith(f"ifname={host.ifname} token=from-env args=serve tiny-moe")
     # without the secret in the environment, the script stops before starting anything
-    run = subprocess.run(two_hosts[0].cmd("bash", str(out / "node-0.sh")), capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"PATH": f"{bindir}:{os.environ['PATH']}", **toolkit}, timeout=30)
+    run = subprocess.run(
+        two_hosts[0].cmd("bash", str(out / "node-0.sh")),
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+        | {"PATH": f"{bindir}:{os.environ['PATH']}", **toolkit},
+        timeout=30,
+    )
     assert run.returncode != 0 and "set HF_TOKEN in the environment" in run.stderr

@@ -22,7 +22,12 @@ TWO = {"model": "m", "nodes": [{"gpus": 2}, {"gpus": 2}], "vllm_version": "0.26.
 
 
 def lws_env(index: int, size: int = 2, leader: str = "127.0.0.1", pod_ip: str = "127.0.0.2") -> dict[str, str]:
-    return {"LWS_WORKER_INDEX": str(index), "LWS_GROUP_SIZE": str(size), "LWS_LEADER_ADDRESS": leader, "EP_POD_IP": pod_ip}
+    return {
+        "LWS_WORKER_INDEX": str(index),
+        "LWS_GROUP_SIZE": str(size),
+        "LWS_LEADER_ADDRESS": leader,
+        "EP_POD_IP": pod_ip,
+    }
 
 
 def test_the_leader_is_the_primary_and_the_worker_index_the_rank():
@@ -35,34 +40,65 @@ def test_the_leader_is_the_primary_and_the_worker_index_the_rank():
     assert leader.describe() == "node 0 of 2 (primary, 10.1.2.9); primary at 10.1.2.9"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({}, "LWS_WORKER_INDEX: not set (expected inside a pod of the LeaderWorkerSet that `plan --format k8s` writes)"),
-    ({**lws_env(1), "EP_POD_IP": ""}, "EP_POD_IP: not set (expected inside a pod of the LeaderWorkerSet that `plan --format k8s` "
-                                      "writes (env from the downward API: status.podIP))"),
-    (lws_env(1, size=3), "DEPLOY: nodes: 2 nodes but the LeaderWorkerSet group has LWS_GROUP_SIZE=3 (expected "
-                         "leaderWorkerTemplate.size 2: render with `plan --format k8s`)"),
-    ({**lws_env(1), "LWS_WORKER_INDEX": "one"}, "LWS_WORKER_INDEX: 'one' is not a whole number (expected inside a pod of the "
-                                                "LeaderWorkerSet that `plan --format k8s` writes)"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {},
+            "LWS_WORKER_INDEX: not set (expected inside a pod of the LeaderWorkerSet that `plan --format k8s` writes)",
+        ),
+        (
+            {**lws_env(1), "EP_POD_IP": ""},
+            "EP_POD_IP: not set (expected inside a pod of the LeaderWorkerSet that `plan --format k8s` "
+            "writes (env from the downward API: status.podIP))",
+        ),
+        (
+            lws_env(1, size=3),
+            "DEPLOY: nodes: 2 nodes but the LeaderWorkerSet group has LWS_GROUP_SIZE=3 (expected "
+            "leaderWorkerTemplate.size 2: render with `plan --format k8s`)",
+        ),
+        (
+            {**lws_env(1), "LWS_WORKER_INDEX": "one"},
+            "LWS_WORKER_INDEX: 'one' is not a whole number (expected inside a pod of the "
+            "LeaderWorkerSet that `plan --format k8s` writes)",
+        ),
+    ],
+)
 def test_missing_or_wrong_lws_variables_are_one_line(tmp_path, env, message):
     deploy = tmp_path / "d.yaml"
     deploy.write_text("model: m\nnodes: [{gpus: 2}, {gpus: 2}]\n")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_"))}
-    res = subprocess.run([sys.executable, "-m", "launch", "lws-step", "serve", "--deploy", str(deploy)], capture_output=True,
-                         text=True, env={**clean, "PYTHONPATH": str(ROOT), **env}, timeout=60)
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [f"error: {message.replace('DEPLOY', str(deploy))}"]
+    res = subprocess.run(
+        [sys.executable, "-m", "launch", "lws-step", "serve", "--deploy", str(deploy)],
+        capture_output=True,
+        text=True,
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
+        timeout=60,
+    )
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: {message.replace('DEPLOY', str(deploy))}"
+    ]
 
 
 def test_a_leader_name_that_never_resolves_is_a_node_down_within_the_bound(tmp_path):
     deploy = tmp_path / "d.yaml"
     deploy.write_text("model: m\nnodes: [{gpus: 2}, {gpus: 2}]\n")
-    res = run_module("launch", "lws-step", "serve", "--deploy", str(deploy), "--resolve-timeout", "2",
-                     env=lws_env(1, leader="nothing-here.invalid"))
+    res = run_module(
+        "launch",
+        "lws-step",
+        "serve",
+        "--deploy",
+        str(deploy),
+        "--resolve-timeout",
+        "2",
+        env=lws_env(1, leader="nothing-here.invalid"),
+    )
     assert res.code == 3, res.err
     assert res.err.strip().splitlines()[-1] == (
         "error: LWS_LEADER_ADDRESS: the leader's address nothing-here.invalid (LWS_LEADER_ADDRESS) to resolve not ready within 2 s "
         "(expected the LeaderWorkerSet's headless service in cluster DNS; with hostNetwork the pod needs dnsPolicy: "
-        "ClusterFirstWithHostNet)")
+        "ClusterFirstWithHostNet)"
+    )
 
 
 def hosts_file(ns: str, text: str) -> Path:
@@ -76,23 +112,36 @@ def hosts_file(ns: str, text: str) -> Path:
 @pytest.mark.netns
 def test_two_pods_place_themselves_run_cross_node_preflight_and_plan(two_hosts, tmp_path):
     deploy = tmp_path / "deploy.yaml"
-    deploy.write_text("model: tiny-moe\nnodes: [{gpus: 2}, {gpus: 2}]\nrpc_port: 13345\nvllm_version: 0.26.0\n"
-                      "network: {transport: tcp, socket_ifname: auto}\npreflight: {rendezvous_timeout_s: 30, collective_timeout_s: 60}\n")
+    deploy.write_text(
+        "model: tiny-moe\nnodes: [{gpus: 2}, {gpus: 2}]\nrpc_port: 13345\nvllm_version: 0.26.0\n"
+        "network: {transport: tcp, socket_ifname: auto}\npreflight: {rendezvous_timeout_s: 30, collective_timeout_s: 60}\n"
+    )
     folders = [hosts_file(h.ns, f"127.0.0.1 localhost\n{two_hosts[0].address} {LEADER}\n") for h in two_hosts]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_", "GLOO_"))}
     env.update(PYTHONPATH=str(ROOT), EP_PREFLIGHT_BACKEND="gloo")
 
     def pod(host, index: int, *step: str) -> subprocess.Popen:
-        return subprocess.Popen(host.cmd(sys.executable, "-m", "launch", "lws-step", step[0], "--deploy", str(deploy), *step[1:]),
-                                env={**env, **lws_env(index, leader=LEADER, pod_ip=host.address)}, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            host.cmd(sys.executable, "-m", "launch", "lws-step", step[0], "--deploy", str(deploy), *step[1:]),
+            env={**env, **lws_env(index, leader=LEADER, pod_ip=host.address)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     try:
         # the init containers: cross-node preflight, both pods at once
-        outs = [p.communicate(timeout=120)[0] for p in [pod(h, i, "preflight", "--", "-m", "multinode") for i, h in enumerate(two_hosts)]]
+        outs = [
+            p.communicate(timeout=120)[0]
+            for p in [pod(h, i, "preflight", "--", "-m", "multinode") for i, h in enumerate(two_hosts)]
+        ]
         for index, (out, host) in enumerate(zip(outs, two_hosts, strict=True)):
             role = "primary" if index == 0 else "secondary"
-            assert f"[launch] LeaderWorkerSet pod: node {index} of 2 ({role}, {host.address}); primary at {two_hosts[0].address}" in out
+            assert (
+                f"[launch] LeaderWorkerSet pod: node {index} of 2 ({role}, {host.address}); primary at {two_hosts[0].address}"
+                in out
+            )
             allreduce = next(ln for ln in out.splitlines() if "all-reduce across nodes" in ln)
             assert allreduce.startswith("PASS") and f"GLOO_SOCKET_IFNAME={host.ifname}" in allreduce, out
             assert "# verdict: READY (10 passed)" in out, out

@@ -25,8 +25,9 @@ def free_port() -> int:
 
 def launcher(*args, env=None):
     full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "launch", *args], env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch", *args], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_secondary_starts_once_the_primary_port_appears():
@@ -42,8 +43,21 @@ def test_secondary_starts_once_the_primary_port_appears():
 
     threading.Thread(target=open_later, daemon=True).start()
     t0 = time.monotonic()
-    proc = launcher("secondary", "127.0.0.1", str(port), "m", "2", "1", "1", "--socket-ifname", "lo",
-                    "--vllm-bin", "/bin/echo", "--wait-for-primary", "30")
+    proc = launcher(
+        "secondary",
+        "127.0.0.1",
+        str(port),
+        "m",
+        "2",
+        "1",
+        "1",
+        "--socket-ifname",
+        "lo",
+        "--vllm-bin",
+        "/bin/echo",
+        "--wait-for-primary",
+        "30",
+    )
     out, err = proc.communicate(timeout=60)
     router.close(linger=0)
     assert proc.returncode == 0, err
@@ -57,21 +71,49 @@ def test_another_service_on_the_primary_port_is_not_taken_for_vllm():
     listener.bind(("127.0.0.1", 0))
     listener.listen()  # accepts, says nothing: no ZeroMQ greeting
     port = listener.getsockname()[1]
-    proc = launcher("secondary", "127.0.0.1", str(port), "m", "2", "1", "1", "--socket-ifname", "lo",
-                    "--vllm-bin", "/bin/echo", "--wait-for-primary", "3")
+    proc = launcher(
+        "secondary",
+        "127.0.0.1",
+        str(port),
+        "m",
+        "2",
+        "1",
+        "1",
+        "--socket-ifname",
+        "lo",
+        "--vllm-bin",
+        "/bin/echo",
+        "--wait-for-primary",
+        "3",
+    )
     out, err = proc.communicate(timeout=60)
     listener.close()
     assert proc.returncode == 3 and out == ""  # vLLM never started
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: primary: the primary's coordination port 127.0.0.1:{port} not ready within 3 s "
-                           "(last try: accepted, but sent 0 of a ZeroMQ greeting's 10 bytes in time)"), last
+    assert last.startswith(
+        f"error: primary: the primary's coordination port 127.0.0.1:{port} not ready within 3 s "
+        "(last try: accepted, but sent 0 of a ZeroMQ greeting's 10 bytes in time)"
+    ), last
 
 
 def test_secondary_names_a_primary_that_never_comes_up():
     port = free_port()
     t0 = time.monotonic()
-    proc = launcher("secondary", "127.0.0.1", str(port), "m", "2", "1", "1", "--socket-ifname", "lo",
-                    "--vllm-bin", "/bin/echo", "--wait-for-primary", "2")
+    proc = launcher(
+        "secondary",
+        "127.0.0.1",
+        str(port),
+        "m",
+        "2",
+        "1",
+        "1",
+        "--socket-ifname",
+        "lo",
+        "--vllm-bin",
+        "/bin/echo",
+        "--wait-for-primary",
+        "2",
+    )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3
     assert out == ""  # vLLM never started
@@ -84,8 +126,22 @@ def test_secondary_names_a_primary_that_never_comes_up():
 
 def test_primary_reports_when_the_api_is_healthy():
     port = free_port()
-    proc = launcher("primary", "127.0.0.1", "13345", "m", "1", "1", "1", "--socket-ifname", "lo", "--port", str(port),
-                    "--vllm-bin", str(FIXTURES / "fake_vllm_http.py"), env={"FAKE_VLLM_DELAY": "1"})
+    proc = launcher(
+        "primary",
+        "127.0.0.1",
+        "13345",
+        "m",
+        "1",
+        "1",
+        "1",
+        "--socket-ifname",
+        "lo",
+        "--port",
+        str(port),
+        "--vllm-bin",
+        str(FIXTURES / "fake_vllm_http.py"),
+        env={"FAKE_VLLM_DELAY": "1"},
+    )
     deadline = time.monotonic() + 30
     lines = []
     while time.monotonic() < deadline:
@@ -96,13 +152,31 @@ def test_primary_reports_when_the_api_is_healthy():
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     healthy = [line for line in lines if "is healthy" in line]
-    assert healthy and f"vLLM is healthy at http://127.0.0.1:{port}/health," in healthy[0] and "s after start" in healthy[0]
+    assert (
+        healthy
+        and f"vLLM is healthy at http://127.0.0.1:{port}/health," in healthy[0]
+        and "s after start" in healthy[0]
+    )
 
 
 def test_primary_that_dies_before_healthy_is_reported():
     port = free_port()
-    proc = launcher("primary", "127.0.0.1", "13345", "m", "1", "1", "1", "--socket-ifname", "lo", "--port", str(port),
-                    "--vllm-bin", str(FIXTURES / "fake_vllm_http.py"), env={"FAKE_VLLM_DELAY": "0.5", "FAKE_VLLM_EXIT": "4"})
+    proc = launcher(
+        "primary",
+        "127.0.0.1",
+        "13345",
+        "m",
+        "1",
+        "1",
+        "1",
+        "--socket-ifname",
+        "lo",
+        "--port",
+        str(port),
+        "--vllm-bin",
+        str(FIXTURES / "fake_vllm_http.py"),
+        env={"FAKE_VLLM_DELAY": "0.5", "FAKE_VLLM_EXIT": "4"},
+    )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 4
     assert f"stopped waiting for vLLM's API at http://127.0.0.1:{port}/health after" in err

@@ -23,7 +23,9 @@ def manifest():
 
 def test_valid_against_pixis_own_schema(manifest):
     schema = json.loads(SCHEMA.read_text())
-    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
+    errors = [
+        f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)
+    ]
     assert errors == []
 
 
@@ -67,7 +69,9 @@ def test_cuda_torch_index_and_profile_variable_agree(manifest, profile):
     pins, feature = PROFILES[profile], manifest["feature"][profile]
     assert feature["system-requirements"]["cuda"] == pins.cuda
     assert feature["activation"]["env"]["EP_STACK_PROFILE"] == profile
-    assert feature.get("pypi-options", {}).get("extra-index-urls", []) == ([pins.torch_index] if pins.torch_index else [])
+    assert feature.get("pypi-options", {}).get("extra-index-urls", []) == (
+        [pins.torch_index] if pins.torch_index else []
+    )
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -83,7 +87,9 @@ def test_no_pin_outside_the_profile_features(manifest):
     assert not stack & set(manifest["dependencies"]) - {"python"}
     for name, feature in manifest["feature"].items():
         if name not in PROFILES:
-            assert not stack & set(feature.get("pypi-dependencies", {})) | (stack & set(feature.get("dependencies", {}))), name
+            assert not stack & set(feature.get("pypi-dependencies", {})) | (
+                stack & set(feature.get("dependencies", {}))
+            ), name
 
 
 def test_no_dependency_is_left_unconstrained(manifest):
@@ -91,7 +97,12 @@ def test_no_dependency_is_left_unconstrained(manifest):
     tables = [manifest["dependencies"], manifest["pypi-dependencies"]]
     for feature in manifest["feature"].values():
         tables += [feature.get("dependencies", {}), feature.get("pypi-dependencies", {})]
-    loose = [name for table in tables for name, spec in table.items() if spec == "*" or (isinstance(spec, dict) and spec.get("version") == "*")]
+    loose = [
+        name
+        for table in tables
+        for name, spec in table.items()
+        if spec == "*" or (isinstance(spec, dict) and spec.get("version") == "*")
+    ]
     assert loose == []
 
 
@@ -101,7 +112,16 @@ def test_stack_tasks_call_python_m_env(manifest):
     assert tasks["fetch-sources"]["cmd"] == "python -m env fetch"
     assert tasks["stack-paths"]["cmd"] == "python -m env paths"
     assert tasks["stack-status"]["cmd"] == "python -m env status"
-    for kept in ("serve-primary", "serve-secondary", "serve", "plan", "check", "preflight", "preflight-bench", "bench-plan"):
+    for kept in (
+        "serve-primary",
+        "serve-secondary",
+        "serve",
+        "plan",
+        "check",
+        "preflight",
+        "preflight-bench",
+        "bench-plan",
+    ):
         assert kept in tasks
 
 

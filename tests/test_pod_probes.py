@@ -48,8 +48,10 @@ def test_a_vllm_that_died_unreaped_is_not_live(stand_in_vllm):
 @pytest.mark.parametrize(("health", "code", "says"), [(200, 0, "answered 200"), (503, 1, "answered 503")])
 def test_ready_asks_the_groups_primary(write_yaml, health, code, says):
     port = free_port()
-    server = subprocess.Popen([sys.executable, str(FAKE_VLLM), "--port", str(port)],
-                              env={"FAKE_VLLM_DELAY": "0", "FAKE_VLLM_HEALTH": str(health)})
+    server = subprocess.Popen(
+        [sys.executable, str(FAKE_VLLM), "--port", str(port)],
+        env={"FAKE_VLLM_DELAY": "0", "FAKE_VLLM_HEALTH": str(health)},
+    )
     try:
         deploy = write_yaml(f"model: m\nport: {port}\nnodes: [{{gpus: 8}}, {{gpus: 8}}]\n")
         deadline = time.monotonic() + 10
@@ -67,7 +69,9 @@ def test_ready_asks_the_groups_primary(write_yaml, health, code, says):
 
 def test_ready_without_a_primary_is_not_ready_within_its_bound(write_yaml):
     deploy = write_yaml(f"model: m\nport: {free_port()}\nnodes: [{{gpus: 8}}]\n")
-    res = run_module("launch.pod", "ready", "--deploy", str(deploy), "--timeout", "2", env={"LWS_LEADER_ADDRESS": "127.0.0.1"})
+    res = run_module(
+        "launch.pod", "ready", "--deploy", str(deploy), "--timeout", "2", env={"LWS_LEADER_ADDRESS": "127.0.0.1"}
+    )
     assert res.code == 1 and "did not answer" in res.out
     res = run_module("launch.pod", "ready", "--deploy", str(deploy), env={"LWS_LEADER_ADDRESS": ""})
     assert res.code == 1 and "LWS_LEADER_ADDRESS is not set" in res.out

@@ -52,8 +52,15 @@ class FakeNvml:
 
     max_links = 36  # nvidia-ml-py 13's NVML_NVLINK_MAX_LINKS: links past a GPU's own answer unsupported
 
-    def __init__(self, gpus: list[FakeGpu], driver: str = "580.159.04", cuda: int = 13000,
-                 p2p_read: int = 0, p2p_nvlink: int = 0, init_error: Exception | None = None):
+    def __init__(
+        self,
+        gpus: list[FakeGpu],
+        driver: str = "580.159.04",
+        cuda: int = 13000,
+        p2p_read: int = 0,
+        p2p_nvlink: int = 0,
+        init_error: Exception | None = None,
+    ):
         self.gpus, self.driver, self.cuda = gpus, driver, cuda
         self.p2p_read, self.p2p_nvlink, self.init_error = p2p_read, p2p_nvlink, init_error
         self.inits = self.shutdowns = 0
@@ -83,17 +90,38 @@ class FakeNvml:
     def handle(self, index: int) -> int:
         return index
 
-    def name(self, h): return self.gpus[h].name
-    def uuid(self, h): return self.gpus[h].uuid
-    def pci_bus_id(self, h): return self.gpus[h].pci_bus_id
-    def memory(self, h): return self.gpus[h].memory
-    def compute_capability(self, h): return self.gpus[h].cc
-    def ecc_enabled(self, h): return self.gpus[h].ecc_enabled
-    def retired_pages_pending(self, h): return self._give(self.gpus[h].retired_pending)
-    def remapped_rows(self, h): return self._give(self.gpus[h].remapped)
-    def mig_mode(self, h): return self._give(self.gpus[h].mig)
-    def compute_processes(self, h): return self.gpus[h].processes
-    def clock_event_reasons(self, h): return self.gpus[h].clock_reasons
+    def name(self, h):
+        return self.gpus[h].name
+
+    def uuid(self, h):
+        return self.gpus[h].uuid
+
+    def pci_bus_id(self, h):
+        return self.gpus[h].pci_bus_id
+
+    def memory(self, h):
+        return self.gpus[h].memory
+
+    def compute_capability(self, h):
+        return self.gpus[h].cc
+
+    def ecc_enabled(self, h):
+        return self.gpus[h].ecc_enabled
+
+    def retired_pages_pending(self, h):
+        return self._give(self.gpus[h].retired_pending)
+
+    def remapped_rows(self, h):
+        return self._give(self.gpus[h].remapped)
+
+    def mig_mode(self, h):
+        return self._give(self.gpus[h].mig)
+
+    def compute_processes(self, h):
+        return self.gpus[h].processes
+
+    def clock_event_reasons(self, h):
+        return self.gpus[h].clock_reasons
 
     def ecc_uncorrected(self, h, aggregate: bool) -> int:
         return self._give(self.gpus[h].ecc_aggregate if aggregate else self.gpus[h].ecc_volatile)
@@ -109,7 +137,9 @@ class FakeNvml:
 
 
 def h200(**node) -> FakeNvml:
-    return FakeNvml([FakeGpu(), FakeGpu(uuid="GPU-e0355984-43c8-1862-170c-6203c140e873", pci_bus_id="00000000:00:07.0")], **node)
+    return FakeNvml(
+        [FakeGpu(), FakeGpu(uuid="GPU-e0355984-43c8-1862-170c-6203c140e873", pci_bus_id="00000000:00:07.0")], **node
+    )
 
 
 def read(nvml: FakeNvml) -> gpu.NodeGpus:
@@ -120,10 +150,17 @@ def read(nvml: FakeNvml) -> gpu.NodeGpus:
 
 def all_problems(node: gpu.NodeGpus, archs=H200_ARCHS, torch_cuda=H200_TORCH_CUDA, max_mib=2048.0) -> list[str]:
     """Every judge, as the checks call them."""
-    return [*gpu.count_problems(gpu.visible_gpus(node.gpus, None), 2), *gpu.model_problems(node.gpus),
-            *gpu.arch_problems(node.gpus, archs), *gpu.cuda_problems(node.cuda_driver_version, torch_cuda),
-            *gpu.health_problems(node.gpus), *gpu.mig_problems(node.gpus), *gpu.memory_problems(node.gpus, max_mib),
-            *gpu.nvlink_problems(node), *gpu.throttle_problems(node.gpus)]
+    return [
+        *gpu.count_problems(gpu.visible_gpus(node.gpus, None), 2),
+        *gpu.model_problems(node.gpus),
+        *gpu.arch_problems(node.gpus, archs),
+        *gpu.cuda_problems(node.cuda_driver_version, torch_cuda),
+        *gpu.health_problems(node.gpus),
+        *gpu.mig_problems(node.gpus),
+        *gpu.memory_problems(node.gpus, max_mib),
+        *gpu.nvlink_problems(node),
+        *gpu.throttle_problems(node.gpus),
+    ]
 
 
 # ------------------------------------------------------------------------------ reading, recorded H200
@@ -135,7 +172,13 @@ def test_h200_is_read_into_facts():
     assert (node.driver, node.cuda_driver_version, node.cuda_driver) == ("580.159.04", 13000, "13.0")
     assert [g.pci_bus_id for g in node.gpus] == ["00000000:00:06.0", "00000000:00:07.0"]
     g = node.gpus[0]
-    assert (g.name, g.compute_capability, g.memory_total, g.ecc_enabled, g.mig_enabled) == ("NVIDIA H200", (9, 0), 143771 * MiB, True, False)
+    assert (g.name, g.compute_capability, g.memory_total, g.ecc_enabled, g.mig_enabled) == (
+        "NVIDIA H200",
+        (9, 0),
+        143771 * MiB,
+        True,
+        False,
+    )
     assert g.nvlinks == {link: True for link in range(18)}
     assert g.retired_pages_pending is None  # not supported: None, not a failure
     assert (g.row_remap_pending, g.row_remap_failure, g.ecc_uncorrected_volatile) == (False, False, 0)
@@ -152,6 +195,7 @@ def _gpu(i: int, **values):
     def edit(nvml: FakeNvml) -> None:
         for name, value in values.items():
             setattr(nvml.gpus[i], name, value)
+
     return edit
 
 
@@ -167,15 +211,26 @@ FAULTS = {
     "row remap pending": (_gpu(0, remapped=(True, False)), "GPU0: row remap pending"),
     "row remap failure": (_gpu(0, remapped=(False, True)), "GPU0: row remapping failed"),
     "retired pages pending": (_gpu(1, retired_pending=True), "GPU1: retired pages pending"),
-    "ECC counter unreadable": (_gpu(0, ecc_volatile=NvmlError("GPU is lost")), "GPU0: cannot read ECC errors: GPU is lost"),
-    "another process holds 20 GiB": (_gpu(0, memory=(143771 * MiB, 20 * GiB), processes=[(4242, 20 * GiB)]),
-                                     "GPU0: 20480 MiB in use, pid 4242 (20480 MiB)"),
-    "mixed models": (_gpu(1, name="NVIDIA H100 80GB HBM3"), "mixed GPU models: GPU0 NVIDIA H200, GPU1 NVIDIA H100 80GB HBM3"),
+    "ECC counter unreadable": (
+        _gpu(0, ecc_volatile=NvmlError("GPU is lost")),
+        "GPU0: cannot read ECC errors: GPU is lost",
+    ),
+    "another process holds 20 GiB": (
+        _gpu(0, memory=(143771 * MiB, 20 * GiB), processes=[(4242, 20 * GiB)]),
+        "GPU0: 20480 MiB in use, pid 4242 (20480 MiB)",
+    ),
+    "mixed models": (
+        _gpu(1, name="NVIDIA H100 80GB HBM3"),
+        "mixed GPU models: GPU0 NVIDIA H200, GPU1 NVIDIA H100 80GB HBM3",
+    ),
     "HW thermal slowdown": (_gpu(0, clock_reasons=0x40 | 0x4), "GPU0: HW thermal slowdown"),
     "power brake": (_gpu(1, clock_reasons=0x80), "GPU1: HW power brake slowdown"),
     "P2P disabled": (lambda n: setattr(n, "p2p_read", 4), "GPU0-GPU1: no P2P (disabled by regkey)"),
     "NVLink fabric not set up": (lambda n: setattr(n, "p2p_nvlink", 5), "no GPU pair can use NVLink for P2P"),
-    "driver older than torch's CUDA major": (lambda n: setattr(n, "cuda", 12080), "the driver supports CUDA 12.8, torch needs CUDA 13.x (13.0)"),
+    "driver older than torch's CUDA major": (
+        lambda n: setattr(n, "cuda", 12080),
+        "the driver supports CUDA 12.8, torch needs CUDA 13.x (13.0)",
+    ),
 }
 
 
@@ -194,7 +249,8 @@ def test_compute_capability_8_0_against_kernels_built_for_9_0():
         g.cc = (8, 0)
     node = read(nvml)
     assert gpu.arch_problems(node.gpus, ("sm_90",)) == [
-        "GPU0, GPU1: compute capability 8.0 (sm_80) is not among the architectures torch was built for (sm_90)"]
+        "GPU0, GPU1: compute capability 8.0 (sm_80) is not among the architectures torch was built for (sm_90)"
+    ]
     assert gpu.arch_problems(node.gpus, H200_ARCHS) == []  # the image's torch has sm_80
 
 
@@ -234,36 +290,64 @@ def test_bridged_pairs_pass_when_some_pairs_use_nvlink():
 # ------------------------------------------------------------------------------------ pure tables
 
 
-@pytest.mark.parametrize("arch, cc, runs", [
-    ("sm_90", (9, 0), True), ("sm_80", (8, 6), True), ("sm_86", (8, 0), False), ("sm_80", (9, 0), False),
-    ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False), ("sm_100f", (10, 3), True), ("sm_120", (12, 0), True),
-    ("compute_80", (9, 0), True), ("compute_90", (8, 0), False), ("compute_90a", (9, 0), True), ("gfx942", (9, 0), False),
-])
+@pytest.mark.parametrize(
+    "arch, cc, runs",
+    [
+        ("sm_90", (9, 0), True),
+        ("sm_80", (8, 6), True),
+        ("sm_86", (8, 0), False),
+        ("sm_80", (9, 0), False),
+        ("sm_90a", (9, 0), True),
+        ("sm_90a", (10, 0), False),
+        ("sm_100f", (10, 3), True),
+        ("sm_120", (12, 0), True),
+        ("compute_80", (9, 0), True),
+        ("compute_90", (8, 0), False),
+        ("compute_90a", (9, 0), True),
+        ("gfx942", (9, 0), False),
+    ],
+)
 def test_arch_runs_on(arch, cc, runs):
     assert gpu.arch_runs_on(arch, cc) is runs
 
 
-@pytest.mark.parametrize("driver, runtime, problem, minor", [
-    (13000, "13.0", "", False),
-    (12020, "12.4", "", True),  # driver 535 with a cu124 torch: minor-version compatibility
-    (12080, "13.0", "the driver supports CUDA 12.8, torch needs CUDA 13.x", False),
-    (13000, None, "torch is a CPU build", False),
-    (None, "13.0", "cannot compare", False),
-])
+@pytest.mark.parametrize(
+    "driver, runtime, problem, minor",
+    [
+        (13000, "13.0", "", False),
+        (12020, "12.4", "", True),  # driver 535 with a cu124 torch: minor-version compatibility
+        (12080, "13.0", "the driver supports CUDA 12.8, torch needs CUDA 13.x", False),
+        (13000, None, "torch is a CPU build", False),
+        (None, "13.0", "cannot compare", False),
+    ],
+)
 def test_cuda_driver_against_runtime(driver, runtime, problem, minor):
     got = gpu.cuda_problems(driver, runtime)
     assert (got[0] if got else "").startswith(problem) and bool(got) == bool(problem)
     assert gpu.minor_compat(driver, runtime) is minor
 
 
-@pytest.mark.parametrize("cvd, visible", [
-    (None, 2), ("0", 1), ("1,0", 2), ("", 0), ("0,7,1", 1), ("0,0", 1), ("-1", 0), ("GPU-e0355984", 1), ("GPU-e0355984,GPU-42d2", 2),
-])
+@pytest.mark.parametrize(
+    "cvd, visible",
+    [
+        (None, 2),
+        ("0", 1),
+        ("1,0", 2),
+        ("", 0),
+        ("0,7,1", 1),
+        ("0,0", 1),
+        ("-1", 0),
+        ("GPU-e0355984", 1),
+        ("GPU-e0355984,GPU-42d2", 2),
+    ],
+)
 def test_cuda_visible_devices(cvd, visible):
     assert gpu.visible_gpus(read(h200()).gpus, cvd) == visible
 
 
-@pytest.mark.parametrize("visible, expected, ok", [(2, 2, True), (8, 2, True), (1, 2, False), (0, None, False), (1, None, True)])
+@pytest.mark.parametrize(
+    "visible, expected, ok", [(2, 2, True), (8, 2, True), (1, 2, False), (0, None, False), (1, None, True)]
+)
 def test_gpu_count(visible, expected, ok):
     assert (gpu.count_problems(visible, expected) == []) is ok
 
@@ -280,6 +364,7 @@ def test_no_driver_is_a_reason_not_an_exception():
 def test_missing_bindings_are_a_reason():
     def make():
         raise ImportError("No module named 'pynvml'")
+
     assert gpu.read_bounded(make, 5) == "no NVML bindings: No module named 'pynvml'"
 
 
@@ -308,7 +393,12 @@ def test_the_real_bindings_read_or_explain():
 def test_torch_probe_reads_this_interpreters_torch():
     torch = pytest.importorskip("torch")
     got = gpu.torch_build(sys.executable, dict(os.environ), 120)
-    assert (got.error, got.version, got.cuda, got.archs) == ("", torch.__version__, torch.version.cuda, tuple(torch.cuda.get_arch_list()))
+    assert (got.error, got.version, got.cuda, got.archs) == (
+        "",
+        torch.__version__,
+        torch.version.cuda,
+        tuple(torch.cuda.get_arch_list()),
+    )
 
 
 def test_torch_probe_without_torch_and_when_slow(tmp_path):
@@ -327,9 +417,18 @@ def test_torch_probe_without_torch_and_when_slow(tmp_path):
 
 # ------------------------------------------------------------------------------------------ black box
 
-CHECKS = ["NVIDIA driver loaded", "GPU count for this node's plan", "one GPU model", "compute capability in the built kernels",
-          "driver new enough for torch's CUDA", "no uncorrected ECC errors or pending remaps", "MIG off",
-          "GPU memory free (no other process)", "NVLink up and P2P between every pair", "no clock slowdown (thermal, power, HW)"]
+CHECKS = [
+    "NVIDIA driver loaded",
+    "GPU count for this node's plan",
+    "one GPU model",
+    "compute capability in the built kernels",
+    "driver new enough for torch's CUDA",
+    "no uncorrected ECC errors or pending remaps",
+    "MIG off",
+    "GPU memory free (no other process)",
+    "NVLink up and P2P between every pair",
+    "no clock slowdown (thermal, power, HW)",
+]
 
 
 def test_preflight_gpu_without_a_driver_fails_every_check_cleanly():
@@ -356,4 +455,7 @@ def test_preflight_gpu_count_names_the_plans_gpus(tmp_path):
     deploy.write_text("model: m\nnodes:\n  - {address: 10.1.59.30, gpus: 4}\n  - {address: 10.1.60.57, gpus: 4}\n")
     res = run_module("preflight", "-k", "gpu_count", f"--deploy={deploy}", "--node-rank=1", timeout=120)
     line = next(ln for ln in res.out.splitlines() if ln.startswith("FAIL  gpu "))
-    assert "GPU count for this node's plan" in line and "no NVIDIA driver (expected >= 4 (the plan's local DP x TP))" in line, line
+    assert (
+        "GPU count for this node's plan" in line
+        and "no NVIDIA driver (expected >= 4 (the plan's local DP x TP))" in line
+    ), line

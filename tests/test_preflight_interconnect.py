@@ -18,7 +18,9 @@ from tests.conftest import run_module
 from tests.recorded import H200_PARAMS, IBGDA_PARAMS, MODULES_PEERMEM, MODULES_PLAIN, proc_tree
 
 FI_INFO = shutil.which("fi_info")
-needs_fi_info = pytest.mark.skipif(FI_INFO is None, reason="fi_info not installed (Debian: apt-get install libfabric-bin)")
+needs_fi_info = pytest.mark.skipif(
+    FI_INFO is None, reason="fi_info not installed (Debian: apt-get install libfabric-bin)"
+)
 
 NDR = {"state": "4: ACTIVE", "phys_state": "5: LinkUp", "rate": "400 Gb/sec (4X NDR)", "link_layer": "InfiniBand"}
 DOWN = {"state": "1: DOWN", "phys_state": "3: Disabled", "rate": "10 Gb/sec (4X SDR)", "link_layer": "InfiniBand"}
@@ -37,8 +39,15 @@ P5_EFA = [f"rdmap{bus}s0" for bus in [*range(79, 87), *range(96, 104), *range(14
 
 # ------------------------------------------------------------------------------------------- fixture trees
 
-def add_device(sys_root: Path, name: str, pci: str, driver: str | None, ports: dict[int, dict[str, str]],
-               gids: dict[int, str] | None = None) -> None:
+
+def add_device(
+    sys_root: Path,
+    name: str,
+    pci: str,
+    driver: str | None,
+    ports: dict[int, dict[str, str]],
+    gids: dict[int, str] | None = None,
+) -> None:
     """One RDMA device the way sysfs links it: class/infiniband/NAME -> devices/.../PCI/infiniband/NAME,
     whose device -> the PCI function, whose driver -> bus/pci/drivers/DRIVER."""
     pci_dir = sys_root / "devices" / "pci0000:00" / pci
@@ -69,7 +78,13 @@ def ndr_node(sys_root: Path, overrides: dict[str, dict[str, str]] | None = None)
     """8 x ConnectX-7 NDR (mlx5_0..mlx5_7, port 1), optionally with some ports changed."""
     for i in range(8):
         name = f"mlx5_{i}"
-        add_device(sys_root, name, f"0000:{0x18 + 0x10 * i:02x}:00.0", "mlx5_core", {1: {**NDR, **(overrides or {}).get(name, {})}})
+        add_device(
+            sys_root,
+            name,
+            f"0000:{0x18 + 0x10 * i:02x}:00.0",
+            "mlx5_core",
+            {1: {**NDR, **(overrides or {}).get(name, {})}},
+        )
     return sys_root
 
 
@@ -96,13 +111,12 @@ def h200_machine(root: Path) -> tuple[Path, Path]:
     return sys_root, proc
 
 
-
-
 def ib_class(sys_root: Path) -> Path:
     return sys_root / "class" / "infiniband"
 
 
 # ------------------------------------------------------------------------------------------- sysfs parsing
+
 
 def test_ndr_node_is_read_as_eight_active_400g_infiniband_ports(tmp_path):
     devices = rdma.read_devices(ib_class(ndr_node(tmp_path / "sys")))
@@ -123,10 +137,17 @@ def test_a_down_port_and_a_slow_port_are_seen(tmp_path):
     assert sum(p.active for p in ports.values()) == 7
 
 
-@pytest.mark.parametrize("text, gbps", [
-    ("400 Gb/sec (4X NDR)", 400.0), ("200 Gb/sec (2X NDR)", 200.0), ("2.5 Gb/sec (1X SDR)", 2.5),
-    ("100 Gb/sec (4X EDR)", 100.0), ("", None), ("invalid", None),
-])
+@pytest.mark.parametrize(
+    "text, gbps",
+    [
+        ("400 Gb/sec (4X NDR)", 400.0),
+        ("200 Gb/sec (2X NDR)", 200.0),
+        ("2.5 Gb/sec (1X SDR)", 2.5),
+        ("100 Gb/sec (4X EDR)", 100.0),
+        ("", None),
+        ("invalid", None),
+    ],
+)
 def test_rate_parsing(text, gbps):
     assert rdma.Port("mlx5_0", 1, "ACTIVE", "LinkUp", text, "InfiniBand").rate_gbps == gbps
 
@@ -162,7 +183,13 @@ def test_devices_sort_like_ibstat(tmp_path):
     sys_root = tmp_path / "sys"
     for i in (10, 2, 1, 0, 11):
         add_device(sys_root, f"mlx5_{i}", f"0000:{i + 16:02x}:00.0", "mlx5_core", {1: NDR})
-    assert [d.name for d in rdma.read_devices(ib_class(sys_root))] == ["mlx5_0", "mlx5_1", "mlx5_2", "mlx5_10", "mlx5_11"]
+    assert [d.name for d in rdma.read_devices(ib_class(sys_root))] == [
+        "mlx5_0",
+        "mlx5_1",
+        "mlx5_2",
+        "mlx5_10",
+        "mlx5_11",
+    ]
 
 
 def test_h200_machine_has_no_rdma_devices(tmp_path):
@@ -172,25 +199,29 @@ def test_h200_machine_has_no_rdma_devices(tmp_path):
     assert rdma.read_devices(tmp_path / "nowhere") == []
 
 
-@pytest.mark.parametrize("spec, device, port, used", [
-    (None, "mlx5_0", 1, True),
-    ("", "mlx5_0", 1, True),
-    ("mlx5_0,mlx5_1", "mlx5_1", 1, True),
-    ("mlx5_0,mlx5_1", "mlx5_2", 1, False),
-    ("mlx5_1", "mlx5_10", 1, True),  # NCCL matches prefixes
-    ("=mlx5_1", "mlx5_10", 1, False),
-    ("=mlx5_1", "mlx5_1", 1, True),
-    ("^mlx5_8", "mlx5_8", 1, False),
-    ("^mlx5_8", "mlx5_0", 1, True),
-    ("^=mlx5_1", "mlx5_10", 1, True),
-    ("mlx5_0:1", "mlx5_0", 1, True),
-    ("mlx5_0:2", "mlx5_0", 1, False),
-])
+@pytest.mark.parametrize(
+    "spec, device, port, used",
+    [
+        (None, "mlx5_0", 1, True),
+        ("", "mlx5_0", 1, True),
+        ("mlx5_0,mlx5_1", "mlx5_1", 1, True),
+        ("mlx5_0,mlx5_1", "mlx5_2", 1, False),
+        ("mlx5_1", "mlx5_10", 1, True),  # NCCL matches prefixes
+        ("=mlx5_1", "mlx5_10", 1, False),
+        ("=mlx5_1", "mlx5_1", 1, True),
+        ("^mlx5_8", "mlx5_8", 1, False),
+        ("^mlx5_8", "mlx5_0", 1, True),
+        ("^=mlx5_1", "mlx5_10", 1, True),
+        ("mlx5_0:1", "mlx5_0", 1, True),
+        ("mlx5_0:2", "mlx5_0", 1, False),
+    ],
+)
 def test_nccl_ib_hca_selection(spec, device, port, used):
     assert rdma.nccl_uses(spec, device, port) is used
 
 
 # ------------------------------------------------------------------------------------------ procfs parsing
+
 
 def test_proc_modules_with_and_without_nvidia_peermem(tmp_path):
     assert {"nvidia_peermem", "gdrdrv", "nvidia", "mlx5_ib"} <= rdma.loaded_modules(proc_tree(tmp_path / "a"))
@@ -208,12 +239,15 @@ def test_h200_driver_params_say_ibgda_is_not_configured(tmp_path):
     assert params.values["EnableResizableBar"] == "0"
 
 
-@pytest.mark.parametrize("dwords, value, one", [
-    ("PeerMappingOverride=1;", "1", True),
-    ("RMForceStaticBar1=0;PeerMappingOverride=0x1", "0x1", True),
-    ("PeerMappingOverride=0;", "0", False),
-    ("RmEnableAggressiveVblank=1", "", False),
-])
+@pytest.mark.parametrize(
+    "dwords, value, one",
+    [
+        ("PeerMappingOverride=1;", "1", True),
+        ("RMForceStaticBar1=0;PeerMappingOverride=0x1", "0x1", True),
+        ("PeerMappingOverride=0;", "0", False),
+        ("RmEnableAggressiveVblank=1", "", False),
+    ],
+)
 def test_registry_dwords(tmp_path, dwords, value, one):
     proc = proc_tree(tmp_path, None, IBGDA_PARAMS.replace("PeerMappingOverride=1;", dwords))
     params = rdma.nvidia_params(proc)
@@ -226,6 +260,7 @@ def test_no_driver_means_no_params(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the real fi_info
+
 
 @needs_fi_info
 def test_real_fi_info_has_no_efa_provider():
@@ -272,15 +307,19 @@ def test_a_hung_fi_info_is_killed_with_what_it_started(tmp_path):
 
 # ------------------------------------------------------------------------------- the NCCL net plugin
 
-@pytest.mark.parametrize("setting, names", [
-    (None, ["libnccl-net.so"]),
-    ("none", []),
-    ("ofi", ["ofi", "libnccl-net-ofi.so"]),
-    ("aws-ofi", ["aws-ofi", "libnccl-net-aws-ofi.so"]),
-    ("libnccl-net-ofi.so", ["libnccl-net-ofi.so"]),
-    ("/opt/amazon/ofi-nccl/lib/libnccl-net.so", ["/opt/amazon/ofi-nccl/lib/libnccl-net.so"]),
-    ("ofi,ib", ["ofi", "libnccl-net-ofi.so", "ib", "libnccl-net-ib.so"]),
-])
+
+@pytest.mark.parametrize(
+    "setting, names",
+    [
+        (None, ["libnccl-net.so"]),
+        ("none", []),
+        ("ofi", ["ofi", "libnccl-net-ofi.so"]),
+        ("aws-ofi", ["aws-ofi", "libnccl-net-aws-ofi.so"]),
+        ("libnccl-net-ofi.so", ["libnccl-net-ofi.so"]),
+        ("/opt/amazon/ofi-nccl/lib/libnccl-net.so", ["/opt/amazon/ofi-nccl/lib/libnccl-net.so"]),
+        ("ofi,ib", ["ofi", "libnccl-net-ofi.so", "ib", "libnccl-net-ib.so"]),
+    ],
+)
 def test_plugin_names_as_nccl_tries_them(setting, names):
     assert efa.plugin_names(setting) == names
 
@@ -352,12 +391,29 @@ network:
 {extra}"""
 
 
-def preflight(write_yaml, transport: str, sys_root: Path | None = None, proc: Path | None = None,
-              backend: str = "deepep_low_latency", extra: str = "", env: dict[str, str] | None = None):
+def preflight(
+    write_yaml,
+    transport: str,
+    sys_root: Path | None = None,
+    proc: Path | None = None,
+    backend: str = "deepep_low_latency",
+    extra: str = "",
+    env: dict[str, str] | None = None,
+):
     path = write_yaml(DEPLOY.format(transport=transport, backend=backend, extra=extra))
-    roots = {rdma.SYSFS_ROOT_VAR: str(sys_root or "/nonexistent-sys"), rdma.PROC_ROOT_VAR: str(proc or "/nonexistent-proc")}
-    res = run_module("preflight", f"--deploy={path}", "--node-rank=1", "-k", "interconnect or efa",
-                     env={**roots, **(env or {})}, timeout=120)
+    roots = {
+        rdma.SYSFS_ROOT_VAR: str(sys_root or "/nonexistent-sys"),
+        rdma.PROC_ROOT_VAR: str(proc or "/nonexistent-proc"),
+    }
+    res = run_module(
+        "preflight",
+        f"--deploy={path}",
+        "--node-rank=1",
+        "-k",
+        "interconnect or efa",
+        env={**roots, **(env or {})},
+        timeout=120,
+    )
     assert "Traceback" not in res.out + res.err, res.out + res.err
     lines = {}
     for line in res.out.splitlines():
@@ -389,8 +445,14 @@ def test_tcp_deploy_skips_every_interconnect_and_efa_check(write_yaml):
 def test_healthy_ndr_node_passes(write_yaml, tmp_path):
     res, lines = preflight(write_yaml, "ib", ndr_node(tmp_path / "sys"), proc_tree(tmp_path / "proc"))
     assert res.code == 0, res.out
-    for name in ("RDMA devices present", "RDMA ports ACTIVE", "RDMA port rate", "RDMA link layer",
-                 "nvidia_peermem loaded", "IBGDA ready"):
+    for name in (
+        "RDMA devices present",
+        "RDMA ports ACTIVE",
+        "RDMA port rate",
+        "RDMA link layer",
+        "nvidia_peermem loaded",
+        "IBGDA ready",
+    ):
         assert outcome(lines, name) == "PASS", text(lines, name)
     assert "GPU-initiated IBGDA (driver regkeys)" in text(lines, "IBGDA ready")
     assert "8 devices, 8 ports: mlx5_0 .. mlx5_7" in text(lines, "RDMA devices present")
@@ -405,7 +467,9 @@ def test_down_port_slow_port_and_h200_driver_fail_with_fixes(write_yaml, tmp_pat
     assert res.code == 1
     assert "7/8 active; mlx5_3:1 DOWN/Disabled" in text(lines, "RDMA ports ACTIVE")
     assert "mlx5_5:1 100 Gb/sec (4X EDR) (expected >= 400 Gb/sec)" in text(lines, "RDMA port rate")
-    assert outcome(lines, "nvidia_peermem loaded") == "FAIL" and "modprobe nvidia_peermem" in text(lines, "nvidia_peermem")
+    assert outcome(lines, "nvidia_peermem loaded") == "FAIL" and "modprobe nvidia_peermem" in text(
+        lines, "nvidia_peermem"
+    )
     ibgda = text(lines, "IBGDA ready")
     assert outcome(lines, "IBGDA ready") == "FAIL"
     # this machine has no NVSHMEM library, so the judge cannot count on NVSHMEM >= 3.4.5 either
@@ -483,20 +547,31 @@ def test_roce_gid_index_without_an_ipv4_address(write_yaml, tmp_path):
 def test_roce_gid_check_covers_nvshmem_where_the_environment_splits_them(write_yaml, tmp_path):
     """The plan refuses one library's GID alone; an exported variable on the node can still do it."""
     sys_root, proc = roce_node(tmp_path / "sys"), proc_tree(tmp_path / "proc")
-    res, lines = preflight(write_yaml, "roce", sys_root, proc, extra="  gid_index: 3\n", env={"NVSHMEM_IB_GID_INDEX": "1"})
+    res, lines = preflight(
+        write_yaml, "roce", sys_root, proc, extra="  gid_index: 3\n", env={"NVSHMEM_IB_GID_INDEX": "1"}
+    )
     gid = text(lines, "RoCE v2 GID")
     # the plan's value wins over the node's for the launcher's own variables
     assert "index 3 is RoCE v2 on 8 ports" in gid, gid
     res, lines = preflight(write_yaml, "roce", sys_root, proc, env={"NVSHMEM_IB_GID_INDEX": "1"})
     gid = text(lines, "RoCE v2 GID")
-    assert res.code == 1 and "NCCL_IB_GID_INDEX=auto, NVSHMEM_IB_GID_INDEX=1 (expected one GID index for NCCL and NVSHMEM)" in gid
+    assert (
+        res.code == 1
+        and "NCCL_IB_GID_INDEX=auto, NVSHMEM_IB_GID_INDEX=1 (expected one GID index for NCCL and NVSHMEM)" in gid
+    )
 
 
 def test_efa_node_with_debian_libfabric(write_yaml, tmp_path):
     lib = _plugin_dir(tmp_path / "ofi", "libnccl-net-ofi.so")
     sys_root = efa_node(tmp_path / "sys")
-    res, lines = preflight(write_yaml, "efa", sys_root, proc_tree(tmp_path / "proc"), backend="allgather_reducescatter",
-                           env={"LD_LIBRARY_PATH": str(lib)})
+    res, lines = preflight(
+        write_yaml,
+        "efa",
+        sys_root,
+        proc_tree(tmp_path / "proc"),
+        backend="allgather_reducescatter",
+        env={"LD_LIBRARY_PATH": str(lib)},
+    )
     assert "32 devices: rdmap79s0 .. rdmap189s0" in text(lines, "EFA devices present")
     assert outcome(lines, "EFA devices present") == "PASS"
     assert outcome(lines, "RDMA devices present") == "SKIP" and outcome(lines, "nvidia_peermem loaded") == "PASS"
@@ -506,6 +581,15 @@ def test_efa_node_with_debian_libfabric(write_yaml, tmp_path):
     if not os.path.exists(efa.EFA_INSTALLER_FI_INFO):  # a real EFA host would find the provider
         expected = ["not found", "offers:", "tcp"] if FI_INFO else ["no fi_info"]
         assert all(word in provider for word in expected), provider
-    res, lines = preflight(write_yaml, "efa", sys_root, proc_tree(tmp_path / "proc"), backend="allgather_reducescatter",
-                           env={"LD_LIBRARY_PATH": str(lib)}, extra="  nccl: {NCCL_NET_PLUGIN: ofi}\n")
-    assert outcome(lines, "aws-ofi-nccl plugin") == "PASS" and str(lib / "libnccl-net-ofi.so") in text(lines, "aws-ofi-nccl")
+    res, lines = preflight(
+        write_yaml,
+        "efa",
+        sys_root,
+        proc_tree(tmp_path / "proc"),
+        backend="allgather_reducescatter",
+        env={"LD_LIBRARY_PATH": str(lib)},
+        extra="  nccl: {NCCL_NET_PLUGIN: ofi}\n",
+    )
+    assert outcome(lines, "aws-ofi-nccl plugin") == "PASS" and str(lib / "libnccl-net-ofi.so") in text(
+        lines, "aws-ofi-nccl"
+    )

@@ -24,19 +24,30 @@ def write_safetensors(path, tensors: dict[str, tuple[str, list[int]]]) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
 
 
-DEEPSEEK_LIKE = {"model_type": "deepseek_v3", "n_routed_experts": 8, "num_hidden_layers": 2, "kv_lora_rank": 512,
-                 "qk_rope_head_dim": 64, "num_attention_heads": 4, "hidden_size": 256, "max_position_embeddings": 4096}
+DEEPSEEK_LIKE = {
+    "model_type": "deepseek_v3",
+    "n_routed_experts": 8,
+    "num_hidden_layers": 2,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "num_attention_heads": 4,
+    "hidden_size": 256,
+    "max_position_embeddings": 4096,
+}
 
 
 def moe_folder(tmp_path, config=DEEPSEEK_LIKE):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
-    write_safetensors(folder / "model-00001.safetensors", {
-        "model.layers.0.mlp.experts.0.up_proj.weight": ("BF16", [64, 256]),  # 32 KiB
-        "model.layers.0.mlp.experts.1.up_proj.weight": ("BF16", [64, 256]),
-        "model.embed_tokens.weight": ("BF16", [128, 256]),  # 64 KiB
-    })
+    write_safetensors(
+        folder / "model-00001.safetensors",
+        {
+            "model.layers.0.mlp.experts.0.up_proj.weight": ("BF16", [64, 256]),  # 32 KiB
+            "model.layers.0.mlp.experts.1.up_proj.weight": ("BF16", [64, 256]),
+            "model.embed_tokens.weight": ("BF16", [128, 256]),  # 64 KiB
+        },
+    )
     write_safetensors(folder / "model-00002.safetensors", {"lm_head.weight": ("F32", [128, 256])})  # 128 KiB
     return folder
 
@@ -81,8 +92,10 @@ def test_flags_in_both_spellings():
 def preflight_model(tmp_path, vllm_args: str = ""):
     folder = moe_folder(tmp_path)
     deploy = tmp_path / "d.yaml"
-    deploy.write_text(f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 3}}\nnetwork: {{transport: tcp, socket_ifname: lo}}\n"
-                      + (f"vllm_args: {vllm_args}\n" if vllm_args else ""))
+    deploy.write_text(
+        f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 3}}\nnetwork: {{transport: tcp, socket_ifname: lo}}\n"
+        + (f"vllm_args: {vllm_args}\n" if vllm_args else "")
+    )
     res = run_module("preflight", "--deploy", str(deploy), "--node-rank", "0", "-k", "model and not GPU")
     assert "Traceback" not in res.out + res.err
     return res
@@ -100,5 +113,7 @@ def test_preflight_notes_an_uneven_expert_split_without_failing(tmp_path):
 def test_preflight_fails_an_eplb_layout_vllm_refuses(tmp_path):
     res = preflight_model(tmp_path, "[--enable-eplb, --num-redundant-experts, '2']")
     assert "FAIL  model        experts over the EP ranks" in res.out
-    assert "8 + 2 redundant experts over 3 EP ranks (expected (experts + redundant) a multiple of 3 with EPLB)" in res.out
+    assert (
+        "8 + 2 redundant experts over 3 EP ranks (expected (experts + redundant) a multiple of 3 with EPLB)" in res.out
+    )
     assert "set the redundant experts to 4" in res.out and res.code == 1

@@ -119,7 +119,10 @@ def test_the_adapter_reads_an_h200_node(install):
     assert ("ecc", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC) in nv.calls
     assert ("ecc", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_AGGREGATE_ECC) in nv.calls
     # P2P asked twice per pair: any path (nvidia-ml-py writes that index as a one-element tuple) and NVLink.
-    assert {c[3] for c in nv.calls if c[0] == "p2p"} == {pynvml.NVML_P2P_CAPS_INDEX_READ[0], pynvml.NVML_P2P_CAPS_INDEX_NVLINK}
+    assert {c[3] for c in nv.calls if c[0] == "p2p"} == {
+        pynvml.NVML_P2P_CAPS_INDEX_READ[0],
+        pynvml.NVML_P2P_CAPS_INDEX_NVLINK,
+    }
     assert node.p2p[(0, 1)] == gpu.P2p(read=0, nvlink=0)
     assert nv.calls[-1] == ("shutdown",)
     assert gpu.nvlink_problems(node) == [] and gpu.health_problems(node.gpus) == []

@@ -13,13 +13,21 @@ from launch.vllm_versions import BACKENDS, resolve_target
 from tests.conftest import ROOT
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12), st.floats(allow_nan=True))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
 addresses = st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "node-a", "", "fe80::1", "a b"])
 nodes = st.lists(
     st.fixed_dictionaries(
         {"address": addresses},
-        optional={"gpus": st.one_of(st.integers(-1, 17), values), "data_parallel_size_local": st.integers(0, 9),
-                  "socket_ifname": st.sampled_from(["eth0", "auto"]), "env": st.dictionaries(st.sampled_from(["A", "B-C", "HF_TOKEN"]), st.text(max_size=4))},
+        optional={
+            "gpus": st.one_of(st.integers(-1, 17), values),
+            "data_parallel_size_local": st.integers(0, 9),
+            "socket_ifname": st.sampled_from(["eth0", "auto"]),
+            "env": st.dictionaries(st.sampled_from(["A", "B-C", "HF_TOKEN"]), st.text(max_size=4)),
+        },
     ),
     max_size=4,
 )
@@ -35,9 +43,14 @@ deploys = st.fixed_dictionaries(
         "port": st.integers(0, 70000),
         "all2all_backend": st.sampled_from([b.name for b in BACKENDS] + ["bogus"]),
         "vllm_version": st.sampled_from(["0.10.1.1", "0.26.0", "0.33.0", "x.y"]),
-        "network": st.fixed_dictionaries({}, optional={"transport": st.sampled_from(["ib", "roce", "efa", "tcp", "ethernet"]),
-                                                       "nccl": st.dictionaries(st.sampled_from(["NCCL_A", "B"]), st.text(max_size=3)),
-                                                       "efa": st.dictionaries(st.sampled_from(["FI_A"]), st.text(max_size=3))}),
+        "network": st.fixed_dictionaries(
+            {},
+            optional={
+                "transport": st.sampled_from(["ib", "roce", "efa", "tcp", "ethernet"]),
+                "nccl": st.dictionaries(st.sampled_from(["NCCL_A", "B"]), st.text(max_size=3)),
+                "efa": st.dictionaries(st.sampled_from(["FI_A"]), st.text(max_size=3)),
+            },
+        ),
         "bogus_key": values,
     },
 )

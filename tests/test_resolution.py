@@ -71,8 +71,18 @@ def test_an_exported_backend_cannot_override_the_plans_flag_on_vllm_014(launch, 
     vllm = tmp_path / "vllm"
     vllm.write_text('#!/bin/sh\necho "VLLM_ALL2ALL_BACKEND=${VLLM_ALL2ALL_BACKEND-unset} $*"\n')
     vllm.chmod(0o755)
-    served = launch("primary", "--deploy", str(deploy), "--node-rank", "0", "--socket-ifname", "lo",
-                    "--vllm-bin", str(vllm), env=exported)
+    served = launch(
+        "primary",
+        "--deploy",
+        str(deploy),
+        "--node-rank",
+        "0",
+        "--socket-ifname",
+        "lo",
+        "--vllm-bin",
+        str(vllm),
+        env=exported,
+    )
     assert served.code == 0, served.err
     assert served.out.startswith("VLLM_ALL2ALL_BACKEND=unset serve m ")
     assert "--all2all-backend deepep_high_throughput" in served.out

@@ -65,16 +65,24 @@ def render(tmp_path: Path, text: str, name: str = "deploy.yaml") -> Path:
 
 # ---- the script (no cluster needed) ------------------------------------------------------------------------
 def test_the_script_asks_for_whole_nodes_and_runs_preflight_then_serve(tmp_path):
-    job = render(tmp_path, "model: m\nnodes: [{gpus: 8}, {gpus: 8}, {gpus: 8}]\nslurm: {partition: gpu, time: '04:00:00'}\n")
+    job = render(
+        tmp_path, "model: m\nnodes: [{gpus: 8}, {gpus: 8}, {gpus: 8}]\nslurm: {partition: gpu, time: '04:00:00'}\n"
+    )
     text = job.read_text()
     header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
     assert header == [
-        "#SBATCH --job-name=vllm-ep", "#SBATCH --output=%x-%j.out",
+        "#SBATCH --job-name=vllm-ep",
+        "#SBATCH --output=%x-%j.out",
         "#SBATCH --signal=TERM@120",  # vLLM stops cleanly before the time limit
-        "#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-        "#SBATCH --exclusive", "#SBATCH --mem=0",  # whole nodes, their memory included
+        "#SBATCH --nodes=3",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --exclusive",
+        "#SBATCH --mem=0",  # whole nodes, their memory included
         "#SBATCH --propagate=NONE",  # the nodes' own limits (memlock), not the login shell's
-        "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00"]
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=04:00:00",
+    ]
     steps = [ln for ln in text.splitlines() if ln.startswith("srun ")]
     assert steps == [
         'srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --export=ALL --label "${run[@]}" -m launch slurm-step preflight',
@@ -87,14 +95,19 @@ def test_the_script_asks_for_whole_nodes_and_runs_preflight_then_serve(tmp_path)
 def test_the_script_carries_the_deploy_file_verbatim(tmp_path):
     text = "model: m   # a comment survives\nnodes: [{gpus: 8}, {gpus: 8}]\nenv: {X: \"$HOME 'q'\"}\n"
     job = render(tmp_path, text)
-    out = subprocess.run(["bash", "-c", f"source <(sed -n '/^export EP_DEPLOY_NAME/,/^)\"/p' {job}); printf %s \"$EP_DEPLOY_TEXT\""],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", "-c", f'source <(sed -n \'/^export EP_DEPLOY_NAME/,/^)"/p\' {job}); printf %s "$EP_DEPLOY_TEXT"'],
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout + "\n" == text
     assert parse_deploy_text(out.stdout, "x").env == {"X": "$HOME 'q'"}
 
 
 def test_prefill_and_decode_become_a_heterogeneous_job(tmp_path):
-    text = render(tmp_path, PREFILL_DECODE.replace("steps: [plan]", "steps: [serve]").replace("gpus_per_node: 0", "")).read_text()
+    text = render(
+        tmp_path, PREFILL_DECODE.replace("steps: [plan]", "steps: [serve]").replace("gpus_per_node: 0", "")
+    ).read_text()
     header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
     cut = header.index("#SBATCH hetjob")
     assert "#SBATCH --gpus-per-node=8" in header[:cut] and "#SBATCH --gpus-per-node=4" in header[cut:]
@@ -105,7 +118,7 @@ def test_prefill_and_decode_become_a_heterogeneous_job(tmp_path):
         'srun --het-group=1 --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL --label "${run[@]}" -m launch slurm-step serve --group decode &',
         # the router beside the prefill primary, waiting as long as a big model may take to load
         'srun --het-group=0 --nodes=1 --ntasks=1 --overlap --nodelist="$prefill_primary" --export=ALL --label "${run[@]}" -m launch '
-        'slurm-step proxy -- --wait-for-groups 14400 &',
+        "slurm-step proxy -- --wait-for-groups 14400 &",
     ]
     # the first step to end stops the others through their launchers (SIGTERM to the tasks, not to srun)
     assert "wait -n" in text and 'scancel --signal=TERM "$SLURM_JOB_ID"; wait' in text
@@ -116,7 +129,8 @@ def test_named_overrides_are_refused_since_the_job_carries_the_file(tmp_path):
     deploy.write_text("model: m\nnodes: [{gpus: 8}]\n")
     res = run_module("launch", "plan", str(deploy), "--format", "slurm", "--port", "9000")
     assert res.code == 2 and res.err.strip().splitlines() == [
-        f"error: --port: not taken with --format slurm (expected the value in {deploy}: the job carries the deploy file)"]
+        f"error: --port: not taken with --format slurm (expected the value in {deploy}: the job carries the deploy file)"
+    ]
 
 
 def test_a_plan_that_cannot_build_is_refused_before_rendering(tmp_path):
@@ -128,15 +142,26 @@ def test_a_plan_that_cannot_build_is_refused_before_rendering(tmp_path):
     assert res.err.startswith(f"error: {deploy}: ") and "deepep_v2" in res.err and len(res.err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("env: {HF_TOKEN: hf_x}\n", "env.HF_TOKEN: a secret would be written into the job script (expected it out of the deploy "
-                                 "file: export HF_TOKEN before sbatch: the job passes your environment to every node)"),
-    ("", "nodes[1].gpu_ids: not taken with --format slurm (expected none: the scheduler assigns each node's GPUs and sets "
-         "CUDA_VISIBLE_DEVICES)"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            "env: {HF_TOKEN: hf_x}\n",
+            "env.HF_TOKEN: a secret would be written into the job script (expected it out of the deploy "
+            "file: export HF_TOKEN before sbatch: the job passes your environment to every node)",
+        ),
+        (
+            "",
+            "nodes[1].gpu_ids: not taken with --format slurm (expected none: the scheduler assigns each node's GPUs and sets "
+            "CUDA_VISIBLE_DEVICES)",
+        ),
+    ],
+)
 def test_what_a_job_cannot_carry_is_refused_in_one_line(tmp_path, extra, message):
     deploy = tmp_path / "d.yaml"
-    deploy.write_text("model: m\nnodes: [{gpus: 8}, {gpus: 4, " + ("" if extra else "gpu_ids: [0, 1, 2, 3]") + "}]\n" + extra)
+    deploy.write_text(
+        "model: m\nnodes: [{gpus: 8}, {gpus: 4, " + ("" if extra else "gpu_ids: [0, 1, 2, 3]") + "}]\n" + extra
+    )
     res = run_module("launch", "plan", str(deploy), "--format", "slurm")
     assert res.code == 2 and res.out == "" and res.err.strip().splitlines() == [f"error: {deploy}: {message}"]
 
@@ -147,10 +172,12 @@ def test_a_missing_slurm_variable_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     res = run_module("launch", "slurm-step", "preflight", "--deploy", str(deploy), env=env)
     assert res.code == 2 and res.err.strip().splitlines() == [
-        "error: SLURM_NODEID: not set (expected inside a Slurm job step: srun from the script `plan --format slurm` writes)"]
+        "error: SLURM_NODEID: not set (expected inside a Slurm job step: srun from the script `plan --format slurm` writes)"
+    ]
     res = run_module("launch", "slurm-step", "allocation", "--deploy", str(deploy), env=env)
     assert res.code == 2 and res.err.strip().splitlines() == [
-        "error: SLURM_JOB_NODELIST: not set (expected inside a Slurm job from `plan --format slurm`)"]
+        "error: SLURM_JOB_NODELIST: not set (expected inside a Slurm job from `plan --format slurm`)"
+    ]
 
 
 # ---- a real cluster --------------------------------------------------------------------------------------------
@@ -213,7 +240,10 @@ def test_two_nodes_run_preflight_plan_and_check_with_slurms_ranks(cluster, tmp_p
         # preflight: the two nodes met at the primary and ran collectives across the namespaces' link
         assert f"# preflight: {node.name}, node {rank} of 2 ({role} {node.address})" in lines
         allreduce = next(ln for ln in lines if "all-reduce across nodes" in ln)
-        assert allreduce.startswith("PASS") and f"(2 ranks on 2 nodes, gloo, GLOO_SOCKET_IFNAME={node.ifname}, 0 wrong)" in allreduce
+        assert (
+            allreduce.startswith("PASS")
+            and f"(2 ranks on 2 nodes, gloo, GLOO_SOCKET_IFNAME={node.ifname}, 0 wrong)" in allreduce
+        )
         assert any(ln.startswith("# verdict: READY (10 passed)") for ln in lines), lines
         # plan: this node's ranks and the allocation's primary
         assert f"# node {rank} ({role} {node.address}): DP ranks {2 * rank}..{2 * rank + 1} of 4" in lines
@@ -235,11 +265,17 @@ def test_prefill_and_decode_run_on_their_own_components(cluster, tmp_path):
     n1, n2 = cluster.nodes
     assert f"[launch] slurm job {jid}: prefill node 0 (primary) = epn1 {n1.address}" in output
     assert f"[launch] slurm job {jid}: decode node 0 (primary) = epn2 {n2.address}" in output
-    assert f"[launch] slurm job {jid}: the API will answer at http://{n1.address}:8000 (vllm-router) once every node is up" in output
+    assert (
+        f"[launch] slurm job {jid}: the API will answer at http://{n1.address}:8000 (vllm-router) once every node is up"
+        in output
+    )
     lines = output.splitlines()
     assert f"0: [launch] slurm job {jid}: prefill node 0 of 1 (primary, {n1.address}); primary at {n1.address}" in lines
     assert f"0: [launch] slurm job {jid}: decode node 0 of 1 (primary, {n2.address}); primary at {n2.address}" in lines
-    assert f"0: export VLLM_NIXL_SIDE_CHANNEL_HOST={n1.address}" in lines and f"0: export VLLM_NIXL_SIDE_CHANNEL_HOST={n2.address}" in lines
+    assert (
+        f"0: export VLLM_NIXL_SIDE_CHANNEL_HOST={n1.address}" in lines
+        and f"0: export VLLM_NIXL_SIDE_CHANNEL_HOST={n2.address}" in lines
+    )
     assert f"0: # prefill node 0 (primary {n1.address}): DP ranks 0..7 of 8" in lines
     assert f"0: # decode node 0 (primary {n2.address}): DP ranks 0..3 of 4" in lines
 
@@ -253,16 +289,29 @@ def test_an_allocation_short_of_nodes_fails_in_one_line_before_any_step(cluster,
     assert states == [("FAILED", "2:0")], output
     assert output.splitlines() == [
         "error: deploy.yaml: nodes: 3 nodes but the allocation has 2 (SLURM_JOB_NODELIST=epn[1-2]) (expected an allocation "
-        "of 3 nodes: sbatch the script `plan --format slurm` writes, without -N)"]
+        "of 3 nodes: sbatch the script `plan --format slurm` writes, without -N)"
+    ]
 
 
 def test_the_example_renders_a_script_that_runs_the_toolkit_through_pixi(tmp_path):
     from tests.conftest import EXAMPLES
 
-    res = run_module("launch", "plan", str(EXAMPLES / "slurm-4node-ib.yaml"), "--format", "slurm", "--out", str(tmp_path / "job.sbatch"))
+    res = run_module(
+        "launch",
+        "plan",
+        str(EXAMPLES / "slurm-4node-ib.yaml"),
+        "--format",
+        "slurm",
+        "--out",
+        str(tmp_path / "job.sbatch"),
+    )
     assert res.code == 0, res.err
     text = (tmp_path / "job.sbatch").read_text()
-    assert "#SBATCH --nodes=4\n" in text and "#SBATCH --gpus-per-node=8\n" in text and "#SBATCH --constraint=h200\n" in text
+    assert (
+        "#SBATCH --nodes=4\n" in text
+        and "#SBATCH --gpus-per-node=8\n" in text
+        and "#SBATCH --constraint=h200\n" in text
+    )
     assert "run=(pixi run --frozen --manifest-path /shared/vllm-ep/pixi.toml python)\n" in text
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
 
@@ -278,7 +327,9 @@ def test_a_heterogeneous_job_serves_prefill_decode_and_the_router_then_stops_on_
         pytest.skip("vllm-router is not installed (pip install vllm-router)")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "vllm").write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests" / "fixtures" / "fake_vllm_http.py"} "$@"\n')
+    (bin_dir / "vllm").write_text(
+        f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests" / "fixtures" / "fake_vllm_http.py"} "$@"\n'
+    )
     (bin_dir / "vllm").chmod(0o755)
     job = render(tmp_path, PREFILL_DECODE.replace("steps: [plan]", "steps: [serve]"))
     path = os.pathsep.join([str(bin_dir), str(Path(router).parent), os.environ["PATH"]])
@@ -286,7 +337,11 @@ def test_a_heterogeneous_job_serves_prefill_decode_and_the_router_then_stops_on_
     output_file = tmp_path / f"vllm-ep-{jid}.out"
     n1, n2 = cluster.nodes
     deadline = time.monotonic() + 120
-    while not (output_file.exists() and "[launch] decode is healthy" in output_file.read_text() and router_port_open(n1.address)):
+    while not (
+        output_file.exists()
+        and "[launch] decode is healthy" in output_file.read_text()
+        and router_port_open(n1.address)
+    ):
         assert time.monotonic() < deadline, output_file.read_text() if output_file.exists() else "no output"
         time.sleep(0.5)
     stop = time.monotonic()

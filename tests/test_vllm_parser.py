@@ -27,14 +27,27 @@ PYTHON = PARSER_PYTHON
 
 
 def plans_for(version: str, backend: str | None, tp: int = 1, transport: str = "ib", passthrough=()):
-    config = parse_deploy({
-        "model": "deepseek-ai/DeepSeek-V3-0324",
-        "nodes": [{"address": "10.0.0.1", "gpus": 8}, {"address": "10.0.0.2", "gpus": 8}, {"address": "10.0.0.3", "gpus": 8}],
-        "tensor_parallel_size": tp, "all2all_backend": backend, "trust_remote_code": True,
-        "network": {"transport": transport}, "vllm_args": ["--max-model-len", "8192"],
-    }, "generated")
+    config = parse_deploy(
+        {
+            "model": "deepseek-ai/DeepSeek-V3-0324",
+            "nodes": [
+                {"address": "10.0.0.1", "gpus": 8},
+                {"address": "10.0.0.2", "gpus": 8},
+                {"address": "10.0.0.3", "gpus": 8},
+            ],
+            "tensor_parallel_size": tp,
+            "all2all_backend": backend,
+            "trust_remote_code": True,
+            "network": {"transport": transport},
+            "vllm_args": ["--max-model-len", "8192"],
+        },
+        "generated",
+    )
     target = Target(Version(version), "given")
-    return [planning.build(config, lay, target, StackPaths(prefix=ROOT), passthrough=list(passthrough)) for lay in layouts(config)]
+    return [
+        planning.build(config, lay, target, StackPaths(prefix=ROOT), passthrough=list(passthrough))
+        for lay in layouts(config)
+    ]
 
 
 def combinations(version: str):
@@ -53,7 +66,9 @@ def test_every_generated_argv_is_accepted(version):
     answer = check.parse([p.argv[1:] for _, _, p in cases], python=str(PYTHON), pythonpath=[str(folder)], timeout=300)
     assert not answer.problem, answer.problem
     assert answer.version == version
-    rejected = [(b, tp, p.layout.role, r.error) for (b, tp, p), r in zip(cases, answer.results, strict=True) if not r.ok]
+    rejected = [
+        (b, tp, p.layout.role, r.error) for (b, tp, p), r in zip(cases, answer.results, strict=True) if not r.ok
+    ]
     assert rejected == []
     assert len(answer.results) >= 12
 
@@ -61,7 +76,9 @@ def test_every_generated_argv_is_accepted(version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_typos_and_missing_flags_are_caught_by_vllm(version):
     folder = parser_of(version)
-    (typo,) = [p for p in plans_for(version, None, passthrough=["--max-modle-len", "4096"]) if p.layout.role == "primary"]
+    (typo,) = [
+        p for p in plans_for(version, None, passthrough=["--max-modle-len", "4096"]) if p.layout.role == "primary"
+    ]
     # the flag before its time: --all2all-backend on 0.10.1.1, which only read the environment variable
     old_flag = plans_for("0.26.0", "deepep_low_latency")[0]
     answer = check.parse([typo.argv[1:], old_flag.argv[1:]], python=str(PYTHON), pythonpath=[str(folder)], timeout=300)
@@ -80,14 +97,23 @@ def test_removed_and_unknown_backends_never_reach_vllm(version):
 
 def test_launch_check_command_reports_each_node(launch, write_yaml):
     folder = parser_of("0.26.0")
-    deploy = write_yaml("model: m\nnodes: [{address: 10.0.0.1, gpus: 8}, {address: 10.0.0.2, gpus: 8}]\n"
-                        "all2all_backend: deepep_high_throughput\nvllm_version: 0.26.0\nvllm_args: [--max-num-seqs, '64']\n")
-    res = launch("check", str(deploy), "--python", str(PYTHON), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{folder}"}, timeout=300)
+    deploy = write_yaml(
+        "model: m\nnodes: [{address: 10.0.0.1, gpus: 8}, {address: 10.0.0.2, gpus: 8}]\n"
+        "all2all_backend: deepep_high_throughput\nvllm_version: 0.26.0\nvllm_args: [--max-num-seqs, '64']\n"
+    )
+    res = launch(
+        "check", str(deploy), "--python", str(PYTHON), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{folder}"}, timeout=300
+    )
     assert res.code == 0, res.out + res.err
     assert "# vLLM 0.26.0 parsed 2 node argv(s)" in res.out
     assert "OK       node 0 (primary)" in res.out and "OK       node 1 (secondary)" in res.out
-    bad = write_yaml("model: m\nnodes: [{address: 10.0.0.1, gpus: 8}]\nvllm_version: 0.26.0\nvllm_args: [--enable-expert-paralel]\n", "bad.yaml")
-    res = launch("check", str(bad), "--python", str(PYTHON), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{folder}"}, timeout=300)
+    bad = write_yaml(
+        "model: m\nnodes: [{address: 10.0.0.1, gpus: 8}]\nvllm_version: 0.26.0\nvllm_args: [--enable-expert-paralel]\n",
+        "bad.yaml",
+    )
+    res = launch(
+        "check", str(bad), "--python", str(PYTHON), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{folder}"}, timeout=300
+    )
     assert res.code == 1
     assert "REJECTED node 0 (primary):" in res.out and "--enable-expert-paralel" in res.out
 
@@ -96,8 +122,10 @@ def test_launch_check_command_reports_each_node(launch, write_yaml):
 def test_the_ray_backends_primary_argv_is_accepted(version):
     """data_parallel_backend: ray puts `--data-parallel-backend ray` on the primary (the only node running vLLM)."""
     folder = parser_of(version)
-    config = parse_deploy({"model": "m", "nodes": [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}],
-                           "data_parallel_backend": "ray"}, "generated")
+    config = parse_deploy(
+        {"model": "m", "nodes": [{"address": "10.0.0.1"}, {"address": "10.0.0.2"}], "data_parallel_backend": "ray"},
+        "generated",
+    )
     target = Target(Version(version), "given")
     primary = planning.build(config, layouts(config)[0], target, StackPaths(prefix=ROOT))
     assert "--data-parallel-backend" in primary.argv

@@ -41,7 +41,9 @@ def session(node, progress):
         yield rendezvous.Session(node.rank, node.nodes, node.primary_address, 0, node.ifname, timeout, problem=str(exc))
         return
     job = rendezvous.FactsJob(node.env(), node.config.model)
-    joined = rendezvous.open_store(node.rank, node.nodes, node.primary_address, port, node.ifname, timeout, say=progress)
+    joined = rendezvous.open_store(
+        node.rank, node.nodes, node.primary_address, port, node.ifname, timeout, say=progress
+    )
     if not joined.ok:
         job.proc.kill()
         job.proc.communicate()
@@ -71,8 +73,9 @@ def crossnode(node, session) -> collectives.Result | None:
     var = collectives.interface_in_use(selection.backend, node.env()).split("=")[0]
     problem = problem or workers.problem or rendezvous.interface_problem(node.ifname, node.ifname_problem, var)
     ready = rendezvous.Ready(problem, workers.backend, workers.nprocs, socket.gethostname())
-    return rendezvous.cross_collective(session, ready, node.env(), selection.sizes,
-                                      node.thresholds.get("collective_timeout_s"), _addresses(node))
+    return rendezvous.cross_collective(
+        session, ready, node.env(), selection.sizes, node.thresholds.get("collective_timeout_s"), _addresses(node)
+    )
 
 
 def test_every_node_joined(node, check, session):
@@ -80,11 +83,19 @@ def test_every_node_joined(node, check, session):
     if session is None:
         check.skip(SINGLE)
     timeout = node.thresholds.get("rendezvous_timeout_s")
-    fix = (f"start `python -m preflight --deploy FILE --node-rank N` on every node within {timeout:g} s of each other; "
-           f"TCP port {session.port or 'rpc_port + 1'} on the primary must be open to the other nodes ({rendezvous.PORT_VAR} moves it)")
+    fix = (
+        f"start `python -m preflight --deploy FILE --node-rank N` on every node within {timeout:g} s of each other; "
+        f"TCP port {session.port or 'rpc_port + 1'} on the primary must be open to the other nodes ({rendezvous.PORT_VAR} moves it)"
+    )
     failed = "; ".join(f"node {r}: {f['error']}" for r, f in sorted(session.facts.items()) if "error" in f)
-    value = session.problem or failed or f"{len(session.facts)} of {node.nodes} nodes at {session.where} in {session.seconds:.1f} s"
-    check.require(session.ok and not failed, value, f"{node.nodes} nodes within {timeout:g} s", fix=fix, why=session.problem)
+    value = (
+        session.problem
+        or failed
+        or f"{len(session.facts)} of {node.nodes} nodes at {session.where} in {session.seconds:.1f} s"
+    )
+    check.require(
+        session.ok and not failed, value, f"{node.nodes} nodes within {timeout:g} s", fix=fix, why=session.problem
+    )
 
 
 @pytest.mark.parametrize("group", list(rendezvous.GROUPS))
@@ -107,23 +118,41 @@ def judge(node, check, session, result: collectives.Result | None, collective: s
         check.skip(f"no rendezvous: {session.problem[:120]}")
     timeout = node.thresholds.get("collective_timeout_s")
     check.record.extra["rows"] = [r.__dict__ for r in result.of(collective)]
-    problem = result.problem if result.collective in (collective, None) or result.of(collective) else f"not measured: {result.problem}"
-    check.require(result.ok, problem, f"every node ready, done within {timeout:g} s",
-                  fix="set network.socket_ifname (deploy file) to the interface that carries traffic between the nodes on every node; "
-                      "rerun with NCCL_DEBUG=INFO to see where it stops")
+    problem = (
+        result.problem
+        if result.collective in (collective, None) or result.of(collective)
+        else f"not measured: {result.problem}"
+    )
+    check.require(
+        result.ok,
+        problem,
+        f"every node ready, done within {timeout:g} s",
+        fix="set network.socket_ifname (deploy file) to the interface that carries traffic between the nodes on every node; "
+        "rerun with NCCL_DEBUG=INFO to see where it stops",
+    )
     wrong = result.wrong(collective)
-    check.require(wrong == 0, f"{wrong} wrong elements ({result.world_size} ranks, {result.backend})", "0 wrong",
-                  fix="data is corrupted between nodes: check the NICs (ibv_devinfo, ethtool -S) and run DCGM diagnostics")
+    check.require(
+        wrong == 0,
+        f"{wrong} wrong elements ({result.world_size} ranks, {result.backend})",
+        "0 wrong",
+        fix="data is corrupted between nodes: check the NICs (ibv_devinfo, ethtool -S) and run DCGM diagnostics",
+    )
     row = result.largest(collective)
     minimum = node.thresholds.get(threshold)
-    value = (f"busbw {row.busbw:.2f} GB/s at {size_label(row.size)} ({result.world_size} ranks on {node.nodes} nodes, "
-             f"{result.backend}, {result.interface}, 0 wrong)")
+    value = (
+        f"busbw {row.busbw:.2f} GB/s at {size_label(row.size)} ({result.world_size} ranks on {node.nodes} nodes, "
+        f"{result.backend}, {result.interface}, 0 wrong)"
+    )
     if minimum is None:
         check.record.threshold = ""  # no minimum known for the interconnect: reported only
         check.measured(f"{value}; no minimum set (preflight.{threshold})")
         return
-    check.require(row.busbw >= minimum, value, f">= {minimum:g} GB/s (deploy file)",
-                  fix="check every NIC's link rate (ibstat / fi_info -p efa), that NCCL uses them (NCCL_DEBUG=INFO: NET/IB, not NET/Socket), and NCCL_IB_HCA")
+    check.require(
+        row.busbw >= minimum,
+        value,
+        f">= {minimum:g} GB/s (deploy file)",
+        fix="check every NIC's link rate (ibstat / fi_info -p efa), that NCCL uses them (NCCL_DEBUG=INFO: NET/IB, not NET/Socket), and NCCL_IB_HCA",
+    )
 
 
 def test_all_reduce_across_nodes(node, check, session, crossnode):

@@ -23,17 +23,27 @@ def test_efa_devices_present_and_active(node, check):
     _efa_only(node, check)
     where = rdma.ib_class_dir()
     devices = [d for d in rdma.read_devices(where) if d.is_efa]
-    check.require(bool(devices), "none", "at least one EFA device",
-                  fix="launch the instance with EFA network interfaces and install the EFA driver (aws-efa-installer); "
-                      "in a container pass /dev/infiniband (the EFA device plugin on EKS)",
-                  why=f"{where} {'has no EFA device' if where.is_dir() else 'is missing'}")
+    check.require(
+        bool(devices),
+        "none",
+        "at least one EFA device",
+        fix="launch the instance with EFA network interfaces and install the EFA driver (aws-efa-installer); "
+        "in a container pass /dev/infiniband (the EFA device plugin on EKS)",
+        why=f"{where} {'has no EFA device' if where.is_dir() else 'is missing'}",
+    )
     ports = [p for d in devices for p in d.ports]
     down = [p for p in ports if not p.active]
     value = f"{len(devices)} devices: {_names([d.name for d in devices])}"
     if down:
-        value += f"; {len(ports) - len(down)}/{len(ports)} ports active; " + ", ".join(f"{p.name} {p.describe_state()}" for p in down)
-    check.require(not down, value, "every port ACTIVE/LinkUp",
-                  fix="reload the EFA driver (modprobe -r efa && modprobe efa) or stop and start the instance")
+        value += f"; {len(ports) - len(down)}/{len(ports)} ports active; " + ", ".join(
+            f"{p.name} {p.describe_state()}" for p in down
+        )
+    check.require(
+        not down,
+        value,
+        "every port ACTIVE/LinkUp",
+        fix="reload the EFA driver (modprobe -r efa && modprobe efa) or stop and start the instance",
+    )
 
 
 def test_libfabric_efa_provider(node, check):
@@ -47,10 +57,14 @@ def test_libfabric_efa_provider(node, check):
         offered = efa.available_providers(result.binary, {k: v for k, v in env.items() if k != "FI_PROVIDER"})
         why += f"; {result.binary} offers: {', '.join(offered)}" if offered else ""
     value = f"found by {result.binary}" if result.found else ("no fi_info" if not result.binary else "not found")
-    check.require(result.found, value, "found",
-                  fix="install the EFA software (aws-efa-installer: efa_installer.sh -y) for /opt/amazon/efa's libfabric "
-                      "with the efa provider; a distribution's libfabric has none",
-                  why=why)
+    check.require(
+        result.found,
+        value,
+        "found",
+        fix="install the EFA software (aws-efa-installer: efa_installer.sh -y) for /opt/amazon/efa's libfabric "
+        "with the efa provider; a distribution's libfabric has none",
+        why=why,
+    )
 
 
 def _plugin_setting(path: str) -> str:
@@ -75,12 +89,20 @@ def test_aws_ofi_nccl_plugin(node, check):
         fix = f"set network.nccl.NCCL_NET_PLUGIN: {_plugin_setting(found.unused[0])}"
     elif found.elsewhere:
         folder, name = os.path.split(found.elsewhere[0])
-        value, why = f"{asked}: not on the library path", f"{found.elsewhere[0]} is in none of LD_LIBRARY_PATH, the ld.so cache, /usr/lib"
-        fix = (f"add {folder} to LD_LIBRARY_PATH (env in the deploy file), or register it: "
-               f"echo {folder} > /etc/ld.so.conf.d/aws-ofi-nccl.conf && ldconfig")
+        value, why = (
+            f"{asked}: not on the library path",
+            f"{found.elsewhere[0]} is in none of LD_LIBRARY_PATH, the ld.so cache, /usr/lib",
+        )
+        fix = (
+            f"add {folder} to LD_LIBRARY_PATH (env in the deploy file), or register it: "
+            f"echo {folder} > /etc/ld.so.conf.d/aws-ofi-nccl.conf && ldconfig"
+        )
         if name not in found.names:
             fix += f"; and set network.nccl.NCCL_NET_PLUGIN: {_plugin_setting(name)}"
     else:
-        value, why = f"{asked}: not found", f"no {' / '.join(efa.PLUGIN_FILES)} on the library path or in /opt/amazon/ofi-nccl"
+        value, why = (
+            f"{asked}: not found",
+            f"no {' / '.join(efa.PLUGIN_FILES)} on the library path or in /opt/amazon/ofi-nccl",
+        )
         fix = "install aws-ofi-nccl (the EFA installer puts it in /opt/amazon/ofi-nccl)"
     check.require(False, value, "found", fix=fix, why=f"{why}; NCCL would fall back to TCP sockets")

@@ -14,7 +14,7 @@ TORCH_TIMEOUT_S = 60.0  # `import torch` on a cold network file system can take 
 
 UNAVAILABLE_FIX = {
     gpu.NO_DRIVER: "install / load the NVIDIA driver (modprobe nvidia); `nvidia-smi` must list the GPUs "
-                   "(containers: --gpus all with the NVIDIA container toolkit)",
+    "(containers: --gpus all with the NVIDIA container toolkit)",
     gpu.NO_BINDINGS: "pip install nvidia-ml-py (the module pynvml)",
     gpu.NVML_HUNG: "run `nvidia-smi`; if it hangs too, see `dmesg | grep -i xid`, reset the GPU or reboot",
     gpu.NVML_FAILED: "run `nvidia-smi -q` and `dmesg | grep -i xid`; reset the GPU or reboot",
@@ -49,8 +49,13 @@ def test_driver_loaded(gpus, check):
     """NVIDIA driver loaded"""
     node = _driver(gpus, check, "loaded")
     problems = gpu.unreadable_problems(node.gpus, "device")
-    check.require(not problems, f"{node.driver} (CUDA {node.cuda_driver})", "loaded, every GPU answering",
-                  fix="nvidia-smi -q; dmesg | grep -i xid; reset the GPU or reboot", why="; ".join(problems))
+    check.require(
+        not problems,
+        f"{node.driver} (CUDA {node.cuda_driver})",
+        "loaded, every GPU answering",
+        fix="nvidia-smi -q; dmesg | grep -i xid; reset the GPU or reboot",
+        why="; ".join(problems),
+    )
 
 
 def test_gpu_count(node, gpus, check):
@@ -60,11 +65,20 @@ def test_gpu_count(node, gpus, check):
     facts = _driver(gpus, check, threshold)
     cvd = node.env().get("CUDA_VISIBLE_DEVICES")
     visible = gpu.visible_gpus(facts.gpus, cvd)
-    value = f"{len(facts.gpus)}" if cvd is None else f"{len(facts.gpus)} found, {visible} visible (CUDA_VISIBLE_DEVICES={cvd})"
+    value = (
+        f"{len(facts.gpus)}"
+        if cvd is None
+        else f"{len(facts.gpus)} found, {visible} visible (CUDA_VISIBLE_DEVICES={cvd})"
+    )
     problems = gpu.count_problems(visible, expected)
-    check.require(not problems, value, threshold, why="; ".join(problems),
-                  fix="fix nodes[].gpus / data_parallel_size_local in the deploy file, or CUDA_VISIBLE_DEVICES, "
-                      "or the GPUs given to the container")
+    check.require(
+        not problems,
+        value,
+        threshold,
+        why="; ".join(problems),
+        fix="fix nodes[].gpus / data_parallel_size_local in the deploy file, or CUDA_VISIBLE_DEVICES, "
+        "or the GPUs given to the container",
+    )
 
 
 def test_one_gpu_model(gpus, check):
@@ -73,8 +87,13 @@ def test_one_gpu_model(gpus, check):
     names = sorted({g.name or "unknown" for g in facts.gpus})
     value = f"{len(facts.gpus)} x {names[0]}" if len(names) == 1 else ", ".join(names)
     problems = gpu.model_problems(facts.gpus)
-    check.require(not problems, value, "the same on every GPU", why="; ".join(problems),
-                  fix="expert parallel ranks run in lock step: use GPUs of one model (CUDA_VISIBLE_DEVICES)")
+    check.require(
+        not problems,
+        value,
+        "the same on every GPU",
+        why="; ".join(problems),
+        fix="expert parallel ranks run in lock step: use GPUs of one model (CUDA_VISIBLE_DEVICES)",
+    )
 
 
 def test_compute_capability_in_build(gpus, check, request):
@@ -84,9 +103,13 @@ def test_compute_capability_in_build(gpus, check, request):
     build = _torch(request, check, threshold)
     ccs = sorted({f"{g.compute_capability[0]}.{g.compute_capability[1]}" for g in facts.gpus if g.compute_capability})
     problems = gpu.arch_problems(facts.gpus, build.archs) if build.cuda else [gpu.CPU_TORCH]
-    check.require(not problems, f"{'/'.join(ccs) or 'unknown'} (torch {build.version}: {' '.join(build.archs) or 'no CUDA archs'})",
-                  threshold, why="; ".join(problems),
-                  fix="install a torch (and kernels) built for this GPU: TORCH_CUDA_ARCH_LIST must include it")
+    check.require(
+        not problems,
+        f"{'/'.join(ccs) or 'unknown'} (torch {build.version}: {' '.join(build.archs) or 'no CUDA archs'})",
+        threshold,
+        why="; ".join(problems),
+        fix="install a torch (and kernels) built for this GPU: TORCH_CUDA_ARCH_LIST must include it",
+    )
 
 
 def test_driver_supports_cuda_runtime(gpus, check, request):
@@ -98,8 +121,13 @@ def test_driver_supports_cuda_runtime(gpus, check, request):
     if gpu.minor_compat(facts.cuda_driver_version, build.cuda):
         value += " (minor-version compatibility)"
     problems = gpu.cuda_problems(facts.cuda_driver_version, build.cuda)
-    check.require(not problems, value, threshold, why="; ".join(problems),
-                  fix="upgrade the NVIDIA driver, or install a torch built for the driver's CUDA (e.g. a cu12x wheel)")
+    check.require(
+        not problems,
+        value,
+        threshold,
+        why="; ".join(problems),
+        fix="upgrade the NVIDIA driver, or install a torch built for the driver's CUDA (e.g. a cu12x wheel)",
+    )
 
 
 def test_memory_health(gpus, check):
@@ -108,7 +136,9 @@ def test_memory_health(gpus, check):
     facts = _driver(gpus, check, threshold)
     ecc = {g.ecc_enabled for g in facts.gpus}
     lifetime = sum(g.ecc_uncorrected_aggregate or 0 for g in facts.gpus)
-    value = ("ECC on" if ecc == {True} else "ECC off" if ecc == {False} else "ECC mixed/unknown") + f", {lifetime} uncorrected over lifetime"
+    value = (
+        "ECC on" if ecc == {True} else "ECC off" if ecc == {False} else "ECC mixed/unknown"
+    ) + f", {lifetime} uncorrected over lifetime"
     problems = gpu.health_problems(facts.gpus)
     check.require(not problems, value, threshold, why="; ".join(problems), fix=RESET_FIX)
 
@@ -118,8 +148,13 @@ def test_mig_off(gpus, check):
     facts = _driver(gpus, check, "off")
     on = [g.label for g in facts.gpus if g.mig_enabled or g.mig_pending]
     problems = gpu.mig_problems(facts.gpus)
-    check.require(not problems, f"on: {', '.join(on)}" if on else "off", "off", why="; ".join(problems),
-                  fix="nvidia-smi -i N -mig 0, then reset the GPU: vLLM's expert parallel ranks need whole GPUs")
+    check.require(
+        not problems,
+        f"on: {', '.join(on)}" if on else "off",
+        "off",
+        why="; ".join(problems),
+        fix="nvidia-smi -i N -mig 0, then reset the GPU: vLLM's expert parallel ranks need whole GPUs",
+    )
 
 
 def test_gpu_memory_free(node, gpus, check):
@@ -131,9 +166,14 @@ def test_gpu_memory_free(node, gpus, check):
     top = max(used, key=lambda g: g.memory_used, default=None)
     value = f"{top.memory_used / gpu.MiB:.0f} MiB on {top.label}" if top else "unknown"
     problems = gpu.memory_problems(facts.gpus, limit)
-    check.require(not problems, value, threshold, why="; ".join(problems),
-                  fix="stop the processes holding GPU memory (nvidia-smi --query-compute-apps=pid,used_memory --format=csv), "
-                      "or raise preflight.gpu_memory_used_max_mib")
+    check.require(
+        not problems,
+        value,
+        threshold,
+        why="; ".join(problems),
+        fix="stop the processes holding GPU memory (nvidia-smi --query-compute-apps=pid,used_memory --format=csv), "
+        "or raise preflight.gpu_memory_used_max_mib",
+    )
 
 
 def test_nvlink_and_p2p(gpus, check):
@@ -151,9 +191,14 @@ def test_nvlink_and_p2p(gpus, check):
     over = sum(p.nvlink == gpu.P2P_OK for p in facts.p2p.values())
     value = f"{up}/{links} links up on {len(facts.gpus)} GPUs, {over}/{pairs} pairs P2P over NVLink"
     problems = gpu.nvlink_problems(facts)
-    check.require(not problems, value, threshold, why="; ".join(problems),
-                  fix="nvidia-smi nvlink -s; nvidia-smi topo -m; on NVSwitch systems start nvidia-fabricmanager; "
-                      "links down need a reset or service")
+    check.require(
+        not problems,
+        value,
+        threshold,
+        why="; ".join(problems),
+        fix="nvidia-smi nvlink -s; nvidia-smi topo -m; on NVSwitch systems start nvidia-fabricmanager; "
+        "links down need a reset or service",
+    )
 
 
 def test_no_clock_slowdown(gpus, check):
@@ -162,6 +207,11 @@ def test_no_clock_slowdown(gpus, check):
     facts = _driver(gpus, check, threshold)
     reasons = sorted({r for g in facts.gpus for r in gpu.clock_reasons(g.clock_event_reasons or 0)})
     problems = gpu.throttle_problems(facts.gpus)
-    check.require(not problems, ", ".join(reasons) or "none", threshold, why="; ".join(problems),
-                  fix="check cooling and power (nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER); "
-                      "HW slowdown and power brake come from the board or chassis: ask the operator")
+    check.require(
+        not problems,
+        ", ".join(reasons) or "none",
+        threshold,
+        why="; ".join(problems),
+        fix="check cooling and power (nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER); "
+        "HW slowdown and power brake come from the board or chassis: ask the operator",
+    )

@@ -24,12 +24,20 @@ def test_imports(stack, check, module):
     if module not in need:
         check.skip(f"{module} not needed by this node's plan")
     if isinstance(results, str):
-        check.require(False, results, "imports", fix="run `python -m env status` and rebuild what is missing", why=results)
+        check.require(
+            False, results, "imports", fix="run `python -m env status` and rebuild what is missing", why=results
+        )
     got = imports.satisfied(module, results)
-    check.require(got.ok, got.error, f"importable ({need[module]})",
-                  fix="pixi install (or `pixi run build-ep-kernels` for DeepEP / pplx-kernels / DeepGEMM)")
+    check.require(
+        got.ok,
+        got.error,
+        f"importable ({need[module]})",
+        fix="pixi install (or `pixi run build-ep-kernels` for DeepEP / pplx-kernels / DeepGEMM)",
+    )
     stand_in = f" (vLLM's own copy, {got.module})" if got.module != module else ""
-    check.measured(f"{got.version or 'unknown version'} from {got.file}{stand_in}" + (f"; {got.detail}" if got.detail else ""))
+    check.measured(
+        f"{got.version or 'unknown version'} from {got.file}{stand_in}" + (f"; {got.detail}" if got.detail else "")
+    )
 
 
 def test_nccl_that_torch_loads_is_new_enough(node, check, request):
@@ -52,5 +60,9 @@ def test_vllm_is_the_version_the_plan_targets(node, stack, check):
         check.skip("vLLM does not import (see the import check)")
     installed = Version(Version(results["vllm"].version).base_version)
     target = node.plan.target
-    check.require(installed == target.version, f"vLLM {results['vllm'].version}", f"{target.version} ({target.source})",
-                  fix=f"install vLLM {target.version}, or set vllm_version: {installed} in the deploy file")
+    check.require(
+        installed == target.version,
+        f"vLLM {results['vllm'].version}",
+        f"{target.version} ({target.source})",
+        fix=f"install vLLM {target.version}, or set vllm_version: {installed} in the deploy file",
+    )

@@ -43,8 +43,10 @@ def test_rdma_devices_present(node, check):
         fix = "set network.nccl.NCCL_IB_HCA to devices of this node (ibv_devinfo -l lists them)"
     else:
         value, why = "none", f"{where} {'has no InfiniBand / RoCE device' if where.is_dir() else 'is missing'}"
-        fix = ("load the NIC's RDMA driver (modprobe mlx5_ib) and look at ibv_devinfo; in a container pass "
-               "/dev/infiniband (--device or the RDMA device plugin); or set network.transport: tcp")
+        fix = (
+            "load the NIC's RDMA driver (modprobe mlx5_ib) and look at ibv_devinfo; in a container pass "
+            "/dev/infiniband (--device or the RDMA device plugin); or set network.transport: tcp"
+        )
     devices = list(dict.fromkeys(p.device for p in ports))
     if devices:
         value = f"{len(devices)} devices, {len(ports)} ports: {_names(devices)}"
@@ -61,8 +63,10 @@ def test_rdma_ports_active(node, check):
     if any(p.state == "INIT" and p.phys_state == "LinkUp" for p in down):
         fix = "the link is up but no subnet manager has configured it: run opensm on a node (or enable the switch's SM)"
     else:
-        fix = (f"check the cable and switch port (ibstat {down[0].device if down else ''}, mlxlink), "
-               "or leave the port out with network.nccl.NCCL_IB_HCA")
+        fix = (
+            f"check the cable and switch port (ibstat {down[0].device if down else ''}, mlxlink), "
+            "or leave the port out with network.nccl.NCCL_IB_HCA"
+        )
     check.require(not down, value, "every port ACTIVE/LinkUp", fix=fix)
 
 
@@ -74,11 +78,20 @@ def test_rdma_port_rate(node, check):
     need = node.thresholds.get("ib_rate_min_gbps")
     slow = [p for p in ports if (p.rate_gbps or 0.0) < need]
     rates = sorted({p.rate for p in ports})
-    value = (", ".join(f"{p.name} {p.rate or 'unreadable'}" for p in slow) if slow
-             else f"{rates[0]} on {len(ports)} ports" if len(rates) == 1 else f"{', '.join(rates)} on {len(ports)} ports")
-    check.require(not slow, value, f">= {need:g} Gb/sec",
-                  fix="a port below its rated speed: reseat or replace the cable / transceiver and check the switch port "
-                      "(mlxlink -d DEV shows the negotiated speed); or lower preflight.ib_rate_min_gbps")
+    value = (
+        ", ".join(f"{p.name} {p.rate or 'unreadable'}" for p in slow)
+        if slow
+        else f"{rates[0]} on {len(ports)} ports"
+        if len(rates) == 1
+        else f"{', '.join(rates)} on {len(ports)} ports"
+    )
+    check.require(
+        not slow,
+        value,
+        f">= {need:g} Gb/sec",
+        fix="a port below its rated speed: reseat or replace the cable / transceiver and check the switch port "
+        "(mlxlink -d DEV shows the negotiated speed); or lower preflight.ib_rate_min_gbps",
+    )
 
 
 def test_rdma_link_layer_matches_transport(node, check):
@@ -87,7 +100,9 @@ def test_rdma_link_layer_matches_transport(node, check):
     transport = node.transport
     want = LINK_LAYER[transport]
     wrong = [p for p in ports if p.link_layer != want]
-    value = (", ".join(f"{p.name} {p.link_layer or 'unknown'}" for p in wrong) if wrong else f"{want} on {len(ports)} ports")
+    value = (
+        ", ".join(f"{p.name} {p.link_layer or 'unknown'}" for p in wrong) if wrong else f"{want} on {len(ports)} ports"
+    )
     right = list(dict.fromkeys(p.device for p in ports if p.link_layer == want))
     if right:
         # '=' makes NCCL match names exactly (mlx5_1 would also select mlx5_10).
@@ -117,10 +132,15 @@ def test_nvidia_peermem_loaded(node, check):
     transport = node.transport
     if transport == "tcp":
         check.skip("transport is tcp: no GPUDirect RDMA")
-    _require_module(check, "nvidia_peermem",
-                    fix=("modprobe nvidia_peermem (it ships with the NVIDIA driver); to load it at boot: "
-                         "echo nvidia_peermem > /etc/modules-load.d/nvidia-peermem.conf"),
-                    why=f"without it NCCL over {transport} copies GPU buffers through host memory")
+    _require_module(
+        check,
+        "nvidia_peermem",
+        fix=(
+            "modprobe nvidia_peermem (it ships with the NVIDIA driver); to load it at boot: "
+            "echo nvidia_peermem > /etc/modules-load.d/nvidia-peermem.conf"
+        ),
+        why=f"without it NCCL over {transport} copies GPU buffers through host memory",
+    )
 
 
 def _require_module(check, name: str, fix: str, why: str) -> None:

@@ -37,7 +37,9 @@ def test_model_config_is_here(node, found, check):
     fix = f"huggingface-cli download {node.config.model} (or copy it to the same path on every node)"
     if folder is None and not offline:
         check.skip(f"{node.config.model} is not downloaded yet: vLLM will download it at start ({fix})")
-    check.require(folder is not None, f"{node.config.model} not found", "config.json on this node (HF_HUB_OFFLINE=1)", fix=fix)
+    check.require(
+        folder is not None, f"{node.config.model} not found", "config.json on this node (HF_HUB_OFFLINE=1)", fix=fix
+    )
     check.measured(str(folder), "config.json on this node")
 
 
@@ -70,9 +72,13 @@ def test_weights_and_kv_cache_fit(node, found, gpus, check):
     weights = sizes.per_gpu(tp, ep)
     kv = per_token * max_len
     budget = util * gpus.gpus[0].memory_total
-    value = (f"{human_bytes(weights)} weights + {human_bytes(kv)} KV for {max_len} tokens per GPU "
-             f"of {human_bytes(gpus.gpus[0].memory_total)} x {util:g}")
-    check.require(weights + kv <= budget, value, f"<= {human_bytes(budget)}",
-                  fix="more GPUs (DP/TP), a quantized checkpoint, a lower --max-model-len or a higher --gpu-memory-utilization")
-
-
+    value = (
+        f"{human_bytes(weights)} weights + {human_bytes(kv)} KV for {max_len} tokens per GPU "
+        f"of {human_bytes(gpus.gpus[0].memory_total)} x {util:g}"
+    )
+    check.require(
+        weights + kv <= budget,
+        value,
+        f"<= {human_bytes(budget)}",
+        fix="more GPUs (DP/TP), a quantized checkpoint, a lower --max-model-len or a higher --gpu-memory-utilization",
+    )

@@ -34,7 +34,7 @@ def test_locked_memory_is_unlimited(check):
         f"{shown}, but CAP_IPC_LOCK lifts it" if capable else shown,
         "unlimited, or CAP_IPC_LOCK",
         fix="set `* - memlock unlimited` in /etc/security/limits.conf (containers: --ulimit memlock=-1; Kubernetes: "
-            "capabilities add IPC_LOCK); RDMA registration needs it",
+        "capabilities add IPC_LOCK); RDMA registration needs it",
     )
 
 
@@ -44,11 +44,21 @@ def test_socket_interface_exists_and_is_up(node, check):
         check.skip("no deploy file and no --socket-ifname: nothing to check")
     name = node.ifname
     known = ", ".join(netif.interfaces())
-    check.require(name is not None, name or node.ifname_problem, "an interface of this node",
-                  fix=f"set network.socket_ifname in the deploy file to one of: {known}", why=node.ifname_problem)
+    check.require(
+        name is not None,
+        name or node.ifname_problem,
+        "an interface of this node",
+        fix=f"set network.socket_ifname in the deploy file to one of: {known}",
+        why=node.ifname_problem,
+    )
     up = netif.interface_up(name)
-    check.require(up is not None, name, f"one of: {known}", fix="set network.socket_ifname to an interface that exists here",
-                  why=f"interface {name!r} does not exist")
+    check.require(
+        up is not None,
+        name,
+        f"one of: {known}",
+        fix="set network.socket_ifname to an interface that exists here",
+        why=f"interface {name!r} does not exist",
+    )
     check.require(bool(up), f"{name} is down", "up", fix=f"ip link set {name} up (or pick another interface)")
     addrs = netif.interfaces().get(name, [])
     check.require(bool(addrs), f"{name} has no IP address", "an address", fix=f"configure an address on {name}")
@@ -63,12 +73,20 @@ def test_socket_interface_reaches_the_primary(node, check):
         check.skip(f"no socket interface ({node.ifname_problem})")
     if node.plan.layout.role == "primary":
         holder = netif.holding(node.primary_address)
-        check.require(holder == node.ifname, f"{node.primary_address} is on {holder or 'no interface'}",
-                      f"on {node.ifname}", fix="the primary's address in the deploy file must be on its socket interface")
+        check.require(
+            holder == node.ifname,
+            f"{node.primary_address} is on {holder or 'no interface'}",
+            f"on {node.ifname}",
+            fix="the primary's address in the deploy file must be on its socket interface",
+        )
         return
     via = netif.towards(node.primary_address)
-    check.require(via == node.ifname, f"route to {node.primary_address} leaves through {via or 'nothing'}", f"through {node.ifname}",
-                  fix=f"set network.socket_ifname to {via}, or fix the routes so {node.ifname} reaches the primary")
+    check.require(
+        via == node.ifname,
+        f"route to {node.primary_address} leaves through {via or 'nothing'}",
+        f"through {node.ifname}",
+        fix=f"set network.socket_ifname to {via}, or fix the routes so {node.ifname} reaches the primary",
+    )
 
 
 @pytest.mark.parametrize("which", ["rpc_port", "port"])
@@ -78,8 +96,12 @@ def test_primary_ports_are_free(node, check, which):
         check.skip("only the primary binds the API and coordination ports")
     port = getattr(node.config, which)
     problem = system.port_in_use(port)
-    check.require(problem is None, f"{which} {port} {problem or 'free'}", "free",
-                  fix=f"stop what listens on {port} (ss -ltnp 'sport = :{port}'), or choose another {which} in the deploy file")
+    check.require(
+        problem is None,
+        f"{which} {port} {problem or 'free'}",
+        "free",
+        fix=f"stop what listens on {port} (ss -ltnp 'sport = :{port}'), or choose another {which} in the deploy file",
+    )
 
 
 def test_nixl_side_channel_ports_are_free(node, check):
@@ -90,5 +112,9 @@ def test_nixl_side_channel_ports_are_free(node, check):
     # vLLM's NIXL connector opens one side-channel port per local rank, counted up from the base.
     ranks = node.plan.layout.data_parallel_size_local * node.config.tensor_parallel_size
     busy = [f"{port} {why}" for port in range(base, base + ranks) if (why := system.port_in_use(port))]
-    check.require(not busy, ", ".join(busy) or f"{base}..{base + ranks - 1} free", f"{base}..{base + ranks - 1} free",
-                  fix="stop what holds them (ss -ltnp), or set disaggregation.connector.side_channel_port to a free range")
+    check.require(
+        not busy,
+        ", ".join(busy) or f"{base}..{base + ranks - 1} free",
+        f"{base}..{base + ranks - 1} free",
+        fix="stop what holds them (ss -ltnp), or set disaggregation.connector.side_channel_port to a free range",
+    )

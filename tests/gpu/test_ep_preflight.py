@@ -112,10 +112,25 @@ def test_ep_checks_pass_on_one_gpu(tmp_path, results):
     deepep_tests = os.environ.get("EP_DEEPEP_TESTS")
     if deepep_tests:  # DeepEP's own test on the same GPU, with the environment the plan gives vLLM
         # Through the same generated paths as vLLM (`eval "$(python -m env paths)"`), at the check's own shape.
-        shape = ["--num-processes", "1", "--num-tokens", "128", "--hidden", "2048", "--num-topk", "8", "--num-experts", "128"]
-        script = (f'eval "$({shlex.join([sys.executable, "-m", "env", "paths"])})" && cd {shlex.quote(deepep_tests)} && '
-                  f"{shlex.join([sys.executable, 'test_low_latency.py', *shape])}")
-        own = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=PREFLIGHT_TIMEOUT_S)
+        shape = [
+            "--num-processes",
+            "1",
+            "--num-tokens",
+            "128",
+            "--hidden",
+            "2048",
+            "--num-topk",
+            "8",
+            "--num-experts",
+            "128",
+        ]
+        script = (
+            f'eval "$({shlex.join([sys.executable, "-m", "env", "paths"])})" && cd {shlex.quote(deepep_tests)} && '
+            f"{shlex.join([sys.executable, 'test_low_latency.py', *shape])}"
+        )
+        own = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=PREFLIGHT_TIMEOUT_S
+        )
         record["deepep_test"] = {
             "rc": own.returncode,
             "figures": deepep_figures(own.stdout),

@@ -37,9 +37,24 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.gpu
 
 # Settings the lent machine needs in every process (no NVLink SHARP / multicast there).
-MACHINE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-               "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-LOW_LATENCY_ARGS = ["--num-processes", "1", "--num-tokens", "64", "--hidden", "2048", "--num-topk", "4", "--num-experts", "8"]
+MACHINE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+}
+LOW_LATENCY_ARGS = [
+    "--num-processes",
+    "1",
+    "--num-tokens",
+    "64",
+    "--hidden",
+    "2048",
+    "--num-topk",
+    "4",
+    "--num-experts",
+    "8",
+]
 LL_TEST = {"vllm026": "tests/test_low_latency.py", "current": "tests/legacy/test_low_latency.py"}
 
 
@@ -75,11 +90,23 @@ def results() -> Path:
 
 
 def machine_env(**more: str) -> dict[str, str]:
-    return {**os.environ, **MACHINE_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **more}
+    return {
+        **os.environ,
+        **MACHINE_ENV,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **more,
+    }
 
 
 def env_cmd(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "env", *args], capture_output=True, text=True, env=machine_env(), cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "env", *args],
+        capture_output=True,
+        text=True,
+        env=machine_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def save(results: Path, name: str, data: dict) -> None:
@@ -97,7 +124,26 @@ def test_build_from_the_profile_offline(profile, cache, results):
     manifest = json.loads((ROOT / ".stack" / profile / "manifest.json").read_text())
     entry = manifest["entries"]["deepep"]
     assert entry["commit"] == PROFILES[profile].component("deepep").ref
-    save(results, f"build-{profile}.json", {k: entry[k] for k in ("commit", "duration_s", "max_jobs", "arch_list", "cuda", "torch", "compiler", "nvshmem_dir", "patches", "nccl", "flags")})
+    save(
+        results,
+        f"build-{profile}.json",
+        {
+            k: entry[k]
+            for k in (
+                "commit",
+                "duration_s",
+                "max_jobs",
+                "arch_list",
+                "cuda",
+                "torch",
+                "compiler",
+                "nvshmem_dir",
+                "patches",
+                "nccl",
+                "flags",
+            )
+        },
+    )
 
 
 @pytest.mark.parametrize("profile", ["vllm026", "current"])
@@ -122,14 +168,22 @@ def test_deepep_low_latency_through_env_paths(profile, cache, results, tmp_path)
     )
     env = machine_env()
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")  # only what `env paths` adds, plus the staged site
-    proc = subprocess.run(["bash", "-c", f"cd {ROOT} && {script}"], capture_output=True, text=True, env=env, timeout=540)
+    proc = subprocess.run(
+        ["bash", "-c", f"cd {ROOT} && {script}"], capture_output=True, text=True, env=env, timeout=540
+    )
     out = proc.stdout + proc.stderr
     (results / f"deepep-ll-{profile}.txt").write_text(f"$ {script}\n{out}")
     assert proc.returncode == 0, out[-4000:]
     figures = re.findall(r"Dispatch \+ combine bandwidth: ([\d.]+) GB/s", out)
     assert figures, out[-2000:]
-    save(results, f"deepep-ll-{profile}.json", {"dispatch_combine_gbps": [float(f) for f in figures],
-                                               "lines": [ln for ln in out.splitlines() if "GB/s" in ln]})
+    save(
+        results,
+        f"deepep-ll-{profile}.json",
+        {
+            "dispatch_combine_gbps": [float(f) for f in figures],
+            "lines": [ln for ln in out.splitlines() if "GB/s" in ln],
+        },
+    )
 
 
 def test_deepep_v2_compiles_its_kernels_at_run_time_into_the_prefix(cache, results, tmp_path):
@@ -142,18 +196,39 @@ def test_deepep_v2_compiles_its_kernels_at_run_time_into_the_prefix(cache, resul
     jit_cache = ROOT / ".stack" / "current" / "jit-cache" / "deepep"
     src = tmp_path / "deepep-tests"
     SourceCache(cache, offline=True).checkout(f"component {comp.name}", comp.url, comp.ref, src, with_submodules=False)
-    test = [sys.executable, "tests/elastic/test_ep.py", "--num-processes", "1", "--num-tokens", "128", "--hidden", "2048",
-            "--num-topk", "4", "--num-experts", "8", "--test-first-only"]
+    test = [
+        sys.executable,
+        "tests/elastic/test_ep.py",
+        "--num-processes",
+        "1",
+        "--num-tokens",
+        "128",
+        "--hidden",
+        "2048",
+        "--num-topk",
+        "4",
+        "--num-experts",
+        "8",
+        "--test-first-only",
+    ]
     script = f'eval "$({shlex_join([sys.executable, "-m", "env", "paths", "--profile", "current"])})" && cd {src} && {shlex_join(test)}'
     env = machine_env()
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
-    proc = subprocess.run(["bash", "-c", f"cd {ROOT} && {script}"], capture_output=True, text=True, env=env, timeout=540)
+    proc = subprocess.run(
+        ["bash", "-c", f"cd {ROOT} && {script}"], capture_output=True, text=True, env=env, timeout=540
+    )
     out = proc.stdout + proc.stderr
     compiled = sorted(p.name for p in jit_cache.rglob("*") if p.is_file()) if jit_cache.is_dir() else []
-    (results / "deepep-elastic-current.txt").write_text(f"$ {script}\n{out}\n# JIT cache {jit_cache}: {len(compiled)} files\n")
+    (results / "deepep-elastic-current.txt").write_text(
+        f"$ {script}\n{out}\n# JIT cache {jit_cache}: {len(compiled)} files\n"
+    )
     assert proc.returncode == 0, out[-4000:]
     assert compiled, f"nothing compiled into {jit_cache}"
-    save(results, "deepep-elastic-current.json", {"jit_cache_files": len(compiled), "lines": [ln for ln in out.splitlines() if "GB/s" in ln]})
+    save(
+        results,
+        "deepep-elastic-current.json",
+        {"jit_cache_files": len(compiled), "lines": [ln for ln in out.splitlines() if "GB/s" in ln]},
+    )
 
 
 def shlex_join(argv: list[str]) -> str:
@@ -187,12 +262,30 @@ def test_preflight_ready_with_deep_ep_from_the_prefix(profile, tiny_model, resul
     ifname, address = host_interface()
     env = "\n".join(f'  {k}: "{v}"' for k, v in MACHINE_ENV.items())
     deploy = tmp_path / "one.yaml"
-    deploy.write_text(f"model: {tiny_model}\nnodes: [{{address: {address}, gpus: 1}}]\nrpc_port: 13345\nport: 8000\n"
-                      f"all2all_backend: deepep_low_latency\nvllm_version: {PROFILES['vllm026'].vllm}\n"
-                      f"network: {{transport: tcp, socket_ifname: {ifname}}}\nenv:\n{env}\n")
+    deploy.write_text(
+        f"model: {tiny_model}\nnodes: [{{address: {address}, gpus: 1}}]\nrpc_port: 13345\nport: 8000\n"
+        f"all2all_backend: deepep_low_latency\nvllm_version: {PROFILES['vllm026'].vllm}\n"
+        f"network: {{transport: tcp, socket_ifname: {ifname}}}\nenv:\n{env}\n"
+    )
     report = results / f"preflight-{profile}.json"
-    proc = subprocess.run([sys.executable, "-m", "preflight", "--deploy", str(deploy), "--node-rank", "0", "--preflight-json", str(report)],
-                          capture_output=True, text=True, env=machine_env(EP_STACK_PROFILE=profile), cwd=ROOT, timeout=540)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preflight",
+            "--deploy",
+            str(deploy),
+            "--node-rank",
+            "0",
+            "--preflight-json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        env=machine_env(EP_STACK_PROFILE=profile),
+        cwd=ROOT,
+        timeout=540,
+    )
     (results / f"preflight-{profile}.txt").write_text(proc.stdout + proc.stderr)
     assert "READY" in proc.stdout and "NOT READY" not in proc.stdout, proc.stdout[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if "deep_ep" in ln and "import" in ln)
@@ -211,13 +304,13 @@ disaggregation:
   connector: {{name: NixlConnector, backend: UCX}}
   prefill:
     nodes: [{{address: 127.0.0.1, gpus: 1, gpu_ids: [0]}}]
-    port: {PD_PORTS['prefill']}
+    port: {PD_PORTS["prefill"]}
     rpc_port: 13345
   decode:
     nodes: [{{address: 127.0.0.2, gpus: 1, gpu_ids: [0]}}]
-    port: {PD_PORTS['decode']}
+    port: {PD_PORTS["decode"]}
     rpc_port: 13445
-  router: {{port: {PD_PORTS['router']}}}
+  router: {{port: {PD_PORTS["router"]}}}
 network: {{transport: tcp, socket_ifname: lo}}
 vllm_args: [--max-model-len, "1024", --gpu-memory-utilization, "0.3"]
 env:
@@ -226,8 +319,15 @@ env:
 
 
 def completion(port: int, model: Path) -> list[int]:
-    body = json.dumps({"model": str(model), "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0,
-                       "return_token_ids": True}).encode()
+    body = json.dumps(
+        {
+            "model": str(model),
+            "prompt": "The capital of France is",
+            "max_tokens": 24,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+    ).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         data = json.load(resp)
@@ -247,7 +347,9 @@ def healthy(port: int, deadline: float) -> bool:
 
 
 def gpu_processes() -> list[str]:
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"], capture_output=True, text=True
+    )
     return [ln for ln in out.stdout.splitlines() if ln.strip()]
 
 
@@ -263,17 +365,47 @@ def test_prefill_decode_router_on_one_gpu(tiny_model, results, tmp_path):
         for role in ("prefill", "decode", "proxy"):
             log = open(results / f"pd-{role}.log", "w")  # noqa: SIM115
             argv = [sys.executable, "-m", "launch", role, "--deploy", str(deploy), "--node-rank", "0"]
-            procs[role] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+            procs[role] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            )
         assert healthy(PD_PORTS["router"], time.monotonic() + 420), "router /health did not answer"
         ready_s = time.monotonic() - t0
         via_router = completion(PD_PORTS["router"], tiny_model)
         direct = completion(PD_PORTS["prefill"], tiny_model)
         assert via_router == direct and via_router
-        bench = subprocess.run(["vllm", "bench", "serve", "--backend", "vllm", "--model", str(tiny_model), "--host", "127.0.0.1",
-                                "--port", str(PD_PORTS["router"]), "--dataset-name", "random", "--random-input-len", "128",
-                                "--random-output-len", "128", "--num-prompts", "200", "--ignore-eos", "--save-result",
-                                "--result-dir", str(results), "--result-filename", "pd-bench.json"],
-                               capture_output=True, text=True, env=env, timeout=300)
+        bench = subprocess.run(
+            [
+                "vllm",
+                "bench",
+                "serve",
+                "--backend",
+                "vllm",
+                "--model",
+                str(tiny_model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(PD_PORTS["router"]),
+                "--dataset-name",
+                "random",
+                "--random-input-len",
+                "128",
+                "--random-output-len",
+                "128",
+                "--num-prompts",
+                "200",
+                "--ignore-eos",
+                "--save-result",
+                "--result-dir",
+                str(results),
+                "--result-filename",
+                "pd-bench.json",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         (results / "pd-bench.txt").write_text(bench.stdout + bench.stderr)
         figures = json.loads((results / "pd-bench.json").read_text())
         assert figures["completed"] == 200, bench.stdout[-2000:]
@@ -286,7 +418,26 @@ def test_prefill_decode_router_on_one_gpu(tiny_model, results, tmp_path):
         stopped_s = time.monotonic() - stop_t
         time.sleep(2)
         left = gpu_processes()
-    save(results, "pd.json", {"ready_s": round(ready_s, 1), "token_ids": via_router, "stop_codes": codes, "stopped_s": round(stopped_s, 1),
-                              "gpu_processes_after": left, **{k: figures.get(k) for k in ("completed", "failed", "output_throughput",
-                              "request_throughput", "mean_ttft_ms", "mean_tpot_ms")}})
+    save(
+        results,
+        "pd.json",
+        {
+            "ready_s": round(ready_s, 1),
+            "token_ids": via_router,
+            "stop_codes": codes,
+            "stopped_s": round(stopped_s, 1),
+            "gpu_processes_after": left,
+            **{
+                k: figures.get(k)
+                for k in (
+                    "completed",
+                    "failed",
+                    "output_throughput",
+                    "request_throughput",
+                    "mean_ttft_ms",
+                    "mean_tpot_ms",
+                )
+            },
+        },
+    )
     assert not left, left

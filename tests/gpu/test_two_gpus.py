@@ -28,8 +28,12 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.gpu
 
 # Settings the 2 x H200 machine needs in every process (no NVLink SHARP / multicast there).
-MACHINE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-               "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+MACHINE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+}
 API_PORT = 8000
 ROUNDS = 3  # bench rounds per server: one round of 200 requests lasts ~2 s, so single runs are noisy
 HEALTH_TIMEOUT_S = 600
@@ -82,7 +86,7 @@ def host_interface() -> tuple[str, str]:
 
 def deploy_text(model: Path, **extra: str) -> str:
     ifname, address = host_interface()
-    env = "\n".join(f"  {k}: \"{v}\"" for k, v in MACHINE_ENV.items())
+    env = "\n".join(f'  {k}: "{v}"' for k, v in MACHINE_ENV.items())
     more = "".join(f"{k}: {v}\n" for k, v in extra.items())
     return f"""\
 model: {model}
@@ -106,14 +110,33 @@ def deploy(tiny_model, tmp_path_factory) -> Path:
 
 
 def env_with(**more: str) -> dict[str, str]:
-    return {**os.environ, **MACHINE_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **more}
+    return {
+        **os.environ,
+        **MACHINE_ENV,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **more,
+    }
 
 
 def run_preflight(deploy: Path, rank: int, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "preflight", "--deploy", str(deploy), "--node-rank", str(rank),
-         "--preflight-json", str(out), *extra],
-        env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "preflight",
+            "--deploy",
+            str(deploy),
+            "--node-rank",
+            str(rank),
+            "--preflight-json",
+            str(out),
+            *extra,
+        ],
+        env=env_with(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
     )
 
 
@@ -132,7 +155,9 @@ def test_preflight_single_node_suite_passes(deploy, results):
 
 
 def test_preflight_two_nodes_rendezvous_and_cross_node_collectives(deploy, results):
-    procs = [run_preflight(deploy, rank, results / f"preflight-multinode-{rank}.json", "-m", "multinode") for rank in (0, 1)]
+    procs = [
+        run_preflight(deploy, rank, results / f"preflight-multinode-{rank}.json", "-m", "multinode") for rank in (0, 1)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     (results / "preflight-multinode.txt").write_text("\n".join(outs))
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
@@ -175,9 +200,31 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> flo
 
 def bench(model: Path, out: Path, name: str, seed: int = 0) -> dict:
     # A new seed per round: the same prompts twice would hit vLLM's prefix cache and measure that instead.
-    cmd = ["vllm", "bench", "serve", "--seed", str(seed), "--base-url", f"http://127.0.0.1:{API_PORT}", "--model", str(model),
-           "--dataset-name", "random", "--random-input-len", "128", "--random-output-len", "128", "--num-prompts", "200",
-           "--ignore-eos", "--save-result", "--result-dir", str(out), "--result-filename", f"{name}.json"]
+    cmd = [
+        "vllm",
+        "bench",
+        "serve",
+        "--seed",
+        str(seed),
+        "--base-url",
+        f"http://127.0.0.1:{API_PORT}",
+        "--model",
+        str(model),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "128",
+        "--random-output-len",
+        "128",
+        "--num-prompts",
+        "200",
+        "--ignore-eos",
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        f"{name}.json",
+    ]
     proc = subprocess.run(cmd, env=env_with(), capture_output=True, text=True, timeout=600)
     (out / f"{name}.txt").write_text(proc.stdout[-20000:] + proc.stderr[-5000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,8 +232,12 @@ def bench(model: Path, out: Path, name: str, seed: int = 0) -> dict:
 
 
 def gpu_processes() -> list[str]:
-    proc = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return [line for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -205,8 +256,24 @@ def test_serve_dp2_ep_through_the_launcher(deploy, tiny_model, results):
     logs = [results / "serve-node0.log", results / "serve-node1.log"]
     t0 = time.monotonic()
     procs = [
-        subprocess.Popen([sys.executable, "-m", "launch", "serve", "--deploy", str(deploy), "--node-rank", str(rank),
-                          "--log-file", str(logs[rank])], env=env_with(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch",
+                "serve",
+                "--deploy",
+                str(deploy),
+                "--node-rank",
+                str(rank),
+                "--log-file",
+                str(logs[rank]),
+            ],
+            env=env_with(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         for rank in (0, 1)
     ]
     try:
@@ -217,11 +284,17 @@ def test_serve_dp2_ep_through_the_launcher(deploy, tiny_model, results):
         stopped_after = stop(procs)
     codes = [p.returncode for p in procs]
     left = gpu_processes()
-    summary = {"healthy_after_s": round(healthy_after, 1), "stop_s": round(stopped_after, 1), "exit_codes": codes,
-               "gpu_processes_after_stop": left, "completed": result.get("completed"), "failed": result.get("failed"),
-               "output_throughput": [r.get("output_throughput") for r in rounds],
-               "request_throughput": [r.get("request_throughput") for r in rounds],
-               "total_s": round(time.monotonic() - t0, 1)}
+    summary = {
+        "healthy_after_s": round(healthy_after, 1),
+        "stop_s": round(stopped_after, 1),
+        "exit_codes": codes,
+        "gpu_processes_after_stop": left,
+        "completed": result.get("completed"),
+        "failed": result.get("failed"),
+        "output_throughput": [r.get("output_throughput") for r in rounds],
+        "request_throughput": [r.get("request_throughput") for r in rounds],
+        "total_s": round(time.monotonic() - t0, 1),
+    }
     (results / "serve-launcher-summary.json").write_text(json.dumps(summary, indent=2))
     assert result["completed"] == 200
     assert not result.get("failed")
@@ -237,14 +310,25 @@ def test_hand_written_vllm_serve_side_by_side(deploy, tiny_model, results):
     if not summary.exists():
         pytest.skip("run test_serve_dp2_ep_through_the_launcher first")
     launcher = json.loads(summary.read_text())["output_throughput"]
-    plan = json.loads(subprocess.run([sys.executable, "-m", "launch", "plan", str(deploy), "--format", "json"], env=env_with(),
-                                     capture_output=True, text=True, check=True, cwd=ROOT, timeout=60).stdout)
+    plan = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "launch", "plan", str(deploy), "--format", "json"],
+            env=env_with(),
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            timeout=60,
+        ).stdout
+    )
     procs = []
     for node in plan:
         paths = {k: os.pathsep.join([*v, os.environ.get(k, "")]) for k, v in node["path_prepend"].items()}
         env = env_with(**node["stack_env"], **paths, **node["env"])
         log = open(results / f"hand-node{node['node_rank']}.log", "w")  # noqa: SIM115
-        procs.append(subprocess.Popen(node["argv"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(node["argv"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
     try:
         healthy_after = wait_healthy(f"http://127.0.0.1:{API_PORT}/health", procs, HEALTH_TIMEOUT_S)
         hands = [bench(tiny_model, results, f"bench-hand-{i}", seed=i) for i in range(ROUNDS)]
@@ -258,9 +342,17 @@ def test_hand_written_vllm_serve_side_by_side(deploy, tiny_model, results):
                 os.killpg(p.pid, signal.SIGKILL)
     hand = [r["output_throughput"] for r in hands]
     ratio = statistics.median(launcher) / statistics.median(hand)
-    (results / "side-by-side.json").write_text(json.dumps({
-        "launcher_output_tok_s": launcher, "hand_output_tok_s": hand, "ratio_of_medians": round(ratio, 3),
-        "hand_healthy_after_s": round(healthy_after, 1)}, indent=2))
+    (results / "side-by-side.json").write_text(
+        json.dumps(
+            {
+                "launcher_output_tok_s": launcher,
+                "hand_output_tok_s": hand,
+                "ratio_of_medians": round(ratio, 3),
+                "hand_healthy_after_s": round(healthy_after, 1),
+            },
+            indent=2,
+        )
+    )
     assert all(r["completed"] == 200 for r in hands)
     assert 0.8 < ratio < 1.25  # one run each: noise, not a slowdown, is what this bound allows
 
@@ -278,18 +370,41 @@ def test_serve_dp2_ep_with_ray_as_the_data_parallel_backend(tiny_model, tmp_path
     procs = []
     for rank in (1, 0):  # the worker may start first: it waits for the head's port
         out = open(results / f"ray-launcher{rank}.txt", "w")  # noqa: SIM115
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch", "serve", "--deploy", str(deploy), "--node-rank", str(rank),
-                                       "--log-file", str(logs[rank])], env=env_with(RAY_USAGE_STATS_ENABLED="0"),
-                                      stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "launch",
+                    "serve",
+                    "--deploy",
+                    str(deploy),
+                    "--node-rank",
+                    str(rank),
+                    "--log-file",
+                    str(logs[rank]),
+                ],
+                env=env_with(RAY_USAGE_STATS_ENABLED="0"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        )
     try:
         healthy_after = wait_healthy(f"http://127.0.0.1:{API_PORT}/health", procs, HEALTH_TIMEOUT_S)
         result = bench(tiny_model, results, "bench-ray", seed=7)
     finally:
         stopped_after = stop(procs[::-1])
-    summary = {"healthy_after_s": round(healthy_after, 1), "stop_s": round(stopped_after, 1),
-               "exit_codes": [p.returncode for p in procs[::-1]], "gpu_processes_after_stop": gpu_processes(),
-               "completed": result.get("completed"), "failed": result.get("failed"),
-               "output_throughput": result.get("output_throughput"), "total_s": round(time.monotonic() - t0, 1)}
+    summary = {
+        "healthy_after_s": round(healthy_after, 1),
+        "stop_s": round(stopped_after, 1),
+        "exit_codes": [p.returncode for p in procs[::-1]],
+        "gpu_processes_after_stop": gpu_processes(),
+        "completed": result.get("completed"),
+        "failed": result.get("failed"),
+        "output_throughput": result.get("output_throughput"),
+        "total_s": round(time.monotonic() - t0, 1),
+    }
     (results / "serve-ray-summary.json").write_text(json.dumps(summary, indent=2))
     assert result["completed"] == 200 and not result.get("failed")
     assert summary["gpu_processes_after_stop"] == []

@@ -19,15 +19,32 @@ def write_tokenizer(out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = [f"w{i}" for i in range(4000)] + ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "expert", "parallel"]
+    words = [f"w{i}" for i in range(4000)] + [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "expert",
+        "parallel",
+    ]
     corpus = [" ".join(words[i : i + 12]) for i in range(0, len(words), 7)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
     fast.save_pretrained(out)
     return fast
@@ -39,10 +56,22 @@ def write_model(out: Path, eos_id: int) -> None:
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=4096,
-        eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        max_position_embeddings=4096,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=False,
     )
     model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
