@@ -12,11 +12,11 @@ import ipaddress
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from launch import vllm_flags, yaml_safe
 from launch.errors import ConfigError
@@ -33,6 +33,39 @@ RAY_WORKER_PORTS = (10002, 19999)
 
 
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> bool:
+    """No control characters. Deploy-file strings land on #SBATCH lines, in comments and in scripts, where a
+    newline would start a line of its own."""
+    return not _CONTROL.search(text)
+
+
+def _env_names(value: dict[str, str]) -> dict[str, str]:
+    """Keys become `export NAME=...` lines and process environments: shell variable names only."""
+    for key in value:
+        if not _ENV_NAME.fullmatch(key):
+            raise _FieldError(key, "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    return value
+
+
+EnvVars = Annotated[dict[str, str], AfterValidator(_env_names)]
+"""Environment variables a deploy file sets: names a shell can export."""
+
+
+def _refuse_control(data: Any, where: str) -> None:
+    """Every key and string value of the parsed file is one line of printable text (see ``printable``)."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        path = f"{where}[{key}]" if isinstance(data, list) else f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and not printable(key):
+            raise _FieldError(path, "a key with control characters (expected one line of printable text)")
+        if isinstance(value, str) and not printable(value):
+            shown = "the value" if isinstance(key, str) and is_secret(key) else yaml_safe.excerpt(value)
+            raise _FieldError(path, f"{shown} has control characters (expected one line of printable text)")
+        _refuse_control(value, path)
 
 
 def _is_address(value: str) -> bool:
@@ -63,7 +96,7 @@ class Node(_Strict):
     """Data parallel ranks on this node; default: gpus / tensor_parallel_size."""
     socket_ifname: str | None = None
     """Overrides network.socket_ifname for this node (nodes whose NIC names differ)."""
-    env: dict[str, str] = {}
+    env: EnvVars = {}
     """Extra environment for this node only (applied after the cluster-wide env)."""
     gpu_ids: list[int] | None = None
     """Which GPUs of the node this entry uses (CUDA_VISIBLE_DEVICES); needed when two groups share a node."""
@@ -100,11 +133,11 @@ class Network(_Strict):
     transport: Transport = "ib"
     socket_ifname: str = "auto"
     """Interface name, or ``auto``: the interface that holds the node's address, found on the node."""
-    nccl: dict[str, str] = {}
+    nccl: EnvVars = {}
     """Extra NCCL_* variables, applied after the transport's defaults."""
-    nvshmem: dict[str, str] = {}
+    nvshmem: EnvVars = {}
     """Extra NVSHMEM_* variables, applied after the transport's defaults."""
-    efa: dict[str, str] = {}
+    efa: EnvVars = {}
     """Extra FI_* (libfabric) variables; only for transport efa."""
     hcas: list[str] = []
     """InfiniBand / RoCE devices to use, exact names (``mlx5_0`` or ``mlx5_0:1``); one list for NCCL, NVSHMEM and
@@ -191,7 +224,7 @@ class Group(_Strict):
     port: int = Field(ge=1, le=65535)
     rpc_port: int = Field(ge=1, le=65535)
     vllm_args: list[str] = []
-    env: dict[str, str] = {}
+    env: EnvVars = {}
 
 
 class Router(_Strict):
@@ -340,7 +373,7 @@ class DeployConfig(_Strict):
     network: Network = Network()
     vllm_args: list[str] = []
     """Extra arguments appended to `vllm serve`."""
-    env: dict[str, str] = {}
+    env: EnvVars = {}
     """Extra environment for every node (secrets are shown as ***)."""
     preflight: Preflight = Preflight()
     """Preflight threshold overrides by name (see preflight/thresholds.py)."""
@@ -416,9 +449,6 @@ class DeployConfig(_Strict):
                 "ray_port",
                 f"{self.ray_port} is inside Ray's worker port range {low}-{high} (expected a port outside it, e.g. 6379)",
             )
-        for key in [*self.env, *(k for n in self.nodes for k in n.env)]:
-            if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-                raise _FieldError(f"env.{key}", "expected a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
         return self
 
     def group(self, name: str) -> DeployConfig:
@@ -604,6 +634,13 @@ def parse_deploy(data: Any, source: str, *, options: dict[str, str] | None = Non
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top (model:, nodes:, ...), got {type(data).__name__}")
     try:
+        _refuse_control(data, "")
+    except _FieldError as exc:
+        option = (options or {}).get(exc.field)
+        raise ConfigError(
+            yaml_safe.shorten(f"{option or source}: {'' if option else exc.field + ': '}{exc.message}")
+        ) from None
+    try:
         return DeployConfig.model_validate(data)
     except pydantic.ValidationError as exc:
         first = exc.errors(include_url=False)[0]
@@ -637,6 +674,8 @@ def load_deploy(path: str | Path) -> DeployConfig:
 
 def parse_deploy_text(text: str, source: str) -> DeployConfig:
     """Validates a deploy file's YAML text; ``source`` names it in errors."""
+    if not printable(source):  # the name lands in comments of printed plans and rendered scripts
+        raise ConfigError(f"{source!r}: a file name with control characters (expected one line of printable text)")
     try:
         data = yaml_safe.load(text)
     except yaml.YAMLError as exc:

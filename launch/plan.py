@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from env.paths import StackPaths
-from launch import matrix
+from launch import matrix, vllm_flags
 from launch.config import DeployConfig
 from launch.fabric import fabric_env, kv_over_ucx
 from launch.layout import NodeLayout, api_server_note
@@ -222,6 +222,12 @@ def build(
     env.update(config.env)
     if layout.node_rank < len(config.nodes):
         env.update(config.nodes[layout.node_rank].env)
+    # A secret given as a vLLM flag travels as the variable vLLM reads it from (launch/vllm_flags.py); a flag
+    # took precedence over the variable in vLLM, so it does here too.
+    secrets, args = vllm_flags.secrets_to_env(list(config.vllm_args), "vllm_args")
+    given, more = vllm_flags.secrets_to_env(list(passthrough or ()), "--")
+    env.update({**secrets, **given})
+    args += more
 
     log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
     common = dict(
@@ -263,6 +269,6 @@ def build(
         expert_parallel=config.enable_expert_parallel,
         trust_remote_code=config.trust_remote_code,
         data_parallel_backend=config.data_parallel_backend,
-        vllm_args=(*config.vllm_args, *(passthrough or ())),
+        vllm_args=tuple(args),
         **common,
     )

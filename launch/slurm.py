@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import shlex
 
-from launch.config import ConfigError, DeployConfig, Node, Slurm
+from launch.config import DeployConfig, Node, Slurm
 from launch.placement import GROUPS
-
-HEREDOC = "EP_DEPLOY_YAML"
 
 
 def _sbatch_options(s: Slurm, nodes: list[Node], *, first: bool) -> list[str]:
@@ -64,9 +62,6 @@ def script(config: DeployConfig, deploy_text: str, source: str) -> str:
             + ["#SBATCH hetjob"]
             + _sbatch_options(s, d.decode.nodes, first=False)
         )
-    text = deploy_text if deploy_text.endswith("\n") else deploy_text + "\n"
-    if any(line.strip() == HEREDOC for line in text.splitlines()):
-        raise ConfigError(f"{source}: a line reads {HEREDOC}, which ends the embedded copy (expected any other text)")
     lines = [
         "#!/bin/bash",
         *header,
@@ -77,9 +72,8 @@ def script(config: DeployConfig, deploy_text: str, source: str) -> str:
         "set -euo pipefail",
         f"run=({shlex.join(shlex.split(s.python))})",
         f"export EP_DEPLOY_NAME={shlex.quote(source)}",
-        f"export EP_DEPLOY_TEXT=\"$(cat <<'{HEREDOC}'",
-        text + f"{HEREDOC}",
-        ')"',
+        # One single-quoted word: no content of the file can end it early (a heredoc's delimiter could).
+        f"export EP_DEPLOY_TEXT={shlex.quote(deploy_text)}",
         "",
         "# The allocation must hold the deploy file's nodes: checked once, before any step starts.",
         '"${run[@]}" -m launch slurm-step allocation',

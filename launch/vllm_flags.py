@@ -104,3 +104,42 @@ def split(words: list[str], where: str) -> tuple[dict[str, str | bool], list[str
         taken[owned.field] = value
         i += 1
     return taken, rest
+
+
+# Secret-bearing flags and the variable vLLM reads the same value from: given there, a secret stays out of
+# process listings, printed plans and rendered commands (the variable's name marks it secret everywhere).
+# --api-key: `args.api_key or [envs.VLLM_API_KEY]` (vllm/entrypoints/openai/api_server.py, 0.10.1.1 line
+# 1531, 0.26.0 line 307; 0.33.0: vllm/entrypoints/serve/middleware/register.py line 33).
+# --hf-token: vLLM passes hf_token=None on to huggingface_hub, which then reads HF_TOKEN.
+SECRET_FLAGS = {"--api-key": "VLLM_API_KEY", "--hf-token": "HF_TOKEN"}
+
+
+def secrets_to_env(words: list[str], where: str) -> tuple[dict[str, str], list[str]]:
+    """Takes each secret flag's value out of ``words`` into its variable: (variables, the rest in order).
+    ``--hf-token`` alone (use the stored token) stays. Errors name the flag, never the value."""
+    env: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(words):
+        name, inline = _canonical(words[i])
+        variable = SECRET_FLAGS.get(name)
+        if variable is None:
+            rest.append(words[i])
+            i += 1
+            continue
+        values = [inline] if inline is not None else []
+        j = i + 1
+        while inline is None and j < len(words) and not _canonical(words[j])[0]:
+            values.append(words[j])  # vLLM's --api-key takes one or more keys
+            j += 1
+        if not values and name == "--hf-token":
+            rest.append(words[i])
+        elif len(values) != 1 or variable in env:
+            raise ConfigError(
+                f"{where}: {name}: expected one value (the launcher gives it to vLLM as {variable}, "
+                "out of process listings; one key only)"
+            )
+        else:
+            env[variable] = values[0]
+        i = j
+    return env, rest

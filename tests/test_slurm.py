@@ -96,11 +96,11 @@ def test_the_script_carries_the_deploy_file_verbatim(tmp_path):
     text = "model: m   # a comment survives\nnodes: [{gpus: 8}, {gpus: 8}]\nenv: {X: \"$HOME 'q'\"}\n"
     job = render(tmp_path, text)
     out = subprocess.run(
-        ["bash", "-c", f'source <(sed -n \'/^export EP_DEPLOY_NAME/,/^)"/p\' {job}); printf %s "$EP_DEPLOY_TEXT"'],
+        ["bash", "-c", f"source <(sed -n '/^export EP_DEPLOY_NAME/,/^$/p' {job}); printf %s \"$EP_DEPLOY_TEXT\""],
         capture_output=True,
         text=True,
     )
-    assert out.stdout + "\n" == text
+    assert out.stdout == text
     assert parse_deploy_text(out.stdout, "x").env == {"X": "$HOME 'q'"}
 
 

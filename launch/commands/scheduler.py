@@ -74,6 +74,7 @@ def _refuse_for_scheduler(config: DeployConfig, path: str, fmt: str) -> None:
     (the file travels in the job script or a ConfigMap)."""
     from launch.config import is_secret
     from launch.placement import GROUPS, group_nodes
+    from launch.vllm_flags import SECRET_FLAGS, secrets_to_env
 
     prefixes = [("", None)] if config.disaggregation is None else [(f"disaggregation.{g}.", g) for g in GROUPS]
     for prefix, group in prefixes:
@@ -88,19 +89,27 @@ def _refuse_for_scheduler(config: DeployConfig, path: str, fmt: str) -> None:
     ]
     if config.disaggregation is not None:
         envs += [(f"disaggregation.{g}.env", getattr(config.disaggregation, g).env) for g in GROUPS]
-    for field, env in envs:
-        for name in env:
-            if is_secret(name):
-                fix = (
-                    f"export {name} before sbatch: the job passes your environment to every node"
-                    if fmt == "slurm"
-                    else "a Kubernetes Secret named in kubernetes.env_from_secret"
-                )
-                where = "the job script" if fmt == "slurm" else "a ConfigMap"
-                raise ConfigError(
-                    f"{path}: {field}.{name}: a secret would be written into {where} (expected it out of the "
-                    f"deploy file: {fix})"
-                )
+    # (where it is shown, the variable it would be): secret variables, and secret flags' values, which would
+    # travel as the variable vLLM reads (launch/vllm_flags.py)
+    secrets = [(f"{field}.{name}", name) for field, env in envs for name in env if is_secret(name)]
+    args = [("vllm_args", config.vllm_args)]
+    if config.disaggregation is not None:
+        args += [(f"disaggregation.{g}.vllm_args", getattr(config.disaggregation, g).vllm_args) for g in GROUPS]
+    flag_of = {variable: flag for flag, variable in SECRET_FLAGS.items()}
+    for field, words in args:
+        taken, _ = secrets_to_env(list(words), f"{path}: {field}")
+        secrets += [(f"{field}: {flag_of[name]}", name) for name in taken]
+    if secrets:
+        shown, name = secrets[0]
+        fix = (
+            f"export {name} before sbatch: the job passes your environment to every node"
+            if fmt == "slurm"
+            else "a Kubernetes Secret named in kubernetes.env_from_secret"
+        )
+        where = "the job script" if fmt == "slurm" else "a ConfigMap"
+        raise ConfigError(
+            f"{path}: {shown}: a secret would be written into {where} (expected it out of the deploy file: {fix})"
+        )
 
 
 def _stand_in_addresses(config: DeployConfig) -> DeployConfig:
