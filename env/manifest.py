@@ -26,6 +26,8 @@ from env.errors import StackError
 MANIFEST = "manifest.json"
 BUILD_RECORD = "BUILD.json"
 SCHEMA = 1
+TOOL = "vllm-ep-deploy"
+"""Marks the manifest as this toolkit's: a build never writes over a file of the same name it did not make."""
 _SKIP = {"__pycache__", BUILD_RECORD}
 """Left out of an artifact's hash: byte code (timestamps) and the record that holds the hash."""
 
@@ -100,6 +102,17 @@ class Manifest:
             return cls(prefix)
         try:
             data = json.loads(path.read_text())
+            ours = isinstance(data, dict) and (
+                data.get("tool") == TOOL or (data.get("schema") == SCHEMA and {"profile", "entries"} <= data.keys())
+            )  # the second form: manifests written before the marker
+            if not ours:
+                if not strict:
+                    return cls(prefix)
+                raise StackError(
+                    str(path),
+                    'is not a build manifest of this toolkit (no "tool": "vllm-ep-deploy"); it is left as it is',
+                    "build into another --prefix, or move that file away",
+                )
             entries = {name: Entry.from_json(e) for name, e in data.get("entries", {}).items()}
             return cls(prefix, data.get("profile", ""), entries)
         except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -111,6 +124,7 @@ class Manifest:
 
     def save(self) -> None:
         data = {
+            "tool": TOOL,
             "schema": SCHEMA,
             "profile": self.profile,
             "entries": {n: asdict(e) for n, e in sorted(self.entries.items())},

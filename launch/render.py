@@ -64,9 +64,13 @@ def shell(plan: NodePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+SCRIPT_MARK = "# written by `python -m launch plan --format shell`"
+"""Line 2 of every script: `plan --out --force` removes a stale node script only if it carries it."""
+
+
 def script(plan: NodePlan) -> str:
     """A runnable script for one node (`plan --format shell --out DIR`)."""
-    lines = ["#!/usr/bin/env bash", f"# {plan.title}"]
+    lines = ["#!/usr/bin/env bash", SCRIPT_MARK, f"# {plan.title}"]
     lines += [f"# {note}" for note in plan.notes]
     lines += ["set -euo pipefail"]
     lines += env_lines(plan, script=True)

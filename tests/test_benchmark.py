@@ -106,3 +106,13 @@ def test_a_run_is_recorded_with_its_plan_and_versions(launch, tmp_path, write_ya
     assert (out / "command.txt").read_text().startswith("vllm bench serve --base-url http://10.0.0.1:8000")
     assert "AgRsAll2AllManager" in (out / "verify.txt").read_text()
     assert os.path.exists(out / "result.json")
+
+
+def test_a_run_folder_that_holds_results_is_never_replaced(launch, write_yaml, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text('{"completed": 200}')
+    deploy = write_yaml("model: m\nnodes: [{address: 10.0.0.1}, {address: 10.0.0.2}]\n")
+    res = launch("bench", str(deploy), "--out", str(out), "--vllm-bin", "/bin/true")
+    assert res.code == 2 and f"--out: {out} already holds a run (expected a new folder" in res.err
+    assert (out / "result.json").read_text() == '{"completed": 200}'

@@ -141,6 +141,21 @@ def test_pins_file_errors_name_the_file_and_field(tmp_path):
         load_pins(path)
 
 
+def test_a_manifest_the_toolkit_did_not_write_is_left_alone(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"mine": 1}\n')
+    with pytest.raises(StackError) as caught:
+        Manifest.load(tmp_path)
+    assert "is not a build manifest of this toolkit" in str(caught.value)
+    assert Manifest.load(tmp_path, strict=False).entries == {}  # the launcher reads on, finding nothing
+    assert (tmp_path / "manifest.json").read_text() == '{"mine": 1}\n'
+
+
+def test_the_manifest_is_marked_as_the_toolkits(tmp_path):
+    Manifest(tmp_path, "current", {}).save()
+    assert json.loads((tmp_path / "manifest.json").read_text())["tool"] == "vllm-ep-deploy"
+    assert Manifest.load(tmp_path).profile == "current"
+
+
 def test_concurrent_build_on_one_prefix_is_refused(tmp_path):
     prefix = tmp_path / "stack"
     prefix.mkdir()

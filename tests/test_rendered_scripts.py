@@ -88,3 +88,31 @@ def test_prefill_and_decode_scripts_do_not_overwrite_each_other(launch, tmp_path
     res = launch("plan", str(EXAMPLES / "pd-1p1d.yaml"), "--format", "shell", "--out", str(out))
     assert res.code == 0, res.err
     assert sorted(p.name for p in out.iterdir()) == ["decode-node-0.sh", "prefill-node-0.sh"]
+
+
+def test_a_symbolic_link_is_never_written_through_even_with_force(launch, write_yaml, tmp_path):
+    out = tmp_path / "plans"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / "node-0.sh").symlink_to(victim)
+    res = launch("plan", str(write_yaml(DEPLOY)), "--format", "shell", "--out", str(out), "--force")
+    assert res.code == 2 and f"--out: {out / 'node-0.sh'} is a symbolic link" in res.err
+    assert victim.read_text() == "precious\n" and not (out / "node-1.sh").exists()  # nothing written
+
+
+def test_force_removes_only_scripts_the_toolkit_wrote(launch, write_yaml, tmp_path):
+    out = render(launch, write_yaml, tmp_path)
+    (out / "node-7.sh").write_text("#!/bin/sh\n# my own script\n")
+    res = launch("plan", str(write_yaml(DEPLOY)), "--format", "shell", "--out", str(out), "--force")
+    assert res.code == 2 and "node-7.sh is no node of this plan and was not written by the toolkit" in res.err
+    assert (out / "node-7.sh").read_text() == "#!/bin/sh\n# my own script\n"
+
+
+def test_a_job_file_is_never_written_through_a_link(launch, tmp_path):
+    job = tmp_path / "job.sbatch"
+    job.symlink_to(tmp_path / "elsewhere")
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text("model: m\nnodes: [{gpus: 8}]\n")
+    res = launch("plan", str(deploy), "--format", "slurm", "--out", str(job), "--force")
+    assert res.code == 2 and "is a symbolic link" in res.err and not (tmp_path / "elsewhere").exists()

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
+    if out.is_symlink() or (out.exists() and any(out.iterdir())):
+        raise ConfigError(
+            f"--out: {out} already holds a run (expected a new folder: a run's results are never replaced)"
+        )
     exe = executable(args.vllm_bin, "vllm", VLLM_FIX)
     resolution = resolve(request)
     benchmark.record(out, command, [plan_json(p) for p in resolution.plans])

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from launch import render
+from launch import files, render
 from launch.commands import plan_json
 from launch.errors import ConfigError
 from launch.request import from_args
@@ -50,24 +50,27 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         scripts = {
             out / f"{p.group + '-' if p.group else ''}node-{p.layout.node_rank}.sh": render.script(p) for p in plans
         }
-        clashes = [str(f) for f, text in scripts.items() if f.exists() and f.read_text() != text]
         whole = args.node_rank is None and args.group is None
         # A whole cluster's scripts are the folder's: a node-N.sh left from a larger plan would run stale.
         stale = sorted(set(f for f in out.glob("*.sh") if _SCRIPT.fullmatch(f.name)) - set(scripts)) if whole else []
+        for file in stale:
+            files.refuse_link(file, "--out")
+            if render.SCRIPT_MARK not in file.read_text(errors="replace").splitlines()[:3]:
+                raise ConfigError(
+                    f"--out: {file} is no node of this plan and was not written by the toolkit (expected a folder "
+                    "holding only its scripts; move that file away)"
+                )
         if stale and not args.force:
             raise ConfigError(
                 f"--out: {stale[0]} is no node of this plan (expected a new folder, or --force to remove it)"
             )
-        if clashes and not args.force:
-            raise ConfigError(
-                f"--out: {clashes[0]} exists and differs (expected a new folder, or --force to overwrite)"
-            )
+        for file, text in scripts.items():
+            files.may_write(file, text, force=args.force, option="--out")
         out.mkdir(parents=True, exist_ok=True)
         for file in stale:
             file.unlink()
             print(f"removed {file}", file=sys.stderr)
         for file, text in scripts.items():
-            file.write_text(text)
-            file.chmod(0o755)
+            files.write(file, text, mode=0o755)
             print(file)
     return 0

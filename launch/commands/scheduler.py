@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch import files
 from launch.commands import say
 from launch.config import DeployConfig, dump_deploy
 from launch.errors import ConfigError, NodeDown
@@ -62,9 +63,8 @@ def plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: {target} is a folder (expected a file name for --format {args.format})")
     if not target.parent.is_dir():
         raise ConfigError(f"--out: folder {target.parent} does not exist (expected a file in an existing folder)")
-    if target.exists() and target.read_text() != out and not args.force:
-        raise ConfigError(f"--out: {target} exists and differs (expected a new file, or --force to overwrite)")
-    target.write_text(out)
+    files.may_write(target, out, force=args.force, option="--out")
+    files.write(target, out)
     print(target)
     return 0
 
