@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -284,10 +285,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 COMMANDS = {"pins": cmd_pins, "fetch": cmd_fetch, "build": cmd_build, "paths": cmd_paths, "status": cmd_status}
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (a scheduler's stop, a closed terminal): unwinds like Ctrl-C, so that a running
+    compiler, which has a process group of its own, is stopped with the build (env/build.py: _run)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     try:
         return COMMANDS[args.command](args)
+    except Stopped as exc:
+        print(f"error: {exc}: stopped; the previous builds are kept", file=sys.stderr)
+        return 128 + exc.signum
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

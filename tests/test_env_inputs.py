@@ -21,6 +21,7 @@ from env.fetch import SourceCache, _resolve_url, extract
 from env.manifest import Entry, Manifest, tree_sha256
 from env.paths import stack_paths
 from env.pins import PROFILES, Component, load_pins
+from tests.conftest import ROOT
 from tests.env_support import COMMIT, build, one_line, pins_file, run_env
 
 # ---- bad input, through the real command line ---------------------------------------------------------------
@@ -404,3 +405,47 @@ def test_current_deepep_carries_vllms_patch_and_its_runtime_needs():
     ]
     assert deepep.needs_nccl == ">=2.30.4" and deepep.jit_cache_env == "EP_JIT_CACHE_DIR"
     assert "patches" in deepep.pin()  # a changed patch means a rebuild
+
+
+def test_a_stopped_build_stops_its_compiler_and_keeps_the_prefix(tmp_path):
+    """SIGTERM (a scheduler's stop) or SIGHUP (a closed terminal) ends the build like Ctrl-C: the compiler,
+    in a process group of its own, is stopped too, and nothing is recorded as built."""
+    import os
+    import signal
+    import time
+
+    src = tmp_path / "slowext"
+    src.mkdir()
+    (src / "setup.py").write_text(
+        "import os, pathlib, time\n"
+        "pathlib.Path(os.environ['EP_TEST_PIDFILE']).write_text(str(os.getpid()))\n"
+        "time.sleep(300)\n"
+    )
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], [*ident, "commit", "-q", "-m", "slow"]):
+        subprocess.run(["git", *args], cwd=src, check=True, capture_output=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, check=True, capture_output=True, text=True)
+    pins = pins_file(tmp_path, url=str(src), ref=commit.stdout.strip())
+    pidfile = tmp_path / "compiler.pid"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        pidfile.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "EP_TEST_PIDFILE": str(pidfile)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "env", "build", "--pins", str(pins), "--profile", "test",
+             "--prefix", str(tmp_path / "stack"), "--cache", str(tmp_path / "cache")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not pidfile.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert pidfile.exists(), proc.communicate()[1]
+        compiler = int(pidfile.read_text())
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, err
+        assert err.strip().splitlines()[-1] == f"error: {sig.name}: stopped; the previous builds are kept"
+        gone = time.monotonic() + 20
+        while time.monotonic() < gone and os.path.exists(f"/proc/{compiler}"):
+            time.sleep(0.2)
+        assert not os.path.exists(f"/proc/{compiler}"), f"the compiler ({compiler}) outlived a {sig.name}"
+        assert not Manifest.load(tmp_path / "stack").entries
