@@ -664,7 +664,8 @@ def load_deploy(path: str | Path) -> DeployConfig:
     """Reads and validates a deploy file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as f:
+            text = f.read(yaml_safe.MAX_CHARS + 1)  # bounded: /dev/zero or a huge file is refused, not read
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the deploy file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:

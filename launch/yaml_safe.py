@@ -89,9 +89,7 @@ class _BoundedLoader(Composer, _Parser, SafeConstructor, Resolver):
 def load(text: str) -> Any:
     """yaml.safe_load within the bounds above; raises yaml.YAMLError past them."""
     if len(text) > MAX_CHARS:
-        raise yaml.YAMLError(
-            f"longer than {MAX_CHARS:,} characters ({len(text):,}; expected a deploy file of a few kilobytes)"
-        )
+        raise yaml.YAMLError(f"longer than {MAX_CHARS:,} characters (expected a deploy file of a few kilobytes)")
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()

@@ -449,3 +449,12 @@ def test_a_real_zeromq_router_is_ready_and_undisturbed_by_the_probe():
         router.wait()
     assert took < 1
     assert out.strip() == "got hello"  # the engines' handshake still works after the probe
+
+
+def test_an_endless_deploy_file_is_read_only_to_the_bound(launch):
+    start = time.monotonic()
+    res = launch("plan", "/dev/zero")
+    assert res.code == 2 and res.err == (
+        "error: /dev/zero: not valid YAML (longer than 262,144 characters (expected a deploy file of a few kilobytes))\n"
+    )
+    assert time.monotonic() - start < 30  # read 256 KiB, not forever
