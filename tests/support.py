@@ -82,3 +82,28 @@ def wheel_text(version: str, path: str) -> str:
         pytest.skip(f"vLLM {version} is not installed (bash tests/vllm/install-parsers.sh)")
     file = folder / path
     return file.read_text() if file.is_file() else ""
+
+
+# ---- hostile strings (tests/test_injection.py, tests/hostile_files.py) ----------------------------------------
+CANARY = "@CANARY@"
+"""Replaced by a file path of the test's own: the file an injection that worked would create."""
+
+FRAGMENTS = [
+    f"$(touch {CANARY})",
+    f"`touch {CANARY}`",
+    f"; touch {CANARY} #",
+    f"' ; touch {CANARY} ; '",
+    f'" ; touch {CANARY} ; "',
+    f"\\$(touch {CANARY})",
+    f"\ntouch {CANARY}\n",
+    f"\nEP_DEPLOY_YAML\ntouch {CANARY}\n",
+    f"'\ntouch {CANARY}\n'",
+    "${HOME}",
+    "*",
+    "~root",
+    "#",
+    "!!",
+    "\\",
+    " ",
+    "\t",
+]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,30 +25,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from tests.conftest import ROOT, run_module
-from tests.support import assert_one_line_error
+from tests.support import CANARY, FRAGMENTS, assert_one_line_error
 
-CANARY = "@CANARY@"
-"""Replaced by a file path of the test's own: the file an injection that worked would create."""
-
-FRAGMENTS = [
-    f"$(touch {CANARY})",
-    f"`touch {CANARY}`",
-    f"; touch {CANARY} #",
-    f"' ; touch {CANARY} ; '",
-    f'" ; touch {CANARY} ; "',
-    f"\\$(touch {CANARY})",
-    f"\ntouch {CANARY}\n",
-    f"\nEP_DEPLOY_YAML\ntouch {CANARY}\n",
-    f"'\ntouch {CANARY}\n'",
-    "${HOME}",
-    "*",
-    "~root",
-    "#",
-    "!!",
-    "\\",
-    " ",
-    "\t",
-]
 hostile = st.lists(
     st.sampled_from(FRAGMENTS) | st.text(st.characters(exclude_categories=("Cs",)), max_size=4), min_size=1, max_size=3
 ).map("".join)
@@ -74,6 +53,10 @@ SLURM_FIELDS = {
     "slurm.job_name": lambda d, v: d.update(slurm={"job_name": v}),
     "slurm.sbatch": lambda d, v: d.update(slurm={"sbatch": [f"--comment={v}"]}),
 }
+
+ISOLATED = ["unshare", "--net"] if os.geteuid() == 0 and shutil.which("unshare") else []
+"""The rendered scripts run in a network namespace of their own where root can make one: an injection that
+worked could reach no network."""
 
 STAND_IN_VLLM = """\
 #!{python}
@@ -153,7 +136,12 @@ def test_a_rendered_script_hands_vllm_what_the_plan_says(bench, field, value):
         "EP_TEST_RECEIVED": str(received),
     }
     run = subprocess.run(
-        ["bash", str(out / "node-0.sh")], capture_output=True, text=True, env=env, cwd=deploy.parent, timeout=120
+        [*ISOLATED, "bash", str(out / "node-0.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=deploy.parent,
+        timeout=120,
     )
     assert not canary.exists(), f"{field} = {value!r} ran a command"
     assert run.returncode == 0, run.stderr
@@ -181,7 +169,9 @@ def test_the_sbatch_script_carries_the_file_whole_and_its_options_in_the_header(
     job.write_text(rendered.out)
     received = deploy.parent / "received.yaml"
     env = {**os.environ, "PATH": f"{bench['bin']}:{os.environ['PATH']}", "EP_TEST_RECEIVED": str(received)}
-    run = subprocess.run(["bash", str(job)], capture_output=True, text=True, env=env, cwd=deploy.parent, timeout=60)
+    run = subprocess.run(
+        [*ISOLATED, "bash", str(job)], capture_output=True, text=True, env=env, cwd=deploy.parent, timeout=60
+    )
     assert not canary.exists(), f"{field} = {value!r} ran a command"
     assert run.returncode == 0, run.stderr
     assert received.read_text() == deploy.read_text()
