@@ -214,6 +214,25 @@ class Connector(_Strict):
     ucx_tls: str | None = None
 
 
+EplbSettings = dict[str, int | float | bool | str]
+"""EPLB's settings by the names of the target release's EPLBConfig (num_redundant_experts, window_size,
+step_interval, log_balancedness, ...; docs/vllm-versions.md lists them per release)."""
+
+
+class DualBatchOverlap(_Strict):
+    """vLLM's dual-batch overlap (--enable-dbo): two micro-batches, one computing while the other communicates."""
+
+    decode_token_threshold: int | None = Field(default=None, ge=1)
+    """Batches of at least this many tokens are split when decoding (--dbo-decode-token-threshold)."""
+    prefill_token_threshold: int | None = Field(default=None, ge=1)
+    """The same for batches holding a prefill (--dbo-prefill-token-threshold)."""
+
+
+def _switch(value: Any) -> Any:
+    """`eplb: true` / `dbo: true`: on with vLLM's defaults; false: off."""
+    return {} if value is True else None if value is False else value
+
+
 class Group(_Strict):
     """One vLLM deployment of the disaggregated pair (prefill or decode): its own nodes and layout."""
 
@@ -225,6 +244,10 @@ class Group(_Strict):
     rpc_port: int = Field(ge=1, le=65535)
     vllm_args: list[str] = []
     env: EnvVars = {}
+    eplb: EplbSettings | None = None
+    dbo: DualBatchOverlap | None = None
+
+    _switches = field_validator("eplb", "dbo", mode="before")(lambda cls, value: _switch(value))
 
 
 class Router(_Strict):
@@ -375,6 +398,10 @@ class DeployConfig(_Strict):
     """Extra arguments appended to `vllm serve`."""
     env: EnvVars = {}
     """Extra environment for every node (secrets are shown as ***)."""
+    eplb: EplbSettings | None = None
+    """vLLM's expert-parallel load balancer (--enable-eplb) with these settings; `eplb: true` for its defaults."""
+    dbo: DualBatchOverlap | None = None
+    """Dual-batch overlap (--enable-dbo); `dbo: true` for vLLM's thresholds. Needs a DeepEP or NIXL EP backend."""
     preflight: Preflight = Preflight()
     """Preflight threshold overrides by name (see preflight/thresholds.py)."""
     log_dir: str | None = None
@@ -388,6 +415,8 @@ class DeployConfig(_Strict):
     """The Ray head's port on the primary (data_parallel_backend: ray)."""
     slurm: Slurm = Slurm()
     kubernetes: Kubernetes = Kubernetes()
+
+    _switches = field_validator("eplb", "dbo", mode="before")(lambda cls, value: _switch(value))
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DeployConfig:
@@ -479,6 +508,8 @@ class DeployConfig(_Strict):
                 "port": group.port,
                 "rpc_port": group.rpc_port,
                 "vllm_args": [*group.vllm_args, *self.vllm_args],
+                "eplb": group.eplb,
+                "dbo": group.dbo.model_dump() if group.dbo else None,
                 "env": {**self.env, **nixl_env, **group.env},
             }
         )
@@ -503,7 +534,16 @@ class DeployConfig(_Strict):
 
 
 GROUP_OWNED = frozenset(
-    {"tensor_parallel_size", "api_server_count", "all2all_backend", "port", "rpc_port", "data_parallel_size"}
+    {
+        "tensor_parallel_size",
+        "api_server_count",
+        "all2all_backend",
+        "port",
+        "rpc_port",
+        "data_parallel_size",
+        "eplb",
+        "dbo",
+    }
 )
 """Top-level fields that a prefill / decode group sets for itself (disaggregation.GROUP.FIELD)."""
 

@@ -96,6 +96,8 @@ class NodePlan:
     expert_parallel: bool = True
     trust_remote_code: bool = False
     data_parallel_backend: str = "mp"
+    feature_args: tuple[str, ...] = ()
+    """EPLB and dual-batch overlap as the target's flags (launch/eplb_dbo.py)."""
     vllm_args: tuple[str, ...] = ()
     """Extra `vllm serve` arguments, last: the deploy file's vllm_args, then those after `--`."""
 
@@ -127,6 +129,7 @@ class NodePlan:
         argv = ["vllm", "serve", self.model, *self._parallel_args()]
         if self.all2all_backend and self.target.all2all_as_flag:
             argv += ["--all2all-backend", self.all2all_backend]
+        argv += list(self.feature_args)
         if self.api is not None:
             if self.api_bind is not None:
                 argv += ["--host", self.api_bind]
@@ -182,6 +185,7 @@ def build(
     all2all_backend: str | None = None,
     passthrough: list[str] | None = None,
     kv_transfer: dict | None = None,
+    feature_args: list[str] | tuple[str, ...] = (),
 ) -> NodePlan:
     """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND);
     ``passthrough`` are the arguments after ``--`` (launcher-owned flags already taken out by launch/request.py)."""
@@ -269,6 +273,7 @@ def build(
         expert_parallel=config.enable_expert_parallel,
         trust_remote_code=config.trust_remote_code,
         data_parallel_backend=config.data_parallel_backend,
+        feature_args=tuple(feature_args),
         vllm_args=tuple(args),
         **common,
     )

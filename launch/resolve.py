@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from env.paths import StackPaths, stack_paths
-from launch import netif, plan as planning
+from launch import eplb_dbo, netif, plan as planning
 from launch.config import DeployConfig, load_deploy, parse_deploy, parse_deploy_text
 from launch.errors import ConfigError
 from launch.layout import NodeLayout, layouts
@@ -100,6 +100,10 @@ def resolve(request: Request, *, loaded: DeployConfig | None = None, stack: Stac
     plans = []
     origin = [f"from {source}"] if source != "arguments" else []
     for d in resolved:
+        with _naming(source if source != "arguments" else None):
+            where = f"disaggregation.{d.group}." if d.group else ""
+            dp = d.layouts[0].data_parallel_size if d.layouts else 1
+            features = eplb_dbo.args(d.config, target, d.backend, dp, where)
         for lay in d.layouts:
             p = planning.build(
                 d.config,
@@ -109,6 +113,7 @@ def resolve(request: Request, *, loaded: DeployConfig | None = None, stack: Stac
                 all2all_backend=d.backend,
                 passthrough=list(request.vllm_args),
                 kv_transfer=d.kv_transfer,
+                feature_args=features,
             )
             plans.append(replace(p, group=d.group, profile=request.profile, notes=[*p.notes, *notes, *origin]))
     return Resolution(config, source, tuple(resolved), target, tuple(plans))

@@ -19,7 +19,10 @@ Each row says, for one release, with the file and line it was read at:
 - `env`: whether VLLM_ALL2ALL_BACKEND is read, and when it applies; `flag`: whether `--all2all-backend`
   exists (vllm/engine/arg_utils.py) and which choices it leaves out;
 - `api_server_count`: the flag's default and the rule `vllm serve` applies when it is not given
-  (vllm/entrypoints/cli/serve.py).
+  (vllm/entrypoints/cli/serve.py);
+- `eplb`: `--enable-eplb`, and how EPLB's settings are given: one `--eplb-config` JSON (the fields of
+  EPLBConfig in vllm/config/) or flags of their own; `dbo`: `--enable-dbo`, its token-threshold flags, and
+  the all2all backends the configuration requires for it (vllm/config/vllm.py).
 
 The sources are parsed with :mod:`ast`; a shape the reader does not recognise is an error naming the file,
 never a guess.
@@ -563,6 +566,108 @@ def api_servers(release: Release) -> dict[str, Any]:
     return out
 
 
+# ---- EPLB and dual-batch overlap ---------------------------------------------------------------------
+
+
+def _arguments(release: Release) -> dict[str, dict[str, Any]]:
+    """Every `add_argument("--flag", **kwargs["field"])` of arg_utils.py: flag -> the config field and line."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in ast.walk(release.need(ARG_UTILS)):
+        if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"):
+            continue
+        flags = [a.value for a in n.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+        fields = [
+            k.value.slice.value
+            for k in n.keywords
+            if k.arg is None and isinstance(k.value, ast.Subscript) and isinstance(k.value.slice, ast.Constant)
+        ]
+        if flags:
+            out[flags[0]] = {"field": fields[0] if fields else None, "at": at(ARG_UTILS, n)}
+    return out
+
+
+def _eplb_settings(release: Release) -> dict[str, Any] | None:
+    """The fields of `class EPLBConfig` (vllm/config/*.py) with their defaults as written, or None."""
+    for rel in release.files("vllm/config"):
+        for n in release.need(rel).body:
+            if isinstance(n, ast.ClassDef) and n.name == "EPLBConfig":
+                fields = {}
+                for item in n.body:
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                        value = item.value
+                        if isinstance(value, ast.Call) and ast.unparse(value.func) == "Field":
+                            value = next((k.value for k in value.keywords if k.arg == "default"), None)
+                        fields[item.target.id] = {"default": ast.unparse(value) if value is not None else None}
+                return {"at": at(rel, n), "fields": fields}
+    return None
+
+
+def eplb(release: Release) -> dict[str, Any]:
+    """EPLB's flags: `--enable-eplb`; its settings either as one JSON (`--eplb-config`, the fields of
+    EPLBConfig) or as flags of their own (0.10: `--num-redundant-experts`, `--eplb-window-size`, ...; the
+    ParallelConfig fields they set are EPLBConfig's names with an `eplb_` prefix)."""
+    args = _arguments(release)
+    if "--enable-eplb" not in args:
+        return {"exists": False}
+    row: dict[str, Any] = {"exists": True, "at": args["--enable-eplb"]["at"]}
+    if "--eplb-config" in args:
+        settings = _eplb_settings(release)
+        if settings is None:
+            raise FactsError(f"{release.name}: {args['--eplb-config']['at']}: --eplb-config without a class EPLBConfig")
+        row["config"] = {"flag_at": args["--eplb-config"]["at"], **settings}
+    flags = {}
+    for name, arg in args.items():
+        field = arg["field"] or ""
+        own_flag = name.startswith("--eplb-") or "redundant_experts" in field
+        if own_flag and name not in ("--enable-eplb", "--eplb-config"):
+            flags[field.removeprefix("eplb_")] = {"flag": name, "at": arg["at"]}
+    if flags:
+        row["flags"] = flags
+    return row
+
+
+def _string_lists(stmts: list[ast.stmt]) -> list[ast.AST]:
+    """Lists / tuples of string constants under ``stmts``, skipping the ROCm side of platform branches."""
+    found = []
+    for stmt in stmts:
+        if isinstance(stmt, ast.If) and "rocm" in ast.unparse(stmt.test).lower():
+            found += _string_lists(stmt.orelse)
+            continue
+        for n in ast.walk(stmt):
+            if (
+                isinstance(n, (ast.List, ast.Tuple))
+                and n.elts
+                and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in n.elts)
+            ):
+                found.append(n)
+    return found
+
+
+def dbo(release: Release, backends: set[str]) -> dict[str, Any]:
+    """`--enable-dbo`, its threshold flags, and the all2all backends vLLM's config requires for it (the list
+    checked under `if ... use_ubatching` / `enable_dbo` in vllm/config/*.py; CUDA's side of a platform branch)."""
+    args = _arguments(release)
+    if "--enable-dbo" not in args:
+        return {"exists": False}
+    row: dict[str, Any] = {"exists": True, "at": args["--enable-dbo"]["at"]}
+    row["thresholds"] = {
+        (a["field"] or "").removeprefix("dbo_"): {"flag": name, "at": a["at"]}
+        for name, a in args.items()
+        if name.startswith("--dbo-") and name.endswith("-token-threshold")
+    }
+    for rel in release.files("vllm/config", deep=True):
+        for n in ast.walk(release.need(rel)):
+            if isinstance(n, ast.If) and re.search(r"use_ubatching|enable_dbo", ast.unparse(n.test)):
+                lists = [lst for lst in _string_lists(n.body) if {e.value for e in lst.elts} <= backends]
+                if lists:
+                    row["backends"] = {"names": [e.value for e in lists[0].elts], "at": at(rel, lists[0])}
+                    return row
+    raise FactsError(
+        f"{release.name}: vllm/config: --enable-dbo exists but no list of the all2all backends it needs was found "
+        "(expected one under `if ... use_ubatching` or `enable_dbo`)"
+    )
+
+
 # ---- one row, the table, the doc -----------------------------------------------------------------
 
 
@@ -576,6 +681,8 @@ def derive(path: Path) -> dict[str, Any]:
     row["env"] = env(release)
     row["flag"] = flag(release)
     row["api_server_count"] = api_servers(release)
+    row["eplb"] = eplb(release)
+    row["dbo"] = dbo(release, set(row["backends"]))
     return row
 
 
@@ -724,6 +831,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "",
         "Set `api_server_count` in the deploy file to follow vLLM's default or any other number.",
     ]
+    lines += [
+        "",
+        "## EPLB and dual-batch overlap",
+        "",
+        "How each release takes the deploy file's `eplb:` settings (one `--eplb-config` JSON holding the fields of",
+        "its EPLBConfig, or flags of their own) and `dbo:` (`--enable-dbo`, its token thresholds, and the all2all",
+        "backends its configuration requires).",
+        "",
+        "| vLLM | EPLB settings | DBO | DBO needs |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        e, d = r.get("eplb", {"exists": False}), r.get("dbo", {"exists": False})
+        if not e["exists"]:
+            eplb_text = "no"
+        elif "config" in e:
+            eplb_text = "`--eplb-config`: " + ", ".join(e["config"]["fields"])
+        else:
+            eplb_text = ", ".join(f"`{f['flag']}`" for f in e.get("flags", {}).values())
+        dbo_text = ("yes, " + ", ".join(f"`{t['flag']}`" for t in d["thresholds"].values())) if d["exists"] else "no"
+        needs = ", ".join(d["backends"]["names"]) if d["exists"] else "-"
+        lines.append(f"| {r['version']} | {eplb_text} | {dbo_text} | {needs} |")
     lines += ["", "## Sources", "", "| vLLM | read from |", "|---|---|"]
     lines += [f"| {r['version']} | {r['source']} |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -52,6 +52,23 @@ REFUSED: dict[str, Owned] = {
     "--data-parallel-backend": Owned("data_parallel_backend", taken=False),
     "--headless": Owned("the node's role (every node but the primary runs headless)", takes_value=False, taken=False),
     "--kv-transfer-config": Owned("disaggregation.connector", taken=False),
+    # EPLB and dual-batch overlap have deploy-file sections, planned into each release's own flags
+    # (launch/eplb_dbo.py): given here as well, vLLM would see them twice or in the wrong release's form.
+    **{
+        flag: Owned("the deploy file's eplb: section", takes_value=flag != "--enable-eplb", taken=False)
+        for flag in (
+            "--enable-eplb",
+            "--eplb-config",
+            "--num-redundant-experts",
+            "--eplb-window-size",
+            "--eplb-step-interval",
+            "--eplb-log-balancedness",
+        )
+    },  # fmt: skip
+    **{
+        flag: Owned("the deploy file's dbo: section", takes_value=flag != "--enable-dbo", taken=False)
+        for flag in ("--enable-dbo", "--dbo-decode-token-threshold", "--dbo-prefill-token-threshold")
+    },
 }
 SHORT = {"-tp": "--tensor-parallel-size", "-dp": "--data-parallel-size", "-dpn": "--data-parallel-rank",
          "-dpr": "--data-parallel-start-rank", "-dpl": "--data-parallel-size-local", "-dpa": "--data-parallel-address",

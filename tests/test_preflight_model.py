@@ -89,12 +89,12 @@ def test_flags_in_both_spellings():
     assert model.flag([], "--max-model-len") is None
 
 
-def preflight_model(tmp_path, vllm_args: str = ""):
+def preflight_model(tmp_path, more: str = ""):
     folder = moe_folder(tmp_path)
     deploy = tmp_path / "d.yaml"
     deploy.write_text(
         f"model: {folder}\nnodes:\n  - {{address: 127.0.0.1, gpus: 3}}\nnetwork: {{transport: tcp, socket_ifname: lo}}\n"
-        + (f"vllm_args: {vllm_args}\n" if vllm_args else "")
+        + more
     )
     res = run_module("preflight", "--deploy", str(deploy), "--node-rank", "0", "-k", "model and not GPU")
     assert "Traceback" not in res.out + res.err
@@ -111,7 +111,7 @@ def test_preflight_notes_an_uneven_expert_split_without_failing(tmp_path):
 
 
 def test_preflight_fails_an_eplb_layout_vllm_refuses(tmp_path):
-    res = preflight_model(tmp_path, "[--enable-eplb, --num-redundant-experts, '2']")
+    res = preflight_model(tmp_path, "eplb: {num_redundant_experts: 2}\nvllm_version: 0.10.1.1\n")  # its own flags
     assert "FAIL  model        experts over the EP ranks" in res.out
     assert (
         "8 + 2 redundant experts over 3 EP ranks (expected (experts + redundant) a multiple of 3 with EPLB)" in res.out
