@@ -60,14 +60,16 @@ def results() -> Path:
     return out
 
 
-def write_deploy(tmp: Path, name: str, config: dict, nodes: str, backend: str = "deepep_low_latency") -> Path:
+def write_deploy(
+    tmp: Path, name: str, config: dict, nodes: str, backend: str = "deepep_low_latency", transport: str = "tcp"
+) -> Path:
     folder = tmp / name
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     path = tmp / f"{name}.yaml"
     path.write_text(
         f"model: {folder}\nnodes:\n{nodes}all2all_backend: {backend}\nvllm_version: '0.26.0'\n"
-        "network: {transport: tcp, socket_ifname: lo}\n"
+        f"network: {{transport: {transport}, socket_ifname: lo}}\n"
     )
     return path
 
@@ -149,6 +151,7 @@ def test_ep_checks_pass_on_one_gpu(tmp_path, results):
                     "deepseek-v3",
                     DEEPSEEK_V3,
                     "  - {address: 10.0.0.1, gpus: 8}\n  - {address: 10.0.0.2, gpus: 8}\n",
+                    transport="ib",  # DeepEP across nodes needs InfiniBand or RoCE (launch/matrix.py)
                 )
             ),
             "--node-rank",
