@@ -22,11 +22,11 @@ def refuse_link(path: Path, option: str) -> None:
         )
 
 
-def may_write(path: Path, text: str, *, force: bool, option: str) -> None:
+def may_write(path: Path, text: str, *, force: bool, option: str, new: str = "a new file") -> None:
     """Refuses before anything is written: a link, or a different file without --force."""
     refuse_link(path, option)
     if path.exists() and not force and path.read_text(errors="replace") != text:
-        raise ConfigError(f"{option}: {path} exists and differs (expected a new file, or --force to overwrite)")
+        raise ConfigError(f"{option}: {path} exists and differs (expected {new}, or --force to overwrite)")
 
 
 def write(path: Path, text: str, *, mode: int = 0o644) -> None:

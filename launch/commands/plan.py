@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
                 f"--out: {stale[0]} is no node of this plan (expected a new folder, or --force to remove it)"
             )
         for file, text in scripts.items():
-            files.may_write(file, text, force=args.force, option="--out")
+            files.may_write(file, text, force=args.force, option="--out", new="a new folder")
         out.mkdir(parents=True, exist_ok=True)
         for file in stale:
             file.unlink()
