@@ -219,7 +219,7 @@ def lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
     except placement.LeaderNotFound as exc:
         raise NodeDown(str(exc)) from None
     say(f"LeaderWorkerSet pod: {p.describe()}")
-    if args.step == "serve":
+    if args.step == "serve" and "--dry-run" not in passthrough:  # a dry run changes nothing
         from launch import pod
 
         say(f"/dev/shm: {pod.clear_shm()} entries left by an earlier run removed")
