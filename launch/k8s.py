@@ -137,7 +137,8 @@ def _deployment(config: DeployConfig, group: str | None) -> list[dict[str, Any]]
 def _router(config: DeployConfig) -> list[dict[str, Any]]:
     """vllm-router's Deployment and the Service clients use (NAME-api). Its pod needs no GPU, RDMA or host
     network: it forwards HTTP to the groups' API Services."""
-    k, r = config.kubernetes, config.disaggregation.router  # type: ignore[union-attr]
+    assert config.disaggregation is not None
+    k, r = config.kubernetes, config.disaggregation.router
     python = shlex.split(k.python)
     labels = {**_labels(config), COMPONENT_LABEL: "router"}
     # `lws-step proxy` waits for both groups as long as their pods' start-up probes allow, then starts vllm-router.
@@ -153,7 +154,8 @@ def _router(config: DeployConfig) -> list[dict[str, Any]]:
     if k.env_from_secret:
         container["envFrom"] = [{"secretRef": {"name": k.env_from_secret}}]
     # vllm-router listens only once both groups answer /health; then /liveness answers while it runs and
-    # /readiness while it has a healthy prefill and decode worker (both on the router's port).
+    # /readiness while it has a healthy prefill and decode worker, else 503 "no healthy decode workers"
+    # (vllm-project/router src/server.rs at 00edc4e; seen with vllm-router 0.1.17). Both on the router's port.
     container["startupProbe"] = {
         "httpGet": {"path": "/liveness", "port": "http"},
         "timeoutSeconds": 5,
@@ -344,7 +346,7 @@ def _pod_template(
         spec["serviceAccountName"] = k.service_account
     if k.tolerations:
         spec["tolerations"] = [dict(t) for t in k.tolerations]
-    labels = {**_labels(config), "app.kubernetes.io/component": "leader" if leader else "worker"}
+    labels = {**_labels(config), COMPONENT_LABEL: "leader" if leader else "worker"}
     metadata: dict[str, Any] = {"labels": labels}
     annotations = dict(k.pod_annotations)
     if leader and k.metrics_annotations:
