@@ -190,6 +190,21 @@ def test_a_group_pod_places_itself_in_its_own_group():
     assert leader.describe() == "prefill node 0 of 1 (primary, 10.1.2.9); primary at 10.1.2.9"
 
 
+def test_a_groups_pods_agree_on_the_deploy_file_though_each_knows_only_some_addresses():
+    """Cross-node preflight compares the deploy file's digest on every pod of a group: the leader knows only its own
+    address, a worker the leader's and its own (and NIXL's side-channel host derived from it)."""
+    from preflight.rendezvous import deploy_digest
+
+    config = parse_deploy(yaml_of(PD), "deploy.yaml")
+    leader = placement.lws(config, "d", lws_env(0, pod_ip="10.1.2.1"), group="decode").config
+    worker = placement.lws(config, "d", lws_env(1, leader="10.1.2.1", pod_ip="10.1.2.2"), group="decode").config
+    assert deploy_digest(leader.group("decode")) == deploy_digest(worker.group("decode"))
+    other = placement.lws(config, "d", lws_env(0, pod_ip="10.1.2.9"), group="decode").config
+    assert deploy_digest(other.group("decode")) != deploy_digest(
+        leader.group("decode")
+    )  # another leader: not one group
+
+
 def test_the_router_pod_reaches_the_groups_by_their_services():
     config = parse_deploy(yaml_of(PD), "deploy.yaml")
     placed = placement.k8s_router(
@@ -387,3 +402,51 @@ def test_prefill_decode_pods_and_the_router_pod_serve_behind_the_real_vllm_route
     for host in two_hosts:  # every pod stopped what it started
         left = subprocess.run(["ip", "netns", "pids", host.ns], capture_output=True, text=True).stdout.split()
         assert left == [], (left, outs)
+
+
+@pytest.mark.netns
+def test_a_groups_two_pods_run_cross_node_preflight_within_their_group(two_hosts, tmp_path):
+    """The decode LeaderWorkerSet's init containers: its leader and its worker meet at the leader's address, each
+    checking the cross-node collectives on its own interface; prefill is not part of it."""
+    deploy = tmp_path / "deploy.yaml"
+    deploy.write_text(PD + "preflight: {rendezvous_timeout_s: 30, collective_timeout_s: 60}\n")
+    leader = "ds-decode-0.ds-decode.default"
+    folders = [hosts_file(h.ns, f"127.0.0.1 localhost\n{two_hosts[0].address} {leader}\n") for h in two_hosts]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_", "GLOO_"))}
+    env.update(PYTHONPATH=str(ROOT), EP_PREFLIGHT_BACKEND="gloo")
+    try:
+        pods = [
+            subprocess.Popen(
+                host.cmd(
+                    sys.executable,
+                    "-m",
+                    "launch",
+                    "lws-step",
+                    "preflight",
+                    "--group",
+                    "decode",
+                    "--deploy",
+                    str(deploy),
+                    "--",
+                    "-m",
+                    "multinode",
+                ),
+                env={**env, **lws_env(index, leader=leader, pod_ip=host.address)},
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for index, host in enumerate(two_hosts)
+        ]
+        outs = [p.communicate(timeout=120)[0] for p in pods]
+    finally:
+        for folder in folders:
+            (folder / "hosts").unlink()
+            folder.rmdir()
+    for index, (out, host) in enumerate(zip(outs, two_hosts, strict=True)):
+        role = "primary" if index == 0 else "secondary"
+        assert f"decode node {index} of 2 ({role}, {host.address}); primary at {two_hosts[0].address}" in out, out
+        allreduce = next(ln for ln in out.splitlines() if "all-reduce across nodes" in ln)
+        assert allreduce.startswith("PASS") and f"GLOO_SOCKET_IFNAME={host.ifname}" in allreduce, out
+        assert "# verdict: READY" in out, out
