@@ -177,6 +177,12 @@ disaggregation:
 """
 
 
+def yaml_of(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def test_a_group_pod_places_itself_in_its_own_group():
     config = parse_deploy(yaml_of(PD), "deploy.yaml")
     worker = placement.lws(config, "deploy.yaml", lws_env(1, leader="localhost", pod_ip="10.1.2.3"), group="decode")
@@ -216,12 +222,6 @@ def test_the_router_pod_reaches_the_groups_by_their_services():
         "--vllm-pd-disaggregation",
         *("--prefill", "http://ds-prefill-api:8100", "--decode", "http://ds-decode-api:8200"),
     ]
-
-
-def yaml_of(text: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 @pytest.mark.parametrize(
