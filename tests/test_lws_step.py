@@ -298,12 +298,28 @@ def _get(host, url: str) -> int:
     return int(out.strip() or 0)
 
 
+def rendered(text: str) -> dict[str, dict]:
+    """`plan --format k8s` of ``text``, by object name."""
+    from launch.k8s import manifests
+
+    return {o["metadata"]["name"]: o for o in manifests(parse_deploy(yaml_of(text), "deploy.yaml"), text, "d.yaml")}
+
+
+def containers(obj: dict) -> tuple[dict, ...]:
+    """The main container of a LeaderWorkerSet's leader and worker, or of a Deployment's pod."""
+    if obj["kind"] == "Deployment":
+        return (obj["spec"]["template"]["spec"]["containers"][0],)
+    templates = obj["spec"]["leaderWorkerTemplate"]
+    return tuple(templates[t]["spec"]["containers"][0] for t in ("leaderTemplate", "workerTemplate"))
+
+
 @pytest.mark.netns
 def test_prefill_decode_pods_and_the_router_pod_serve_behind_the_real_vllm_router(two_hosts, tmp_path):
-    """Node A runs the prefill leader and the decode leader (host network: two groups' pods on one node, on their
-    own ports), node B the decode worker and the router's pod. Each pod has a private /dev/shm (as an emptyDir
-    gives it), with a segment a previous run left. `vllm serve` is a stand-in that answers /health; vllm-router
-    is the real one, started by `lws-step proxy` once both groups answer through their Services' names."""
+    """The rendered manifests' own commands, variables and probes, run as pods: node A holds the prefill leader and
+    the decode leader (host network: two groups' pods on one node, on their own ports), node B the decode worker
+    and the router's pod. Each pod has a private /dev/shm (as an emptyDir gives it) with a segment a previous run
+    left. `vllm serve` is a stand-in that answers /health; vllm-router is the real one, started by the router pod's
+    `lws-step proxy` once both groups answer through their Services' names."""
     router = shutil.which("vllm-router", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if not router:
         if os.environ.get("EP_REQUIRE_VLLM") == "1":
@@ -314,22 +330,37 @@ def test_prefill_decode_pods_and_the_router_pod_serve_behind_the_real_vllm_route
     bin_dir.mkdir()
     (bin_dir / "vllm").write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} "$@"\n')
     (bin_dir / "vllm").chmod(0o755)
+    text = PD + "kubernetes: {name: ds, image: registry.example.com/vllm-ep:0.26.0}\n"
     deploy = tmp_path / "deploy.yaml"
-    deploy.write_text(PD)
-    # cluster DNS as each pod sees it: the decode leader's name (LWS_LEADER_ADDRESS) and the groups' Services
-    names = f"127.0.0.1 localhost\n{a.address} ds-decode-0.ds-decode.default ds-prefill-api ds-decode-api\n"
+    deploy.write_text(text)
+    objects = rendered(text)
+    (prefill_leader, _), (decode_leader, decode_worker) = (
+        containers(objects["ds-prefill"]),
+        containers(objects["ds-decode"]),
+    )
+    (router_pod,) = containers(objects["ds-router"])
+    services = {e["name"]: e["value"] for e in router_pod["env"]}
+    assert set(services.values()) == {"ds-prefill-api", "ds-decode-api"} and set(services.values()) <= set(objects)
+    # cluster DNS as each pod sees it: the leaders' names (LWS_LEADER_ADDRESS) and the groups' Services, on node A
+    leaders = {"prefill": "ds-prefill-0.ds-prefill.default", "decode": "ds-decode-0.ds-decode.default"}
+    names = f"127.0.0.1 localhost\n{a.address} {' '.join(leaders.values())} {' '.join(services.values())}\n"
     folders = [hosts_file(h.ns, names) for h in two_hosts]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_", "GLOO_"))}
     path = os.pathsep.join([str(bin_dir), str(Path(router).parent), env["PATH"]])
     env.update(PYTHONPATH=str(ROOT), PATH=path, FAKE_VLLM_HOST="0.0.0.0", FAKE_VLLM_DELAY="1")
 
-    def pod(host, extra_env: dict[str, str], *step: str) -> subprocess.Popen:
-        """A container: its own /dev/shm (left-over segment included), then the pod's command."""
-        command = 'mount -t tmpfs shm /dev/shm && touch /dev/shm/nccl-left-over && exec "$@"'
-        argv = [sys.executable, "-m", "launch", "lws-step", step[0], "--deploy", str(deploy), *step[1:]]
+    def here(command: list[str]) -> list[str]:
+        """A rendered command as this machine runs it: this Python, the deploy file where the test wrote it."""
+        assert command[0] == "python"
+        return [sys.executable, *(str(deploy) if w == "/etc/vllm-ep/deploy.yaml" else w for w in command[1:])]
+
+    def pod(host, container: dict, extra_env: dict[str, str], *more: str) -> subprocess.Popen:
+        """A container: its own /dev/shm (left-over segment included), then its command."""
+        shell = 'mount -t tmpfs shm /dev/shm && touch /dev/shm/nccl-left-over && exec "$@"'
+        rendered_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         return subprocess.Popen(
-            host.cmd("unshare", "--mount", "sh", "-c", command, "pod", *argv),
-            env={**env, **extra_env},
+            host.cmd("unshare", "--mount", "sh", "-c", shell, "pod", *here(container["command"]), *more),
+            env={**env, **rendered_env, **extra_env},
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -337,52 +368,44 @@ def test_prefill_decode_pods_and_the_router_pod_serve_behind_the_real_vllm_route
             start_new_session=True,
         )
 
-    pods = {
-        "prefill leader": pod(
-            a,
-            lws_env(0, size=1, leader="ds-prefill-0.ds-prefill.default", pod_ip=a.address),
-            "serve",
-            "--group",
-            "prefill",
-        ),
-        "decode leader": pod(
-            a, lws_env(0, leader="ds-decode-0.ds-decode.default", pod_ip=a.address), "serve", "--group", "decode"
-        ),
-        "router": pod(
-            b,
-            {"EP_PREFILL_API": "ds-prefill-api", "EP_DECODE_API": "ds-decode-api"},
-            "proxy",
-            "--",
-            "--wait-for-groups",
-            "60",
-        ),
-    }
+    def probe(host, container: dict, kind: str, extra_env: dict[str, str]) -> int:
+        """A rendered probe, asked as the kubelet would: exec in the container, or GET on the pod's address."""
+        spec = container[kind]
+        if "exec" in spec:
+            argv = host.cmd(*here(spec["exec"]["command"]))
+            return subprocess.run(argv, env={**env, **extra_env}, capture_output=True, timeout=30).returncode
+        port = container["ports"][0]["containerPort"]
+        return 0 if _get(a if host is b else b, f"http://{host.address}:{port}{spec['httpGet']['path']}") == 200 else 1
+
+    decode_env = lws_env(1, leader=leaders["decode"], pod_ip=b.address)
+    pods: dict[str, subprocess.Popen] = {}
     try:
+        assert probe(b, decode_worker, "readinessProbe", decode_env) == 1  # no decode leader serves yet
+        pods["prefill leader"] = pod(a, prefill_leader, lws_env(0, size=1, leader=leaders["prefill"], pod_ip=a.address))
+        pods["decode leader"] = pod(a, decode_leader, lws_env(0, leader=leaders["decode"], pod_ip=a.address))
+        pods["router"] = pod(b, router_pod, {})
         # the decode worker, as a dry run: placed in its group, pointing at its leader, NIXL on its own address
-        worker = pod(
-            b,
-            lws_env(1, leader="ds-decode-0.ds-decode.default", pod_ip=b.address),
-            "serve",
-            "--group",
-            "decode",
-            "--",
-            "--dry-run",
-        )
-        out = worker.communicate(timeout=60)[0]
+        out = pod(b, decode_worker, decode_env, "--", "--dry-run").communicate(timeout=60)[0]
         assert f"decode node 1 of 2 (secondary, {b.address}); primary at {a.address}" in out, out
         assert f"export VLLM_NIXL_SIDE_CHANNEL_HOST={b.address}" in out, out
         command = out.strip().splitlines()[-1]
         assert f"--data-parallel-address {a.address} --data-parallel-rpc-port 13445 --headless" in command, out
         assert "/dev/shm" not in out  # a dry run leaves /dev/shm alone
-        # the router answers once both groups do, from the other node, as its Service would reach it
+        # the router's readiness probe passes once both groups serve, asked from the other node
         deadline = time.monotonic() + 90
-        while _get(a, f"http://{b.address}:8000/readiness") != 200:
-            dead = {name: p.poll() for name, p in pods.items() if p.poll() is not None}
-            assert not dead and time.monotonic() < deadline, {
-                n: p.communicate()[0] for n, p in pods.items() if n in dead
-            }
+        while probe(b, router_pod, "readinessProbe", {}) != 0:
+            dead = [name for name, p in pods.items() if p.poll() is not None]
+            assert not dead and time.monotonic() < deadline, {n: pods[n].communicate()[0] for n in dead}
             time.sleep(0.5)
-        assert _get(a, f"http://{b.address}:8000/liveness") == 200
+        assert probe(b, router_pod, "livenessProbe", {}) == 0
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert probe(a, decode_leader, kind, {}) == 0, kind
+        # the decode worker is ready (and through its start-up) once its group's leader serves
+        assert (
+            probe(b, decode_worker, "startupProbe", decode_env)
+            == probe(b, decode_worker, "readinessProbe", decode_env)
+            == 0
+        )
     finally:
         for p in pods.values():
             if p.poll() is None:
