@@ -243,6 +243,11 @@ def test_the_router_pod_reaches_the_groups_by_their_services():
             {"EP_PREFILL_API": "ds-prefill-api"},
             "EP_DECODE_API: not set (expected inside the router pod that `plan --format k8s` writes for prefill/decode)",
         ),
+        (
+            ["proxy", "--group", "decode"],
+            {"EP_PREFILL_API": "ds-prefill-api", "EP_DECODE_API": "ds-decode-api"},
+            "--group decode: not taken by lws-step proxy (expected none: the router fronts both)",
+        ),
     ],
 )
 def test_a_prefill_decode_pod_without_what_it_needs_is_one_line(tmp_path, argv, env, message):

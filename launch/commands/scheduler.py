@@ -208,6 +208,10 @@ def lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
     config, source = _scheduled_deploy(from_args(args, []))
     if args.step == "proxy":
         # The router's pod (a Deployment, not a LeaderWorkerSet): the groups' leaders through their Services.
+        if args.group:
+            raise ConfigError(
+                f"--group {args.group}: not taken by lws-step proxy (expected none: the router fronts both)"
+            )
         placed = placement.k8s_router(config, source)
         say(
             f"router pod: prefill at {placement.group_nodes(placed, 'prefill')[0].address}, "
