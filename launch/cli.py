@@ -137,7 +137,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="inside a LeaderWorkerSet pod (`plan --format k8s`): place the deploy file on "
         "the group, then run STEP as this pod",
     )
-    p.add_argument("step", choices=("preflight", "serve"))
+    p.add_argument(
+        "step", choices=("preflight", "serve", "proxy"), help="proxy: the prefill/decode router (its own pod)"
+    )
+    p.add_argument("--group", choices=("prefill", "decode"), help="this LeaderWorkerSet's group (prefill/decode)")
     p.add_argument("--deploy", help="deploy file (default: $EP_DEPLOY)")
     p.add_argument(
         "--resolve-timeout",

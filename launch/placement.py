@@ -9,6 +9,8 @@ may leave their addresses out. At run time each node places it:
   ``scontrol``; this node's rank is ``SLURM_NODEID``, cross-checked against ``SLURMD_NODENAME``.
 - LeaderWorkerSet: the leader (``LWS_LEADER_ADDRESS``, a cluster DNS name, resolved within a bound) is
   the primary; this pod is ``LWS_WORKER_INDEX`` of ``LWS_GROUP_SIZE`` at ``EP_POD_IP`` (downward API).
+  With prefill/decode each group is a LeaderWorkerSet of its own (``--group``), and the router's pod reaches
+  the groups' leaders through the Services named in ``EP_PREFILL_API`` / ``EP_DECODE_API``.
 
 The placed deploy file then goes through the same plan -> run path as a hand-written one.
 """
@@ -174,7 +176,7 @@ def slurm(
     config: DeployConfig, source: str, group: str | None, environ: Mapping[str, str] = os.environ, run: Run = scontrol
 ) -> Placement:
     """This node's place in the job: the placed deploy file and its rank (SLURM_NODEID)."""
-    _check_group(config, source, group)
+    check_group(config, source, group)
     node_id = _whole(environ, "SLURM_NODEID", SLURM_STEP)
     me = _need(environ, "SLURMD_NODENAME", SLURM_STEP)
     placed, hosts = slurm_allocation(config, source, environ, run)
@@ -191,7 +193,7 @@ def slurm(
     return Placement(placed, node_id, group)
 
 
-def _check_group(config: DeployConfig, source: str, group: str | None) -> None:
+def check_group(config: DeployConfig, source: str, group: str | None) -> None:
     if config.disaggregation is not None and group not in GROUPS:
         raise SchedulerError(f"{source}: has prefill and decode groups (expected --group prefill or --group decode)")
     if config.disaggregation is None and group is not None:
@@ -207,28 +209,41 @@ def lws(
     source: str,
     environ: Mapping[str, str] = os.environ,
     *,
+    group: str | None = None,
     resolve_timeout: float = 300.0,
     say: Callable[[str], None] = lambda _: None,
 ) -> Placement:
-    """This pod's place in its group: the leader is the primary, worker index = node rank."""
-    if config.disaggregation is not None:
-        raise SchedulerError(
-            f"{source}: disaggregation: prefill/decode are not rendered for Kubernetes (expected one group)"
-        )
+    """This pod's place in its group (the deployment, or with prefill/decode the LeaderWorkerSet of ``group``):
+    the leader is the primary, worker index = node rank."""
+    check_group(config, source, group)
+    nodes = group_nodes(config, group)
     index = _whole(environ, "LWS_WORKER_INDEX", LWS_POD)
     size = _whole(environ, "LWS_GROUP_SIZE", LWS_POD)
     leader = _need(environ, "LWS_LEADER_ADDRESS", LWS_POD)
     own = _need(environ, "EP_POD_IP", LWS_POD + " (env from the downward API: status.podIP)")
-    if size != len(config.nodes):
+    if size != len(nodes):
         raise SchedulerError(
-            f"{source}: nodes: {len(config.nodes)} nodes but the LeaderWorkerSet group has LWS_GROUP_SIZE={size} "
-            f"(expected leaderWorkerTemplate.size {len(config.nodes)}: render with `plan --format k8s`)"
+            f"{source}: {_field(group)}: {len(nodes)} nodes but the LeaderWorkerSet group has LWS_GROUP_SIZE={size} "
+            f"(expected leaderWorkerTemplate.size {len(nodes)}: render with `plan --format k8s`)"
         )
     if index >= size:
         raise SchedulerError(f"LWS_WORKER_INDEX: {index} is outside the group of {size} (expected 0..{size - 1})")
     primary = own if index == 0 else _resolve_within(leader, resolve_timeout, say)
-    placed = with_addresses(config, {None: {0: primary, index: own}})
-    return Placement(placed, index, None)
+    placed = with_addresses(config, {group: {0: primary, index: own}})
+    return Placement(placed, index, group)
+
+
+ROUTER_POD = "inside the router pod that `plan --format k8s` writes for prefill/decode"
+GROUP_API = {"prefill": "EP_PREFILL_API", "decode": "EP_DECODE_API"}
+"""The variables that name each group's API Service (its leader) in the router's pod."""
+
+
+def k8s_router(config: DeployConfig, source: str, environ: Mapping[str, str] = os.environ) -> DeployConfig:
+    """The deploy file as the router's pod sees it: each group's primary is its API Service's name (cluster DNS
+    resolves it to the leader pod; the Service stays while the pods behind it are recreated)."""
+    if config.disaggregation is None:
+        raise SchedulerError(f"{source}: disaggregation: missing (the router fronts a prefill and a decode group)")
+    return with_addresses(config, {g: {0: _need(environ, var, ROUTER_POD)} for g, var in GROUP_API.items()})
 
 
 def _resolve_within(name: str, timeout: float, say: Callable[[str], None]) -> str:

@@ -4,10 +4,11 @@ The leader (the primary) is probed on vLLM's own ``/health``. A worker runs vLLM
 listens on it, so its probes are commands (exec probes) that Kubernetes runs inside the container:
 
     python -m launch.pod live                  # exit 0 while this container's vLLM process runs (not a zombie)
-    python -m launch.pod ready --deploy FILE   # exit 0 when the group's primary answers /health with 200
+    python -m launch.pod ready --deploy FILE [--group prefill|decode]
+                                               # exit 0 when the group's primary answers /health with 200
 
 ``ready`` asks the leader through ``LWS_LEADER_ADDRESS`` (what LeaderWorkerSet gives every pod) on the deploy
-file's port, so a worker is ready exactly when its group serves; its startup probe uses the same question with
+file's port (with prefill/decode, the port of the pod's group), so a worker is ready exactly when its group serves; its startup probe uses the same question with
 the start-up budget. Each answers in one line and within ``--timeout`` seconds (default 5).
 
 ``clear_shm`` empties /dev/shm before vLLM starts: a memory-backed emptyDir outlives a container restart
@@ -55,11 +56,17 @@ def live() -> tuple[bool, str]:
     return True, f"vLLM runs (pid {', '.join(str(p.pid) for p in procs)})"
 
 
-def ready(deploy: str, timeout_s: float, environ: dict[str, str] | os._Environ = os.environ) -> tuple[bool, str]:
+def ready(
+    deploy: str, timeout_s: float, environ: dict[str, str] | os._Environ = os.environ, group: str | None = None
+) -> tuple[bool, str]:
     leader = environ.get("LWS_LEADER_ADDRESS")
     if not leader:
         return False, "LWS_LEADER_ADDRESS is not set (expected inside a LeaderWorkerSet pod)"
-    port = load_deploy(deploy).port
+    from launch.placement import check_group
+
+    config = load_deploy(deploy)
+    check_group(config, deploy, group)
+    port = config.group(group).port if group else config.port
     url = f"http://{leader}:{port}/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http, from LWS and the deploy file
@@ -91,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ready", help="exit 0 when the group's primary answers /health with 200")
     p.add_argument("--deploy", required=True)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--group", choices=("prefill", "decode"), help="the pod's group (a deploy file with prefill/decode)")
     args = ap.parse_args(argv)
     try:
-        ok, line = live() if args.probe == "live" else ready(args.deploy, args.timeout)
+        ok, line = live() if args.probe == "live" else ready(args.deploy, args.timeout, group=args.group)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -200,13 +200,15 @@ class FactsJob:
 
 def deploy_digest(config) -> str:
     """The deploy file as loaded, without the socket interface (a per-node override by nature) and without the
-    secondaries' addresses (a pod placed by a LeaderWorkerSet knows only the leader's and its own)."""
+    secondaries' addresses (a pod placed by a LeaderWorkerSet knows only the leader's and its own), nor what a
+    prefill/decode group derives from them (NIXL's side-channel host, launch/config.py DeployConfig.group)."""
     data = config.model_dump(mode="json")
     data.get("network", {}).pop("socket_ifname", None)
     groups = [data] + [g for g in (data.get("disaggregation") or {}).values() if isinstance(g, dict) and "nodes" in g]
     for group in groups:
         for node in group.get("nodes", [])[1:]:
             node.pop("address", None)
+            (node.get("env") or {}).pop("VLLM_NIXL_SIDE_CHANNEL_HOST", None)
     return "sha256:" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

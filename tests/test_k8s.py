@@ -58,13 +58,16 @@ def validate_lws(lws: dict) -> None:
 
 
 def validate_all(objects: list[dict]) -> None:
-    configmap, lws, service = objects
-    kubernetes_validate.validate(configmap, K8S_VERSION, strict=True)
-    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
-    validate_lws(lws)
-    templates = lws["spec"]["leaderWorkerTemplate"]
-    validate_pod_template(templates["leaderTemplate"])
-    validate_pod_template(templates["workerTemplate"])
+    """Kubernetes' own kinds against its strict schemas; a LeaderWorkerSet against the CRD's, and its two pod
+    templates against Kubernetes' PodTemplateSpec."""
+    for obj in objects:
+        if obj["kind"] != "LeaderWorkerSet":
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            continue
+        validate_lws(obj)
+        templates = obj["spec"]["leaderWorkerTemplate"]
+        validate_pod_template(templates["leaderTemplate"])
+        validate_pod_template(templates["workerTemplate"])
 
 
 def leader_and_worker(objects: list[dict]) -> tuple[dict, dict]:
@@ -277,18 +280,6 @@ BAD = {
         "deploy.yaml: nodes[2].gpus: 4 differs from nodes[1].gpus 8 (expected one GPU count for all secondaries: "
         "LeaderWorkerSet workers share a pod template)",
     ),
-    "prefill/decode": (
-        """\
-model: deepseek-ai/DeepSeek-V3-0324
-disaggregation:
-  connector: {name: NixlConnector}
-  prefill: {nodes: [{gpus: 8}], port: 8100, rpc_port: 13345}
-  decode: {nodes: [{gpus: 8}], port: 8200, rpc_port: 13445}
-kubernetes: {image: registry.example.com/vllm-ep:0.26.0}
-""",
-        "deploy.yaml: disaggregation: not supported by --format k8s yet (it renders one deployment per LeaderWorkerSet; "
-        "prefill/decode groups and the router are not rendered for Kubernetes)",
-    ),
     "relative model cache": (
         TWO_NODES + "  model_cache: hf\n",
         "deploy.yaml: kubernetes.model_cache: 'hf' is not an absolute path",
@@ -436,3 +427,203 @@ def test_the_leader_is_annotated_for_prometheus_and_the_engine_bound_is_configur
     assert {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "5400"} in leader["containers"][0]["env"]
     plain = render(TWO_NODES + "  metrics_annotations: false\n")[1]["spec"]["leaderWorkerTemplate"]
     assert "annotations" not in plain["leaderTemplate"]["metadata"]
+
+
+# ---- prefill/decode -------------------------------------------------------------------------------------------
+PD = """\
+model: deepseek-ai/DeepSeek-V3-0324
+disaggregation:
+  connector: {name: NixlConnector}
+  prefill:
+    nodes: [{gpus: 8}, {gpus: 8}]
+    all2all_backend: deepep_high_throughput
+    port: 8100
+    rpc_port: 13345
+  decode:
+    nodes: [{gpus: 4}, {gpus: 8}, {gpus: 8}]
+    all2all_backend: deepep_low_latency
+    port: 8200
+    rpc_port: 13445
+  router: {port: 8000}
+kubernetes:
+  name: ds
+  image: registry.example.com/vllm-ep:0.26.0
+  rdma_resources: {rdma/ib: 1}
+  jit_cache: /var/lib/vllm-ep-jit
+"""
+
+
+def by_name(objects: list[dict]) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects}
+
+
+def test_prefill_decode_renders_two_leaderworkersets_and_the_router_that_kubernetes_accepts():
+    objects = render(PD)
+    validate_all(objects)
+    assert [(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("v1", "ConfigMap", "ds-deploy"),
+        ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "ds-prefill"),
+        ("v1", "Service", "ds-prefill-api"),
+        ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet", "ds-decode"),
+        ("v1", "Service", "ds-decode-api"),
+        ("apps/v1", "Deployment", "ds-router"),
+        ("v1", "Service", "ds-api"),
+    ]
+    named = by_name(objects)
+    assert named["ds-prefill"]["spec"]["leaderWorkerTemplate"]["size"] == 2
+    assert named["ds-decode"]["spec"]["leaderWorkerTemplate"]["size"] == 3
+    # the manifests survive a YAML round trip unchanged (what `kubectl apply -f` reads)
+    assert list(yaml.safe_load_all(yaml.safe_dump_all(objects))) == objects
+
+
+def test_each_group_runs_lws_step_with_its_group_and_keeps_the_production_settings():
+    objects = by_name(render(PD))
+    for group, port, gpus in (("prefill", 8100, (8, 8)), ("decode", 8200, (4, 8))):
+        lws = objects[f"ds-{group}"]["spec"]["leaderWorkerTemplate"]
+        assert lws["restartPolicy"] == "RecreateGroupOnPodRestart"
+        for template, want_gpus in zip((lws["leaderTemplate"], lws["workerTemplate"]), gpus, strict=True):
+            spec = template["spec"]
+            (vllm,), (preflight,) = spec["containers"], spec["initContainers"]
+            assert vllm["command"] == [
+                *("python", "-m", "launch", "lws-step", "serve"),
+                *("--group", group, "--deploy", "/etc/vllm-ep/deploy.yaml"),
+            ]
+            assert preflight["command"][4:7] == ["preflight", "--group", group]
+            assert vllm["resources"]["limits"] == {"nvidia.com/gpu": want_gpus, "rdma/ib": 1}
+            assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+            assert vllm["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+            assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in spec["volumes"]
+            assert {"name": "jit-cache", "mountPath": "/var/cache/vllm-ep"} in vllm["volumeMounts"]
+            env = {e["name"]: e.get("value") for e in vllm["env"]}
+            assert (
+                env["VLLM_ENGINE_READY_TIMEOUT_S"] == "3000" and env["EP_JIT_CACHE_DIR"] == "/var/cache/vllm-ep/deep_ep"
+            )
+            assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(vllm)
+        leader, worker = lws["leaderTemplate"], lws["workerTemplate"]
+        (lead,), (work,) = leader["spec"]["containers"], worker["spec"]["containers"]
+        # the leader serves the group's API on the group's port, probed and scraped there
+        assert lead["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+        assert lead["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+        assert leader["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        # a worker asks its own group's leader (the group's port) whether it serves
+        assert work["readinessProbe"]["exec"]["command"] == [
+            *("python", "-m", "launch.pod", "ready", "--group", group),
+            *("--deploy", "/etc/vllm-ep/deploy.yaml", "--timeout", "5"),
+        ]
+        assert work["livenessProbe"]["exec"]["command"] == ["python", "-m", "launch.pod", "live"]
+        # the Service the router reaches the group by: that LeaderWorkerSet's leader, on the group's port
+        service = objects[f"ds-{group}-api"]["spec"]
+        assert service["selector"] == {
+            "leaderworkerset.sigs.k8s.io/name": f"ds-{group}",
+            "leaderworkerset.sigs.k8s.io/worker-index": "0",
+        }
+        assert service["ports"] == [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}]
+
+
+def test_the_router_pod_runs_lws_step_proxy_toward_the_groups_services():
+    objects = by_name(render(PD + "  startup_timeout_s: 2700\n  env_from_secret: hf-token\n"))
+    deployment, service = objects["ds-router"], objects["ds-api"]
+    template = deployment["spec"]["template"]
+    (router,) = template["spec"]["containers"]
+    assert router["command"] == [
+        *("python", "-m", "launch", "lws-step", "proxy", "--deploy", "/etc/vllm-ep/deploy.yaml"),
+        *("--", "--wait-for-groups", "2700"),  # as long as the groups' own start-up probes allow
+    ]
+    # the variables name the Services rendered in front of each group's leader
+    assert router["env"] == [
+        {"name": "EP_PREFILL_API", "value": "ds-prefill-api"},
+        {"name": "EP_DECODE_API", "value": "ds-decode-api"},
+    ]
+    assert {"ds-prefill-api", "ds-decode-api"} <= set(objects)
+    assert router["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+    assert router["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    # vllm-router answers /liveness and /readiness on its own port once both groups answered /health
+    startup = router["startupProbe"]
+    assert startup["httpGet"] == router["livenessProbe"]["httpGet"] == {"path": "/liveness", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] > 2700
+    assert router["readinessProbe"]["httpGet"] == {"path": "/readiness", "port": "http"}
+    # no GPU, RDMA or host network: it forwards HTTP
+    assert "resources" not in router and "hostNetwork" not in template["spec"]
+    # the API Service selects exactly the router's pods
+    labels = template["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == labels == service["spec"]["selector"]
+    assert labels["app.kubernetes.io/component"] == "router"
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+
+
+PD_WRONG = {
+    "unknown Deployment field": _set(5, "spec", "replicass", value=1),
+    "router container port as a string": _set(
+        5, "spec", "template", "spec", "containers", 0, "ports", 0, "containerPort", value="8000"
+    ),
+    "decode LWS size as a string": _set(3, "spec", "leaderWorkerTemplate", "size", value="3"),
+    "unknown field in the decode worker's container": _set(
+        3, "spec", "leaderWorkerTemplate", "workerTemplate", "spec", "containers", 0, "portss", value=[]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PD_WRONG))
+def test_a_wrong_prefill_decode_field_would_be_caught_by_the_schemas(name):
+    objects = render(PD)
+    validate_all(objects)
+    PD_WRONG[name](objects)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_all(objects)
+
+
+PD_BAD = {
+    "decode workers with different GPU counts": (
+        PD.replace("[{gpus: 4}, {gpus: 8}, {gpus: 8}]", "[{gpus: 8}, {gpus: 8}, {gpus: 4}]"),
+        "deploy.yaml: disaggregation.decode.nodes[2].gpus: 4 differs from disaggregation.decode.nodes[1].gpus 8 "
+        "(expected one GPU count for all secondaries: LeaderWorkerSet workers share a pod template)",
+    ),
+    "one port for both groups on the host network": (
+        PD.replace("port: 8200", "port: 8100"),
+        "deploy.yaml: disaggregation.decode.port: 8100 is also the prefill port (expected another port with "
+        "kubernetes.host_network: a prefill and a decode pod may share a node)",
+    ),
+    "one rpc_port for both groups on the host network": (
+        PD.replace("rpc_port: 13445", "rpc_port: 13345"),
+        "deploy.yaml: disaggregation.decode.rpc_port: 13345 is also the prefill rpc_port",
+    ),
+    "a router that listens on loopback": (
+        PD.replace("router: {port: 8000}", "router: {port: 8000, host: 127.0.0.1}"),
+        "deploy.yaml: disaggregation.router.host: '127.0.0.1' (expected 0.0.0.0 or :: with --format k8s",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PD_BAD))
+def test_prefill_decode_that_cannot_run_as_pods_is_refused_in_one_line(name):
+    text, expected = PD_BAD[name]
+    with pytest.raises(ConfigError) as caught:
+        render(text)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(expected), caught.value
+
+
+def test_off_the_host_network_the_groups_may_share_port_numbers():
+    objects = render(PD.replace("rpc_port: 13445", "rpc_port: 13345") + "  host_network: false\n")
+    validate_all(objects)  # each pod has its own network namespace: nothing to collide with
+
+
+def test_the_prefill_decode_example_renders_through_the_cli_into_manifests_kubernetes_accepts(tmp_path):
+    """docs/examples/k8s-pd-2p2d.yaml as users run it."""
+    from tests.conftest import EXAMPLES, run_module
+
+    out = tmp_path / "vllm-ep-pd.yaml"
+    res = run_module("launch", "plan", str(EXAMPLES / "k8s-pd-2p2d.yaml"), "--format", "k8s", "--out", str(out))
+    assert res.code == 0, res.err
+    objects = list(yaml.safe_load_all(out.read_text()))
+    validate_all(objects)
+    assert [o["kind"] for o in objects] == [
+        "ConfigMap",
+        "LeaderWorkerSet",
+        "Service",
+        "LeaderWorkerSet",
+        "Service",
+        "Deployment",
+        "Service",
+    ]
+    assert {o["metadata"]["namespace"] for o in objects} == {"inference"}
+    assert objects[0]["data"]["deploy.yaml"] == (EXAMPLES / "k8s-pd-2p2d.yaml").read_text()

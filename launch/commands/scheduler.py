@@ -206,17 +206,29 @@ def lws_step(args: argparse.Namespace, passthrough: list[str]) -> int:
     from launch import placement
 
     config, source = _scheduled_deploy(from_args(args, []))
+    if args.step == "proxy":
+        # The router's pod (a Deployment, not a LeaderWorkerSet): the groups' leaders through their Services.
+        if args.group:
+            raise ConfigError(
+                f"--group {args.group}: not taken by lws-step proxy (expected none: the router fronts both)"
+            )
+        placed = placement.k8s_router(config, source)
+        say(
+            f"router pod: prefill at {placement.group_nodes(placed, 'prefill')[0].address}, "
+            f"decode at {placement.group_nodes(placed, 'decode')[0].address}"
+        )
+        return _run_step("proxy", _placed_file(placed, "lws-router"), 0, None, passthrough)
     try:
-        p = placement.lws(config, source, resolve_timeout=args.resolve_timeout, say=say)
+        p = placement.lws(config, source, group=args.group, resolve_timeout=args.resolve_timeout, say=say)
     except placement.LeaderNotFound as exc:
         raise NodeDown(str(exc)) from None
     say(f"LeaderWorkerSet pod: {p.describe()}")
-    if args.step == "serve":
+    if args.step == "serve" and "--dry-run" not in passthrough:  # a dry run changes nothing
         from launch import pod
 
         say(f"/dev/shm: {pod.clear_shm()} entries left by an earlier run removed")
-    placed = _placed_file(p.config, f"lws-{p.node_rank}-{args.step}")
-    return _run_step(args.step, placed, p.node_rank, None, passthrough)
+    placed = _placed_file(p.config, f"lws-{args.group or 'node'}-{p.node_rank}-{args.step}")
+    return _run_step(args.step, placed, p.node_rank, args.group, passthrough)
 
 
 def run(args: argparse.Namespace, passthrough: list[str]) -> int:
