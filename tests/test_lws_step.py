@@ -74,17 +74,7 @@ def test_the_leader_is_the_primary_and_the_worker_index_the_rank():
 def test_missing_or_wrong_lws_variables_are_one_line(tmp_path, env, message):
     deploy = tmp_path / "d.yaml"
     deploy.write_text("model: m\nnodes: [{gpus: 2}, {gpus: 2}]\n")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_"))}
-    res = subprocess.run(
-        [sys.executable, "-m", "launch", "lws-step", "serve", "--deploy", str(deploy)],
-        capture_output=True,
-        text=True,
-        env={**clean, "PYTHONPATH": str(ROOT), **env},
-        timeout=60,
-    )
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"error: {message.replace('DEPLOY', str(deploy))}"
-    ]
+    assert_lws_step_refuses(deploy, ["serve"], env, message)
 
 
 def test_a_leader_name_that_never_resolves_is_a_node_down_within_the_bound(tmp_path):
@@ -253,17 +243,7 @@ def test_the_router_pod_reaches_the_groups_by_their_services():
 def test_a_prefill_decode_pod_without_what_it_needs_is_one_line(tmp_path, argv, env, message):
     deploy = tmp_path / "d.yaml"
     deploy.write_text(PD)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_"))}
-    res = subprocess.run(
-        [sys.executable, "-m", "launch", "lws-step", *argv, "--deploy", str(deploy)],
-        capture_output=True,
-        text=True,
-        env={**clean, "PYTHONPATH": str(ROOT), **env},
-        timeout=60,
-    )
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"error: {message.replace('DEPLOY', str(deploy))}"
-    ]
+    assert_lws_step_refuses(deploy, argv, env, message)
 
 
 def test_a_decode_worker_is_ready_when_its_groups_leader_answers_on_the_decode_port(tmp_path):
@@ -478,3 +458,18 @@ def test_a_groups_two_pods_run_cross_node_preflight_within_their_group(two_hosts
         allreduce = next(ln for ln in out.splitlines() if "all-reduce across nodes" in ln)
         assert allreduce.startswith("PASS") and f"GLOO_SOCKET_IFNAME={host.ifname}" in allreduce, out
         assert "# verdict: READY" in out, out
+
+
+def assert_lws_step_refuses(deploy, argv: list[str], env: dict[str, str], message: str) -> None:
+    """`lws-step ARGV` in a pod whose LWS variables are ``env``: exit 2 and one line, DEPLOY standing for the file."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LWS_", "EP_"))}
+    res = subprocess.run(
+        [sys.executable, "-m", "launch", "lws-step", *argv, "--deploy", str(deploy)],
+        capture_output=True,
+        text=True,
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
+        timeout=60,
+    )
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: {message.replace('DEPLOY', str(deploy))}"
+    ]
