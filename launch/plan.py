@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from env.paths import StackPaths
-from launch import matrix, vllm_flags
+from launch import eplb_dbo, matrix, vllm_flags
 from launch.config import DeployConfig
 from launch.fabric import fabric_env, kv_over_ucx
 from launch.layout import NodeLayout, api_server_note
@@ -185,10 +185,12 @@ def build(
     all2all_backend: str | None = None,
     passthrough: list[str] | None = None,
     kv_transfer: dict | None = None,
-    feature_args: list[str] | tuple[str, ...] = (),
+    feature_args: list[str] | None = None,
 ) -> NodePlan:
     """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND);
-    ``passthrough`` are the arguments after ``--`` (launcher-owned flags already taken out by launch/request.py)."""
+    ``passthrough`` are the arguments after ``--`` (launcher-owned flags already taken out by launch/request.py);
+    ``feature_args`` the eplb: / dbo: flags when already made (launch/resolve.py makes them once per deployment,
+    naming the file in errors), else made here from ``config``."""
     notes: list[str] = [f"target {target.describe()}"]
     backend = all2all_backend or config.all2all_backend
     if backend:  # a name vLLM's config silently replaces is planned as what it becomes
@@ -273,7 +275,11 @@ def build(
         expert_parallel=config.enable_expert_parallel,
         trust_remote_code=config.trust_remote_code,
         data_parallel_backend=config.data_parallel_backend,
-        feature_args=tuple(feature_args),
+        feature_args=tuple(
+            feature_args
+            if feature_args is not None
+            else eplb_dbo.args(config, target, all2all_backend or config.all2all_backend, layout.data_parallel_size)
+        ),
         vllm_args=tuple(args),
         **common,
     )

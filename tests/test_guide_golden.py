@@ -158,7 +158,8 @@ def test_four_nodes_start_where_the_guide_would_start_them():
     """4 x 8 GPUs: the guide's scripts with TOTAL_DP 32, LOCAL_DP 8, START_RANK 8/16/24."""
     plans = plans_of(EXAMPLES / "4node-ib.yaml")
     assert [p.layout.start_rank for p in plans] == [0, 8, 16, 24]
-    tail = ["--all2all-backend", "deepep_v2", "--max-model-len", "32768", "--gpu-memory-utilization", "0.9"]
+    tail = ["--all2all-backend", "deepep_v2", "--enable-eplb", "--eplb-config", '{"num_redundant_experts":32}']
+    tail += ["--max-model-len", "32768", "--gpu-memory-utilization", "0.9"]
     for plan in plans:
         last = 8 if plan.layout.role == "primary" else plan.layout.start_rank
         expected = guide_argv(plan.layout.role, "10.0.0.1", 13345, MODEL, 32, 8, last)[:-1]  # no trust-remote-code
