@@ -92,21 +92,20 @@ def nvml_archs() -> ArchList | None:
 
 
 def deploy_archs(path: Path) -> ArchList | None:
-    """TORCH_CUDA_ARCH_LIST from a deploy file's cluster-wide `env:` (the cluster's GPUs, declared)."""
-    import yaml
+    """TORCH_CUDA_ARCH_LIST from a deploy file's cluster-wide `env:` (the cluster's GPUs, declared). The file is
+    read and validated as the launcher reads it (launch/config.py: bounded, one-line errors)."""
+    from launch.config import ConfigError, load_deploy
 
-    where = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise StackError(where, f"cannot be read ({exc.strerror})", "give an existing deploy file") from None
-    except yaml.YAMLError as exc:
-        raise StackError(where, f"is not valid YAML ({str(exc).splitlines()[0]})", "fix the syntax") from None
-    env = data.get("env") if isinstance(data, dict) else None
-    value = env.get("TORCH_CUDA_ARCH_LIST") if isinstance(env, dict) else None
+        config = load_deploy(path)
+    except ConfigError as exc:
+        raise StackError(
+            "--deploy", str(exc), "fix the deploy file (python -m launch plan FILE says the same)"
+        ) from None
+    value = config.env.get("TORCH_CUDA_ARCH_LIST")
     if value is None:
         return None
-    return parse_archs(str(value), f"{where}: env.TORCH_CUDA_ARCH_LIST")
+    return parse_archs(value, f"{path}: env.TORCH_CUDA_ARCH_LIST")
 
 
 def resolve_archs(given: str | None, deploy: Path | None, environ: dict[str, str]) -> ArchList:

@@ -305,6 +305,13 @@ def test_arch_list_from_the_deploy_file_when_no_gpu_is_found(tmp_path, monkeypat
     assert machine.resolve_archs(None, None, {}).origin == "NVML: 8 x NVIDIA H200"
 
 
+def test_the_deploy_file_is_read_as_the_launcher_reads_it(tmp_path):
+    deploy = tmp_path / "deploy.yaml"
+    deploy.write_text("model: m\nnodes: [{address: 10.0.0.1}]\nenv: {TORCH_CUDA_ARCH_LIST: '9.0'}\nbogus: 1\n")
+    result = build(tmp_path, pins_file(tmp_path), "--deploy", str(deploy))
+    assert one_line(result).startswith(f"error: --deploy: {deploy}: bogus: unknown key (expected one of: model,")
+
+
 def test_max_jobs_fits_cores_and_memory(monkeypatch):
     monkeypatch.setattr(machine, "cores", lambda: 32)
     monkeypatch.setattr(machine, "available_memory", lambda: 40 * machine.GIB)
