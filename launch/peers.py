@@ -27,8 +27,8 @@ at once). A peer
 A peer that is gone stops this node's vLLM the way SIGTERM does (launch/supervise.py: its process group, the
 stop timeout, then SIGKILL), and the launcher ends with exit code 3 and one line naming the node, its rank
 and address, and what stopped answering. Bound: a secondary that goes away stops the primary within
-lost_after_s + interval + one try; the other secondaries follow within that bound again (they watch the
-primary, which stops answering as it stops).
+lost_after_s + interval + one round of tries (2 s per 32 peers); the other secondaries follow within that
+bound again (they watch the primary, whose launcher stops answering as it ends).
 
 Not covered: a node whose launcher runs but whose vLLM hangs (its launcher still answers; vLLM's own
 timeouts and `python -m launch status` apply), the guide's positional arguments on the primary (it knows no
@@ -43,7 +43,6 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -177,7 +176,7 @@ def verdict(state: PeerState, now: float, started: float, plan: WatchPlan) -> st
         return None
     return (
         f"{p} stopped answering on {where} for {silent:.0f} s (bound watch.lost_after_s {plan.lost_after_s:g} s; "
-        f"last try: {state.last_try}): its launcher, its vLLM or the machine is gone"
+        f"last try: {state.last_try}): its launcher has ended, or its machine or the network is gone"
     )
 
 
@@ -187,7 +186,6 @@ class Watch:
     """Serves this node's watch port and watches its peers, in two threads, from ``with`` to its end."""
 
     plan: WatchPlan
-    say: Callable[[str], None] = print
     verdict: str | None = None
     """Set once, when a peer is gone: the one line that names it."""
     gone_peer: Peer | None = None
@@ -246,7 +244,6 @@ class Watch:
                 for state in states:
                     if why := verdict(state, now, started, plan):
                         self.verdict, self.gone_peer = why, state.peer
-                        self.say(why)
                         return
                 self._stop.wait(plan.interval)
 
