@@ -345,7 +345,8 @@ class Kubernetes(_Strict):
 
 
 class Watch(_Strict):
-    """Bare metal: while vLLM runs, every node's launcher answers on a watch port (rpc_port + 1); the primary's
+    """Bare metal: while vLLM runs, every node's launcher answers on a watch port (rpc_port + 1000); the
+    primary's
     launcher watches every secondary's, each secondary's the primary's, and a node that stops answering stops
     the group (launch/peers.py). Jobs placed by Slurm or Kubernetes run without it: they stop the group
     themselves (docs/operations.md)."""
@@ -357,8 +358,9 @@ class Watch(_Strict):
     """How long a node that answered may stay silent before it counts as gone and the group is stopped."""
 
 
-WATCH_PORT_OFFSET = 1
-"""The watch port is rpc_port + this: derived, so that every node finds every other node's without a setting."""
+WATCH_PORT_OFFSET = 1000
+"""The watch port is rpc_port + this: derived, so that every node finds every other node's without a setting,
+and far enough from rpc_port that the consecutive rpc ports of two groups on one node do not meet there."""
 
 
 class DeployConfig(_Strict):
@@ -599,7 +601,7 @@ def _check_disaggregation(d: Disaggregation, watch: bool) -> None:
             f"{where}.decode.rpc_port",
             f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)",
         )
-    if watch:  # a group's launchers answer on its rpc_port + 1, which no other port on their nodes may use
+    if watch:  # a group's launchers answer on its rpc_port + 1000, which no other port on their nodes may use
         shared = ({n.address for n in p.nodes} & {n.address for n in q.nodes}) - {None}
         for gname, group in groups.items():
             oname, other = ("decode", q) if gname == "prefill" else ("prefill", p)
@@ -618,13 +620,14 @@ def _check_disaggregation(d: Disaggregation, watch: bool) -> None:
 
 
 def _watch_clash(watch_port: int, taken: dict[str, int]) -> str | None:
-    """Why an rpc_port leaves no watch port (rpc_port + 1) for the launchers, or None."""
-    off = "or watch: {enabled: false}"
+    """Why an rpc_port leaves no watch port (rpc_port + WATCH_PORT_OFFSET) for the launchers, or None."""
+    rpc, off = watch_port - WATCH_PORT_OFFSET, "or watch: {enabled: false}"
     if watch_port > 65535:
-        return f"{watch_port - WATCH_PORT_OFFSET} leaves no watch port (rpc_port + 1; expected at most 65534, {off})"
+        most = 65535 - WATCH_PORT_OFFSET
+        return f"{rpc} leaves no watch port (rpc_port + {WATCH_PORT_OFFSET}; expected at most {most}, {off})"
     name = next((n for n, port in taken.items() if port == watch_port), None)
     if name:
-        return f"{watch_port - WATCH_PORT_OFFSET} + 1 (the launchers' watch port) is also {name} (expected another port, {off})"
+        return f"{rpc} + {WATCH_PORT_OFFSET} (the launchers' watch port) is also {name} (expected another port, {off})"
     return None
 
 

@@ -12,7 +12,7 @@ torch.distributed all-reduce every step (``ParallelConfig.has_unfinished_dp``, v
 secondary that dies leaves the primary hanging, and a primary that dies leaves the secondaries holding their
 GPUs, and nothing names the node that went away.
 
-What. While vLLM runs, every node's launcher answers on its watch port (the deploy file's ``rpc_port + 1``)
+What. While vLLM runs, every node's launcher answers on its watch port (the deploy file's ``rpc_port + 1000``)
 with one line, ``vllm-ep watch 1 node RANK TOKEN`` (TOKEN: random, one per launcher run), to whoever
 connects. The primary's launcher asks every secondary's, each secondary's launcher the primary's, every
 ``interval`` seconds (at most 2; each try bounded, at most 2 s, lookup, connect and read included; at most 32
@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from launch import wait
-from launch.config import DeployConfig
+from launch.config import WATCH_PORT_OFFSET, DeployConfig
 from launch.errors import ConfigError
 from launch.layout import NodeLayout
 
@@ -264,7 +264,7 @@ def _listen(plan: WatchPlan) -> socket.socket:
     except OSError as exc:
         server.close()
         raise ConfigError(
-            f"watch port {plan.bind or '*'}:{plan.port} (rpc_port + 1): {exc.strerror or exc} (expected it free on "
+            f"watch port {plan.bind or '*'}:{plan.port} (rpc_port + {WATCH_PORT_OFFSET}): {exc.strerror or exc} (expected it free on "
             f"this node: another launcher of this deployment here? or set watch: {{enabled: false}})"
         ) from None
     return server

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from launch import peers, wait
-from launch.config import parse_deploy_text
+from launch.config import WATCH_PORT_OFFSET as WATCH, parse_deploy_text
 from launch.layout import layouts
 from tests.conftest import FIXTURES, ROOT, run_module
 from tests.test_supervise import alive
@@ -29,17 +29,17 @@ STOP_TIMEOUT = 5.0
 
 
 def free_port_pair() -> int:
-    """An rpc_port whose + 1 (the watch port) is free on both addresses."""
+    """An rpc_port whose watch port is free on both addresses."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind((PRIMARY, 0))
             rpc = s.getsockname()[1]
-        if rpc >= 65534:
+        if rpc + WATCH > 65535:
             continue
         try:
             for host in (PRIMARY, SECONDARY):
                 with socket.socket() as probe:
-                    probe.bind((host, rpc + 1))
+                    probe.bind((host, rpc + WATCH))
             return rpc
         except OSError:
             continue
@@ -138,8 +138,8 @@ def test_a_secondary_that_goes_away_stops_the_primary_which_names_it(tmp_path):
     primary, secondary = Node(tmp_path, deploy, 0), Node(tmp_path, deploy, 1)
     try:
         primary_tree, secondary_tree = primary.tree(), secondary.tree()
-        assert answers(PRIMARY, rpc + 1).startswith("vllm-ep watch 1 node 0 ")
-        assert answers(SECONDARY, rpc + 1).startswith("vllm-ep watch 1 node 1 ")
+        assert answers(PRIMARY, rpc + WATCH).startswith("vllm-ep watch 1 node 0 ")
+        assert answers(SECONDARY, rpc + WATCH).startswith("vllm-ep watch 1 node 1 ")
         time.sleep(1)  # the primary has heard the secondary answer (it asks every 0.5 s)
 
         secondary.proc.kill()  # the launcher, as a dead machine would: nothing of it answers any more
@@ -150,7 +150,7 @@ def test_a_secondary_that_goes_away_stops_the_primary_which_names_it(tmp_path):
         secondary.stop()
     assert code == 3, err
     assert "node 1 (secondary 127.0.0.2) stopped answering on its launcher's watch port" in err
-    assert f"127.0.0.2:{rpc + 1}" in err and "connect: Connection refused" in err
+    assert f"127.0.0.2:{rpc + WATCH}" in err and "connect: Connection refused" in err
     assert "node 1 (secondary 127.0.0.2) is gone: stopping vLLM" in err  # the supervised stop, SIGTERM's way
     assert took < 2 + 0.5 + 1 + STOP_TIMEOUT, f"the primary took {took:.1f} s to stop"
     assert gone(primary_tree), "the primary's vLLM tree was not stopped"
@@ -164,7 +164,7 @@ def test_a_secondary_stops_its_vllm_when_the_primary_goes_away(tmp_path):
     try:
         primary.tree()
         secondary_tree = secondary.tree()
-        answers(PRIMARY, rpc + 1)
+        answers(PRIMARY, rpc + WATCH)
         time.sleep(1)
         primary.proc.kill()
         code, err, took = secondary.finish(timeout=2 + 1 + STOP_TIMEOUT + 10)
@@ -173,7 +173,8 @@ def test_a_secondary_stops_its_vllm_when_the_primary_goes_away(tmp_path):
         secondary.stop()
     assert code == 3, err
     assert (
-        f"error: node 0 (primary 127.0.0.1) stopped answering on its launcher's watch port 127.0.0.1:{rpc + 1}" in err
+        f"error: node 0 (primary 127.0.0.1) stopped answering on its launcher's watch port 127.0.0.1:{rpc + WATCH}"
+        in err
     )
     assert took < 2 + 0.5 + 1 + STOP_TIMEOUT
     assert gone(secondary_tree), "the secondary's vLLM still holds its GPUs"
@@ -191,7 +192,7 @@ def test_a_secondary_slow_to_start_is_not_declared_gone_within_the_grace(tmp_pat
         assert primary.proc.poll() is None, primary.finish(1)[1]
         secondary = Node(tmp_path, deploy, 1)
         secondary.tree()
-        answers(SECONDARY, rpc + 1)
+        answers(SECONDARY, rpc + WATCH)
         while time.monotonic() < primary.started + grace + 2:  # past the grace: the secondary answers, all is well
             assert primary.proc.poll() is None, primary.finish(1)[1]
             time.sleep(0.2)
@@ -221,12 +222,12 @@ def test_a_watch_port_in_use_is_refused_before_vllm_starts(tmp_path):
     rpc = free_port_pair()
     deploy = deploy_file(tmp_path, rpc)
     with socket.socket() as taken:
-        taken.bind((PRIMARY, rpc + 1))
+        taken.bind((PRIMARY, rpc + WATCH))
         taken.listen()
         primary = Node(tmp_path, deploy, 0)
         code, err, _ = primary.finish(timeout=30)
     assert code == 2
-    assert f"error: watch port 127.0.0.1:{rpc + 1} (rpc_port + 1): Address already in use" in err
+    assert f"error: watch port 127.0.0.1:{rpc + WATCH} (rpc_port + 1000): Address already in use" in err
     assert not primary.pidfile.exists(), "vLLM started although the watch could not"
 
 
@@ -243,12 +244,12 @@ def test_the_plan_says_whom_each_launcher_watches(tmp_path):
     r = run_module("launch", "plan", str(path))
     assert r.code == 0, r.err
     assert (
-        "# watch: answers on 10.0.0.1:13346 while vLLM runs (launch serve); watches node 1 (secondary "
-        "10.0.0.2:13346), node 2 (secondary 10.0.0.3:13346); a node silent for 30 s (start-up grace 900 s) stops "
+        "# watch: answers on 10.0.0.1:14345 while vLLM runs (launch serve); watches node 1 (secondary "
+        "10.0.0.2:14345), node 2 (secondary 10.0.0.3:14345); a node silent for 30 s (start-up grace 900 s) stops "
         "this node's vLLM; off: watch: {enabled: false}" in r.out
     )
     assert (
-        "# watch: answers on 10.0.0.3:13346 while vLLM runs (launch serve); watches node 0 (primary 10.0.0.1:13346)"
+        "# watch: answers on 10.0.0.3:14345 while vLLM runs (launch serve); watches node 0 (primary 10.0.0.1:14345)"
         in r.out
     )
 
@@ -261,8 +262,8 @@ def test_the_plan_says_whom_each_launcher_watches(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ("rpc_port: 65535\n", "rpc_port: 65535 leaves no watch port (rpc_port + 1; expected at most 65534"),
-        ("rpc_port: 7999\n", "rpc_port: 7999 + 1 (the launchers' watch port) is also port (expected another port"),
+        ("rpc_port: 65000\n", "rpc_port: 65000 leaves no watch port (rpc_port + 1000; expected at most 64535"),
+        ("rpc_port: 7000\n", "rpc_port: 7000 + 1000 (the launchers' watch port) is also port (expected another port"),
     ],
 )
 def test_an_rpc_port_that_leaves_no_watch_port_is_one_line(tmp_path, extra, expected):
@@ -283,9 +284,13 @@ disaggregation:
   prefill: {nodes: [{address: 10.0.0.1, gpus: 4, gpu_ids: [0, 1, 2, 3]}], port: 8100, rpc_port: 13345}
   decode: {nodes: [{address: 10.0.0.1, gpus: 4, gpu_ids: [4, 5, 6, 7]}], port: 8200, rpc_port: 13346}
 """
-    with pytest.raises(ValueError, match=r"disaggregation.prefill.rpc_port: 13345 \+ 1 .* is also the decode rpc_port"):
-        parse_deploy_text(text, "pd.yaml")
-    parse_deploy_text(text.replace("rpc_port: 13346", "rpc_port: 13347"), "pd.yaml")
+    parse_deploy_text(text, "pd.yaml")  # consecutive rpc ports: watch ports 14345 and 14346
+    clash = text.replace("port: 8100", "port: 14346")
+    with pytest.raises(
+        ValueError, match=r"decode.rpc_port: 13346 \+ 1000 \(the launchers' watch port\) is also the prefill API"
+    ):
+        parse_deploy_text(clash, "pd.yaml")
+    parse_deploy_text(clash + "watch: {enabled: false}\n", "pd.yaml")
 
 
 def test_a_job_placed_by_a_scheduler_runs_without_the_watch(tmp_path, monkeypatch):
@@ -321,12 +326,12 @@ def state_after(*tries: tuple[float, str | None, str]) -> peers.PeerState:
     [
         # not answered yet: fine within the grace, gone after it
         ([(1, None, "connect: Connection refused")], 99, None),
-        ([(1, None, "connect: Connection refused")], 100, "never answered on its launcher's watch port 10.0.0.2:13346 "
+        ([(1, None, "connect: Connection refused")], 100, "never answered on its launcher's watch port 10.0.0.2:14345 "
          "within the start-up grace of 100 s (last try: connect: Connection refused;"),
         # answered, then silent: fine below lost_after_s, gone at it
         ([(5, LINE, "answered"), (14, None, "no answer to connect")], 14, None),
         ([(5, LINE, "answered"), (15, None, "no answer to connect")], 15, "stopped answering on its launcher's watch "
-         "port 10.0.0.2:13346 for 10 s (bound watch.lost_after_s 10 s; last try: no answer to connect)"),
+         "port 10.0.0.2:14345 for 10 s (bound watch.lost_after_s 10 s; last try: no answer to connect)"),
         # another service on the port, or another node, counts as silence, saying what answered
         ([(5, LINE, "answered"), (15, "SSH-2.0-OpenSSH_9.6", "answered")], 15, "last try: answered 'SSH-2.0-OpenSSH_9.6', "
          "not a launcher's watch (another service on the port?))"),
@@ -334,7 +339,7 @@ def state_after(*tries: tuple[float, str | None, str]) -> peers.PeerState:
          "not node 1 (check the deploy file))"),
         # a restarted launcher: its vLLM is not the one the group started with
         ([(5, LINE, "answered"), (6, "vllm-ep watch 1 node 1 bbbb", "answered")], 6, "node 1 (secondary 10.0.0.2) was "
-         "restarted: its launcher's watch port 10.0.0.2:13346 answers for another launcher run"),
+         "restarted: its launcher's watch port 10.0.0.2:14345 answers for another launcher run"),
         # answering keeps it alive, however long it runs
         ([(5, LINE, "answered"), (1000, LINE, "answered")], 1009, None),
     ],
