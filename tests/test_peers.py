@@ -231,6 +231,21 @@ def test_a_watch_port_in_use_is_refused_before_vllm_starts(tmp_path):
     assert not primary.pidfile.exists(), "vLLM started although the watch could not"
 
 
+def test_with_the_watch_off_a_launcher_serves_alone_and_answers_on_no_watch_port(tmp_path):
+    rpc = free_port_pair()
+    primary = Node(tmp_path, deploy_file(tmp_path, rpc, grace=1, lost=1, enabled=False), 0)
+    try:
+        primary.tree()
+        time.sleep(2)  # past the grace it would have had: no secondary is missed
+        assert primary.proc.poll() is None
+        assert wait.first_line(PRIMARY, rpc + WATCH, 1.0) == (None, "connect: Connection refused")
+    finally:
+        primary.proc.send_signal(signal.SIGTERM)
+        code, err, _ = primary.finish(STOP_TIMEOUT + 10)
+    assert code == 143, err  # the stand-in dies of SIGTERM: 128 + 15, as before the watch existed
+    assert "watch" not in err
+
+
 # ---- the plan says it; the deploy file turns it off ------------------------------------------------------------
 CLUSTER = """model: m
 vllm_version: 0.26.0
