@@ -346,10 +346,9 @@ class Kubernetes(_Strict):
 
 class Watch(_Strict):
     """Bare metal: while vLLM runs, every node's launcher answers on a watch port (rpc_port + 1000); the
-    primary's
-    launcher watches every secondary's, each secondary's the primary's, and a node that stops answering stops
-    the group (launch/peers.py). Jobs placed by Slurm or Kubernetes run without it: they stop the group
-    themselves (docs/operations.md)."""
+    primary's launcher watches every secondary's, each secondary's the primary's, and a node that stops
+    answering stops the group (launch/peers.py). Jobs placed by Slurm or Kubernetes run without it: they stop
+    the group themselves (docs/operations.md)."""
 
     enabled: bool = True
     startup_grace_s: float = Field(default=900, gt=0)
