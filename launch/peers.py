@@ -82,6 +82,11 @@ class WatchPlan:
     peers: tuple[Peer, ...]
     startup_grace_s: float
     lost_after_s: float
+    group: str | None = None
+    """prefill / decode: named with every node it speaks of."""
+
+    def name(self, peer: Peer) -> str:
+        return f"{self.group} {peer}" if self.group else str(peer)
 
     @property
     def interval(self) -> float:
@@ -160,22 +165,24 @@ def record(state: PeerState, line: str | None, why: str, now: float) -> None:
 
 def verdict(state: PeerState, now: float, started: float, plan: WatchPlan) -> str | None:
     """Why the peer counts as gone, in one line naming it, or None while it does not."""
-    p = state.peer
+    p, name = state.peer, plan.name(state.peer)
     where = f"its launcher's watch port {p.host}:{p.port}"
     if state.restarted:
-        return f"{p} was restarted: {where} answers for another launcher run (the vLLM this group started with is gone)"
+        return (
+            f"{name} was restarted: {where} answers for another launcher run (the vLLM this group started with is gone)"
+        )
     if state.last_answer is None:
         if now - started < plan.startup_grace_s:
             return None
         return (
-            f"{p} never answered on {where} within the start-up grace of {plan.startup_grace_s:g} s "
+            f"{name} never answered on {where} within the start-up grace of {plan.startup_grace_s:g} s "
             f"(last try: {state.last_try}; start `python -m launch serve` there, or raise watch.startup_grace_s)"
         )
     silent = now - state.last_answer
     if silent < plan.lost_after_s:
         return None
     return (
-        f"{p} stopped answering on {where} for {silent:.0f} s (bound watch.lost_after_s {plan.lost_after_s:g} s; "
+        f"{name} stopped answering on {where} for {silent:.0f} s (bound watch.lost_after_s {plan.lost_after_s:g} s; "
         f"last try: {state.last_try}): its launcher has ended, or its machine or the network is gone"
     )
 
@@ -195,7 +202,7 @@ class Watch:
 
     def gone(self) -> str | None:
         """For the supervisor's loop: a short reason once a peer is gone, else None."""
-        return f"{self.gone_peer} is gone" if self.gone_peer else None
+        return f"{self.plan.name(self.gone_peer)} is gone" if self.gone_peer else None
 
     def __enter__(self) -> Watch:
         self._server = _listen(self.plan)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,9 @@ def test_verdict(tries, now, expected):
     else:
         assert said is not None and expected in said
         assert said.startswith("node 1 (secondary 10.0.0.2) ")
+
+
+def test_a_group_names_itself_with_the_node():
+    state = state_after((5, LINE, "answered"), (15, None, "connect: Connection refused"))
+    said = peers.verdict(state, 15, started=0, plan=replace(PLAN, group="decode"))
+    assert said is not None and said.startswith("decode node 1 (secondary 10.0.0.2) stopped answering")

@@ -119,7 +119,7 @@ def _supervised(argv: list[str], env: dict[str, str], plan: NodePlan, what: str,
 
     if plan.watch is None:
         return supervise.run(argv, env, what=what, **options)
-    with peers.Watch(plan.watch) as watch:
+    with peers.Watch(replace(plan.watch, group=plan.group)) as watch:
         say(plan.watch.note)
         code = supervise.run(argv, env, what=what, stop_when=watch.gone, **options)
     if watch.verdict:
