@@ -31,8 +31,8 @@ lost_after_s + interval + one round of tries (2 s per 32 peers); the other secon
 bound again (they watch the primary, whose launcher stops answering as it ends).
 
 Not covered: a node whose launcher runs but whose vLLM hangs (its launcher still answers; vLLM's own
-timeouts and `python -m launch status` apply), the guide's positional arguments on the primary (it knows no
-secondary's address; the secondaries still watch it). Under
+timeouts and `python -m launch status` apply), the guide's positional arguments (they describe one node, not
+the group: a deploy file does). Under
 Slurm and Kubernetes the watch is off: the scheduler stops the group itself (docs/operations.md).
 """
 
@@ -94,9 +94,9 @@ class WatchPlan:
 
     @property
     def note(self) -> str:
-        whom = f"watches {_listed(self.peers)}" if self.peers else "watches no node (no secondary's address is known)"
         return (
-            f"watch: answers on {self.bind or '*'}:{self.port} while vLLM runs (launch serve); {whom}; a node silent "
+            f"watch: answers on {self.bind or '*'}:{self.port} while vLLM runs (launch serve); watches "
+            f"{_listed(self.peers)}; a node silent "
             f"for {self.lost_after_s:g} s (start-up grace {self.startup_grace_s:g} s) stops this node's vLLM; "
             f"off: watch: {{enabled: false}}"
         )
@@ -108,9 +108,11 @@ def _listed(peers: tuple[Peer, ...], most: int = 3) -> str:
 
 
 def plan_for(config: DeployConfig, layout: NodeLayout) -> WatchPlan | None:
-    """The watch of the node at ``layout`` (None when the deploy file turns it off). Pure."""
+    """The watch of the node at ``layout``. Pure. None when the deploy file turns it off, and where no deploy
+    file lists the other nodes: one node alone, or the guide's positional arguments (they describe this node
+    only; its launcher runs as the guide's scripts did, and a deploy file gets it the watch)."""
     w = config.watch
-    if not w.enabled:
+    if not w.enabled or len(config.nodes) < 2:
         return None
     port = config.watch_port
     if layout.role == "primary":  # a file planned for running lists every node's address

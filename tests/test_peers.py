@@ -276,6 +276,23 @@ def test_the_plan_says_whom_each_launcher_watches(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["primary", "10.0.0.1", "13345", "m", "16", "8", "8"],  # the guide's arguments describe this node only
+        ["secondary", "10.0.0.1", "13345", "m", "16", "8", "8"],
+        ["serve", "--deploy", "ONE_NODE", "--node-rank", "0"],  # nobody to watch
+    ],
+)
+def test_without_a_deploy_file_listing_the_group_there_is_no_watch(tmp_path, argv):
+    one = tmp_path / "one.yaml"
+    one.write_text("model: m\nnodes: [{address: 10.0.0.1}]\n")
+    argv = [str(one) if a == "ONE_NODE" else a for a in argv]
+    r = run_module("launch", *argv, "--socket-ifname", "lo", "--vllm-version", "0.26.0", "--dry-run")
+    assert r.code == 0, r.err
+    assert "vllm serve" in r.out and "watch" not in r.out
+
+
+@pytest.mark.parametrize(
     ("extra", "expected"),
     [
         ("rpc_port: 65000\n", "rpc_port: 65000 leaves no watch port (rpc_port + 1000; expected at most 64535"),
