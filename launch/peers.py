@@ -32,8 +32,8 @@ bound again (they watch the primary, whose launcher stops answering as it ends).
 
 Not covered: a node whose launcher runs but whose vLLM hangs (its launcher still answers; vLLM's own
 timeouts and `python -m launch status` apply), the guide's positional arguments (they describe one node, not
-the group: a deploy file does). Under
-Slurm and Kubernetes the watch is off: the scheduler stops the group itself (docs/operations.md).
+the group: a deploy file does). Under Slurm and Kubernetes the watch is off: the scheduler stops the group
+itself (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -195,8 +195,8 @@ class Watch:
     """Serves this node's watch port and watches its peers, in two threads, from ``with`` to its end."""
 
     plan: WatchPlan
-    verdict: str | None = None
-    """Set once, when a peer is gone: the one line that names it."""
+    message: str | None = None
+    """Set once, when a peer is gone: the one line that names it and says what stopped answering."""
     gone_peer: Peer | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -252,7 +252,7 @@ class Watch:
                     record(state, line, why, now)
                 for state in states:
                     if why := verdict(state, now, started, plan):
-                        self.verdict, self.gone_peer = why, state.peer
+                        self.message, self.gone_peer = why, state.peer
                         return
                 self._stop.wait(plan.interval)
 
@@ -273,7 +273,8 @@ def _listen(plan: WatchPlan) -> socket.socket:
     except OSError as exc:
         server.close()
         raise ConfigError(
-            f"watch port {plan.bind or '*'}:{plan.port} (rpc_port + {WATCH_PORT_OFFSET}): {exc.strerror or exc} (expected it free on "
-            f"this node: another launcher of this deployment here? or set watch: {{enabled: false}})"
+            f"watch port {plan.bind or '*'}:{plan.port} (rpc_port + {WATCH_PORT_OFFSET}): {exc.strerror or exc} "
+            f"(expected it free on this node: another launcher with this rpc_port here? or set watch: "
+            f"{{enabled: false}})"
         ) from None
     return server

@@ -122,6 +122,6 @@ def _supervised(argv: list[str], env: dict[str, str], plan: NodePlan, what: str,
     with peers.Watch(replace(plan.watch, group=plan.group)) as watch:
         say(plan.watch.note)
         code = supervise.run(argv, env, what=what, stop_when=watch.gone, **options)
-    if watch.verdict:
-        raise NodeDown(f"{watch.verdict}; this node's {what} was stopped (it exited with {code})")
+    if watch.message:
+        raise NodeDown(f"{watch.message}; this node's {what} was stopped (it exited with {code})")
     return code
