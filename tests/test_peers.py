@@ -158,6 +158,30 @@ def test_a_secondary_that_goes_away_stops_the_primary_which_names_it(tmp_path):
     assert err.count("error: ") == 1 and err.strip().splitlines()[-1].startswith("error: node 1 (secondary 127.0.0.2)")
 
 
+def test_a_secondary_whose_vllm_dies_stops_the_primary(tmp_path):
+    """The secondary's vLLM dies; its launcher stops what is left of it and ends, and so stops answering."""
+    rpc = free_port_pair()
+    deploy = deploy_file(tmp_path, rpc, lost=2)
+    primary, secondary = Node(tmp_path, deploy, 0), Node(tmp_path, deploy, 1)
+    try:
+        primary_tree = primary.tree()
+        secondary.tree()
+        answers(SECONDARY, rpc + WATCH)
+        time.sleep(1)
+        parent = next(int(line.split()[1]) for line in secondary.pidfile.read_text().splitlines() if "parent" in line)
+        os.kill(parent, signal.SIGKILL)
+        code, _, _ = secondary.finish(timeout=STOP_TIMEOUT + 10)
+        assert code == 128 + signal.SIGKILL  # vLLM's own end, passed on as before
+        code, err, took = primary.finish(timeout=2 + 1 + STOP_TIMEOUT + 10)
+    finally:
+        primary.stop()
+        secondary.stop()
+    assert code == 3, err
+    assert "error: node 1 (secondary 127.0.0.2) stopped answering on its launcher's watch port" in err
+    assert took < 2 + 0.5 + 1 + STOP_TIMEOUT
+    assert gone(primary_tree)
+
+
 def test_a_secondary_stops_its_vllm_when_the_primary_goes_away(tmp_path):
     rpc = free_port_pair()
     deploy = deploy_file(tmp_path, rpc, lost=2)
