@@ -367,6 +367,24 @@ class Kubernetes(_Strict):
         return value
 
 
+class Watch(_Strict):
+    """Bare metal: while vLLM runs, every node's launcher answers on a watch port (rpc_port + 1000); the
+    primary's launcher watches every secondary's, each secondary's the primary's, and a node that stops
+    answering stops the group (launch/peers.py). Jobs placed by Slurm or Kubernetes run without it: they stop
+    the group themselves (docs/operations.md)."""
+
+    enabled: bool = True
+    startup_grace_s: float = Field(default=900, gt=0)
+    """How long a node that has not answered yet may take to start its launcher (nodes start at different times)."""
+    lost_after_s: float = Field(default=30, gt=0)
+    """How long a node that answered may stay silent before it counts as gone and the group is stopped."""
+
+
+WATCH_PORT_OFFSET = 1000
+"""The watch port is rpc_port + this: derived, so that every node finds every other node's without a setting,
+and far enough from rpc_port that the consecutive rpc ports of two groups on one node do not meet there."""
+
+
 class DeployConfig(_Strict):
     """The whole cluster: model, nodes and how vLLM runs on them."""
 
@@ -415,6 +433,8 @@ class DeployConfig(_Strict):
     """The Ray head's port on the primary (data_parallel_backend: ray)."""
     slurm: Slurm = Slurm()
     kubernetes: Kubernetes = Kubernetes()
+    watch: Watch = Watch()
+    """Launchers watch each other while vLLM runs; a node that stops answering stops the group."""
 
     _switches = field_validator("eplb", "dbo", mode="before")(lambda cls, value: _switch(value))
 
@@ -435,7 +455,7 @@ class DeployConfig(_Strict):
                     f"set at the top of a file with disaggregation, where no group reads it (expected "
                     f"disaggregation.prefill.{name} and disaggregation.decode.{name})",
                 )
-            _check_disaggregation(self.disaggregation)
+            _check_disaggregation(self.disaggregation, self.watch.enabled)
             return self
         if not self.nodes:
             raise _FieldError("nodes", "missing (required: at least one node, or a disaggregation section)")
@@ -470,6 +490,8 @@ class DeployConfig(_Strict):
             )
         if self.port == self.rpc_port:
             raise _FieldError("port", f"{self.port} is also rpc_port (expected two different ports)")
+        if self.watch.enabled and (taken := _watch_clash(self.watch_port, {"port": self.port, **self._ray_port()})):
+            raise _FieldError("rpc_port", taken)
         if self.data_parallel_backend == "ray" and self.ray_port in (self.port, self.rpc_port):
             raise _FieldError("ray_port", f"{self.ray_port} is also port or rpc_port (expected a third port)")
         if self.data_parallel_backend == "ray" and RAY_WORKER_PORTS[0] <= self.ray_port <= RAY_WORKER_PORTS[1]:
@@ -525,6 +547,14 @@ class DeployConfig(_Strict):
             "kv_connector_extra_config": {"backends": [d.connector.backend]},
         }
 
+    @property
+    def watch_port(self) -> int:
+        """Where every node's launcher answers while vLLM runs (launch/peers.py)."""
+        return self.rpc_port + WATCH_PORT_OFFSET
+
+    def _ray_port(self) -> dict[str, int]:
+        return {"ray_port": self.ray_port} if self.data_parallel_backend == "ray" else {}
+
     def local_dp(self, rank: int) -> int:
         node = self.nodes[rank]
         return node.data_parallel_size_local or node.gpus // self.tensor_parallel_size
@@ -564,7 +594,7 @@ def _gpus_of(node: Node) -> set[int]:
     return set(node.gpu_ids) if node.gpu_ids is not None else set(range(node.gpus))
 
 
-def _check_disaggregation(d: Disaggregation) -> None:
+def _check_disaggregation(d: Disaggregation, watch: bool) -> None:
     where = "disaggregation"
     if d.connector is None:
         raise _FieldError(
@@ -610,6 +640,15 @@ def _check_disaggregation(d: Disaggregation) -> None:
             f"{where}.decode.rpc_port",
             f"{q.rpc_port} is also the prefill rpc_port on a shared node (expected another port)",
         )
+    if watch:  # a group's launchers answer on its rpc_port + 1000, which no other port on their nodes may use
+        shared = ({n.address for n in p.nodes} & {n.address for n in q.nodes}) - {None}
+        for gname, group in groups.items():
+            oname, other = ("decode", q) if gname == "prefill" else ("prefill", p)
+            taken = {"port": group.port}
+            if shared:
+                taken |= {f"the {oname} rpc_port": other.rpc_port, f"the {oname} API port": other.port}
+            if why := _watch_clash(group.rpc_port + WATCH_PORT_OFFSET, taken):
+                raise _FieldError(f"{where}.{gname}.rpc_port", why)
     router_at = d.router.address or p.nodes[0].address
     for gname, group in groups.items():
         if router_at is not None and group.nodes[0].address == router_at and group.port == d.router.port:
@@ -617,6 +656,18 @@ def _check_disaggregation(d: Disaggregation) -> None:
                 f"{where}.router.port",
                 f"{d.router.port} is also the {gname} API port on {router_at} (expected a free port)",
             )
+
+
+def _watch_clash(watch_port: int, taken: dict[str, int]) -> str | None:
+    """Why an rpc_port leaves no watch port (rpc_port + WATCH_PORT_OFFSET) for the launchers, or None."""
+    rpc, off = watch_port - WATCH_PORT_OFFSET, "or watch: {enabled: false}"
+    if watch_port > 65535:
+        most = 65535 - WATCH_PORT_OFFSET
+        return f"{rpc} leaves no watch port (rpc_port + {WATCH_PORT_OFFSET}; expected at most {most}, {off})"
+    name = next((n for n, port in taken.items() if port == watch_port), None)
+    if name:
+        return f"{rpc} + {WATCH_PORT_OFFSET} (the launchers' watch port) is also {name} (expected another port, {off})"
+    return None
 
 
 class _FieldError(ValueError):

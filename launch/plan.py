@@ -18,6 +18,7 @@ from launch.config import DeployConfig
 from launch.fabric import fabric_env, kv_over_ucx
 from launch.layout import NodeLayout, api_server_note
 from launch.netif import AutoIfname
+from launch.peers import WatchPlan, plan_for
 from launch.vllm_versions import Target
 
 EnvValue = str | AutoIfname
@@ -100,6 +101,8 @@ class NodePlan:
     """EPLB and dual-batch overlap as the target's flags (launch/eplb_dbo.py)."""
     vllm_args: tuple[str, ...] = ()
     """Extra `vllm serve` arguments, last: the deploy file's vllm_args, then those after `--`."""
+    watch: WatchPlan | None = None
+    """Where this node's launcher answers while vLLM runs, and the nodes it watches (launch/peers.py)."""
 
     @property
     def unset(self) -> tuple[str, ...]:
@@ -236,6 +239,8 @@ def build(
     args += more
 
     log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
+    watch = plan_for(config, layout)
+    notes += [watch.note] if watch else []
     common = dict(
         layout=layout,
         target=target,
@@ -245,6 +250,7 @@ def build(
         log_file=log_file,
         node_address=layout.node_address,
         all2all_backend=backend,
+        watch=watch,
     )
     ray = config.data_parallel_backend == "ray"
     if ray and layout.role == "secondary":

@@ -14,6 +14,9 @@ seconds what is left is SIGKILLed, saying so. A second Ctrl-C SIGKILLs at once; 
 of its tree, in its group or not, gets SIGTERM, then SIGKILL at the same bound, and the launcher names each
 process it had to stop ("stopped 2 processes left by vLLM: 4242 python (own session), ...").
 
+Stopping from within. ``stop_when`` (the launchers' watch, launch/peers.py) stops vLLM exactly as a SIGTERM
+would, naming its reason instead of the signal's.
+
 Exit code. vLLM's own; 128 + N when it died of signal N, as shells report it. Signal handlers only record
 the request; the main loop acts on it, so a signal never ends the launcher with a traceback, also when its
 stderr is gone (every message the launcher writes may fail silently).
@@ -321,9 +324,12 @@ def run(
     health_timeout: float = 1800.0,
     say=lambda msg: print(f"[launch] {msg}", file=sys.stderr, flush=True),
     what: str = "vLLM",
+    stop_when: Callable[[], str | None] | None = None,
 ) -> int:
     """Starts ``argv`` and supervises it until it and everything it started have ended. With
-    ``health_url``, says when vLLM's API first answers there (or that it did not, within the bound)."""
+    ``health_url``, says when vLLM's API first answers there (or that it did not, within the bound).
+    ``stop_when`` is asked about every 0.2 s while vLLM runs; a reason it gives stops vLLM as SIGTERM does
+    (launch/peers.py: a node of the group is gone)."""
     say = _quiet(say)
     stop = _Stop()
 
@@ -387,6 +393,8 @@ def run(
                 code = child.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
+                if stop.deadline is None and stop_when is not None and (reason := stop_when()):
+                    stop.signal_name, stop.deadline = reason, time.monotonic() + stop_timeout
                 act_on_stop()
                 if time.monotonic() >= next_scan:
                     tree.scan()

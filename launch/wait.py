@@ -63,11 +63,9 @@ def _resolve(host: str, port: int, budget: float) -> list[tuple] | str:
     return found[0] if found else f"resolving {host} took longer than {budget:.1f} s"
 
 
-def probe(host: str, port: int, budget: float = PROBE, *, greeting: bool = False) -> str | None:
-    """One try, at most ``budget`` seconds: None when ``host:port`` accepts (and, with ``greeting``, sends a
-    ZeroMQ greeting); otherwise what was found instead."""
-    end = time.monotonic() + budget
-    addresses = _resolve(host, port, budget)
+def _connected(host: str, port: int, end: float) -> socket.socket | str:
+    """A socket connected to ``host:port`` before ``end`` (time.monotonic()), or why there is none."""
+    addresses = _resolve(host, port, end - time.monotonic())
     if isinstance(addresses, str):
         return addresses
     why = f"no address for {host}"
@@ -75,15 +73,55 @@ def probe(host: str, port: int, budget: float = PROBE, *, greeting: bool = False
         left = end - time.monotonic()
         if left <= 0:
             return why
-        with socket.socket(family, kind, proto) as sock:
-            try:
-                sock.settimeout(left)
-                sock.connect(address)
-            except OSError as exc:
-                why = "no answer to connect" if isinstance(exc, TimeoutError) else f"connect: {exc.strerror or exc}"
-                continue
-            return _greeted(sock, end) if greeting else None
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            why = "no answer to connect" if isinstance(exc, TimeoutError) else f"connect: {exc.strerror or exc}"
+            continue
+        return sock
     return why
+
+
+def probe(host: str, port: int, budget: float = PROBE, *, greeting: bool = False) -> str | None:
+    """One try, at most ``budget`` seconds: None when ``host:port`` accepts (and, with ``greeting``, sends a
+    ZeroMQ greeting); otherwise what was found instead."""
+    end = time.monotonic() + budget
+    sock = _connected(host, port, end)
+    if isinstance(sock, str):
+        return sock
+    with sock:
+        return _greeted(sock, end) if greeting else None
+
+
+def first_line(host: str, port: int, budget: float = PROBE, *, most: int = 256) -> tuple[str | None, str]:
+    """One try, at most ``budget`` seconds: the first line ``host:port`` sends unprompted (at most ``most``
+    bytes, as a launcher's watch port does), or None and what was found instead."""
+    end = time.monotonic() + budget
+    sock = _connected(host, port, end)
+    if isinstance(sock, str):
+        return None, sock
+    data = b""
+    with sock:
+        while b"\n" not in data and len(data) < most:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None, f"accepted, but sent no line within {budget:g} s"
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(most - len(data))
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                return None, f"accepted, then {exc.strerror or exc}"
+            if not chunk:
+                break
+            data += chunk
+    if b"\n" not in data:
+        return None, f"accepted, then sent {len(data)} bytes without a line end"
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace"), "answered"
 
 
 def _greeted(sock: socket.socket, end: float) -> str | None:

@@ -145,7 +145,10 @@ def _placed_file(config: DeployConfig, name: str) -> str:
     path = folder / f"{name}.yaml"
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_text(dump_deploy(config))
+        # The scheduler stops the group when a node fails (docs/operations.md): the launchers' watch stays off.
+        path.write_text(
+            dump_deploy(config.model_copy(update={"watch": config.watch.model_copy(update={"enabled": False})}))
+        )
     except OSError as exc:
         raise ConfigError(
             f"{path}: cannot write the placed deploy file ({exc.strerror or exc}; expected a writable "

@@ -2,11 +2,14 @@
 
 Secondaries wait (bounded, saying so) for what they join: the primary's coordination port, or its Ray head.
 The primary reports when its API answers /health. Ctrl-C while waiting stops before anything started (130).
+While vLLM runs, the launchers watch each other (launch/peers.py): a node of the group that goes away stops
+this node's vLLM, and the launcher ends with exit code 3 and one line naming that node.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import replace
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
         argv = [executable(how.vllm_bin, "vllm", VLLM_FIX, path=env.get("PATH")), *plan.argv[1:]]
     for line in render.summary(plan):
         print(f"[launch] {line}", file=sys.stderr)
-    from launch import supervise, wait
+    from launch import wait
 
     lay = plan.layout
     process = "the Ray worker" if plan.kind == "ray-worker" else "vLLM"
@@ -90,31 +93,35 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
             ) from None
         say(f"{what} accepts connections (after {took:.1f} s): starting {process}")
     health = plan.api.url("/health") if plan.api else None
+    supervised = functools.partial(
+        _supervised, argv, env, plan, process, log_file=plan.log_file, stop_timeout=how.stop_timeout,
+        health_url=health, health_timeout=how.health_timeout,
+    )  # fmt: skip
     if not plan.ray_head:
-        return supervise.run(
-            argv,
-            env,
-            log_file=plan.log_file,
-            stop_timeout=how.stop_timeout,
-            health_url=health,
-            health_timeout=how.health_timeout,
-            what=process,
-        )
+        return supervised()
     from launch import ray_cluster
 
     head = [executable(None, "ray", RAY_FIX, path=env.get("PATH")), *plan.ray_head.argv[1:]]
     try:
         with ray_cluster.head(head, env, plan.ray_nodes, how.wait_for_nodes, say=say):
-            return supervise.run(
-                argv,
-                env,
-                log_file=plan.log_file,
-                stop_timeout=how.stop_timeout,
-                health_url=health,
-                health_timeout=how.health_timeout,
-            )
+            return supervised()
     except wait.WaitTimeout as exc:
         raise NodeDown(f"ray: {exc} (start serve on every secondary; they join with `ray start --address`)") from None
     except ray_cluster.Stopped as exc:
         say(f"{exc}: stopped before vLLM started")
         return 143 if str(exc) == "SIGTERM" else 130
+
+
+def _supervised(argv: list[str], env: dict[str, str], plan: NodePlan, what: str, **options) -> int:
+    """vLLM under launch/supervise.py, with the launchers' watch (launch/peers.py) where the plan has one: a
+    node of the group that is gone stops it, and the launcher ends naming that node (exit code 3)."""
+    from launch import peers, supervise
+
+    if plan.watch is None:
+        return supervise.run(argv, env, what=what, **options)
+    with peers.Watch(replace(plan.watch, group=plan.group)) as watch:
+        say(plan.watch.note)
+        code = supervise.run(argv, env, what=what, stop_when=watch.gone, **options)
+    if watch.message:
+        raise NodeDown(f"{watch.message}; this node's {what} was stopped (it exited with {code})")
+    return code
