@@ -50,4 +50,5 @@ def plan_json(p: NodePlan) -> dict:
         "all2all_backend": p.all2all_backend, "kv_transfer": p.kv_transfer,
         "ray_head": str(p.ray_head.endpoint) if p.ray_head else None,
         "path_prepend": p.path_prepend, "stack_env": p.stack.env if p.stack else {}, "env": env, "argv": p.argv, "log_file": p.log_file,
+        "watch": {"port": p.watch.port, "watches": [f"{q.host}:{q.port}" for q in p.watch.peers]} if p.watch else None,
     }  # fmt: skip
