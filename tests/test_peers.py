@@ -414,3 +414,26 @@ def test_a_group_names_itself_with_the_node():
     state = state_after((5, LINE, "answered"), (15, None, "connect: Connection refused"))
     said = peers.verdict(state, 15, started=0, plan=replace(PLAN, group="decode"))
     assert said is not None and said.startswith("decode node 1 (secondary 10.0.0.2) stopped answering")
+
+
+def test_preflight_says_when_the_watch_port_is_taken(tmp_path):
+    import socket
+
+    from tests.conftest import run_module
+    from tests.support import free_port
+
+    rpc = free_port() - 1000
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", rpc + 1000))
+    holder.listen()
+    deploy = tmp_path / "d.yaml"
+    deploy.write_text(
+        f"model: m\nrpc_port: {rpc}\nnodes: [{{address: 127.0.0.1, gpus: 1}}, {{address: 127.0.0.2, gpus: 1}}]\n"
+        "network: {transport: tcp, socket_ifname: lo}\n"
+    )
+    try:
+        res = run_module("preflight", "--deploy", str(deploy), "--node-rank", "0", "-k", "watch")
+    finally:
+        holder.close()
+    assert f"FAIL  system       watch port free      watch port {rpc + 1000} in use (expected free)" in res.out, res.out
+    assert "choose another rpc_port (the watch port is rpc_port + 1000)" in res.out and res.code == 1

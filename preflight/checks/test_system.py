@@ -104,6 +104,21 @@ def test_primary_ports_are_free(node, check, which):
     )
 
 
+def test_watch_port_is_free(node, check):
+    """watch port free"""
+    watch = node.plan.watch if node.plan is not None else None
+    if watch is None:
+        check.skip("no watch on this node (one node, a scheduler's job, or watch: {enabled: false})")
+    problem = system.port_in_use(watch.port)
+    check.require(
+        problem is None,
+        f"watch port {watch.port} {problem or 'free'}",
+        "free",
+        fix=f"stop what listens on {watch.port} (ss -ltnp 'sport = :{watch.port}'), or choose another rpc_port "
+        "(the watch port is rpc_port + 1000)",
+    )
+
+
 def test_nixl_side_channel_ports_are_free(node, check):
     """NIXL side-channel ports free"""
     if node.kv_connector is None:
