@@ -1,7 +1,8 @@
 """The two-GPU runs' deploy files (tests/gpu/deploy/), proved on the CPU before a GPU is lent: each plans through
 `python -m launch plan --format json`, vLLM 0.26.0's own parser accepts every argv, each plan's environment is
-what its backend needs where both ranks share one host, and `launch verify` reads the manager line vLLM 0.26.0
-logs for each backend. What the GPUs add (kernels, throughput, stop) is tests/gpu/test_two_gpus.py's.
+what its backend needs where both ranks share one host, `launch verify` reads the manager line vLLM 0.26.0
+logs for each backend, and the EP memory budget of every DeepEP file fits an H200. What the GPUs add (kernels,
+throughput, stop) is tests/gpu/test_two_gpus.py's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from launch import check
-from tests.conftest import ROOT, VLLM_LOGS
+from tests.conftest import ROOT, VLLM_LOGS, run_module
 from tests.support import PARSER_PYTHON, parser_of, wheel_text
 
 DEPLOY = ROOT / "tests" / "gpu" / "deploy"
@@ -175,3 +176,47 @@ def test_launch_verify_names_the_manager_vllm_0_26_0_logs_for_each_backend(launc
         )
         assert res.code == 1
         assert f"MISMATCH all2all backend: asked for {backend}, vLLM used AgRsAll2AllManager" in res.out, res.out
+
+
+# ---- the EP memory budget, the one EP check that needs no GPU ------------------------------------------------------
+TINY_MOE_2048 = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 2048,
+    "hidden_size": 2048,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "bfloat16",
+}
+"""The config.json tests/gpu/tiny_moe.py writes with HIDDEN 2048 (its Qwen3MoeConfig arguments)."""
+H200_GIB = 140.4
+"""NVML's total memory of one H200 on the lent machines (docs/results.md, EP preflight on one H200)."""
+
+
+@pytest.mark.parametrize("name", sorted(ONE_NODE) + [n for n in sorted(TWO_NODES) if "deepep" in n])
+def test_ep_memory_budget_of_every_deepep_file_fits_an_h200(name, tmp_path):
+    model = tmp_path / "tiny-moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_MOE_2048))
+    data = yaml.safe_load((DEPLOY / f"{name}.yaml").read_text())
+    deploy = tmp_path / f"{name}.yaml"
+    deploy.write_text(yaml.safe_dump({**data, "model": str(model)}, sort_keys=False))
+    for rank in range(len(data["nodes"])):
+        res = run_module(
+            "preflight.ep_memory", "--deploy", str(deploy), "--node-rank", str(rank), "--gpu-memory-gib", str(H200_GIB)
+        )
+        assert res.code == 0, res.err
+        assert f"{data['all2all_backend']}, EP 2" in res.out
+        total = next(line for line in res.out.splitlines() if line.strip().startswith("total"))
+        assert total.endswith(": fits"), res.out
+        heap = next(line for line in res.out.splitlines() if "NVSHMEM symmetric heap" in line)
+        if name == "one-node-deepep_high_throughput":  # vLLM 0.26.0 passes num_rdma_bytes=0 within a node
+            assert "no RDMA buffer (one node, NVLink only)" in heap, heap
