@@ -6,6 +6,16 @@ Needs 2 NVIDIA GPUs, vLLM importable and `vllm` on PATH (tests/gpu/run-on-2-gpus
 Node 0 (primary) runs on GPU0, node 1 (headless secondary) on GPU1, both on loopback. Every step goes
 through the project's own entry points (`python -m preflight`, `python -m launch serve`); the client
 is vLLM's own `vllm bench serve`. Figures land in $EP_GPU_RESULTS as JSON for docs/results.md.
+
+Sections 4-6 run the deploy files of tests/gpu/deploy/ (planned and parsed by vLLM 0.26.0 on the CPU in
+tests/test_two_gpu_plans.py), with DeepEP built by `python -m env build` into .stack/PROFILE (EP_GPU_CACHE: a
+source cache, as for tests/gpu/run-on-1-gpu.sh; run-on-2-gpus.sh builds from it):
+4. DP 2 + EP, primary GPU0 + headless secondary GPU1, for deepep_low_latency, deepep_high_throughput and
+   deepep_v2, then allgather_reducescatter: `vllm bench serve` random 128/128 x 200, `launch verify` naming the
+   manager from the logs, SIGTERM leaving no GPU process; the throughputs side by side;
+5. `python -m preflight -m ep` over both GPUs as one node (high-throughput, low-latency, v2) and as two nodes
+   (low-latency, one rank each), with DeepEP's own tests beside it on the same GPUs;
+6. prefill on GPU0 + decode on GPU1 + router (NIXL): the router's token ids equal a single instance's.
 """
 
 from __future__ import annotations
@@ -252,10 +262,9 @@ def stop(procs: list[subprocess.Popen]) -> float:
     return time.monotonic() - t0
 
 
-def test_serve_dp2_ep_through_the_launcher(deploy, tiny_model, results):
-    logs = [results / "serve-node0.log", results / "serve-node1.log"]
-    t0 = time.monotonic()
-    procs = [
+def start_launchers(deploy: Path, logs: list[Path], env: dict[str, str]) -> list[subprocess.Popen]:
+    """`python -m launch serve --deploy FILE --node-rank N --log-file LOG` for node 0 and node 1."""
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -269,13 +278,19 @@ def test_serve_dp2_ep_through_the_launcher(deploy, tiny_model, results):
                 "--log-file",
                 str(logs[rank]),
             ],
-            env=env_with(),
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
         )
         for rank in (0, 1)
     ]
+
+
+def test_serve_dp2_ep_through_the_launcher(deploy, tiny_model, results):
+    logs = [results / "serve-node0.log", results / "serve-node1.log"]
+    t0 = time.monotonic()
+    procs = start_launchers(deploy, logs, env_with())
     try:
         healthy_after = wait_healthy(f"http://127.0.0.1:{API_PORT}/health", procs, HEALTH_TIMEOUT_S)
         rounds = [bench(tiny_model, results, f"bench-launcher-{i}", seed=i) for i in range(ROUNDS)]
@@ -415,3 +430,309 @@ def test_serve_dp2_ep_with_ray_as_the_data_parallel_backend(tiny_model, tmp_path
     assert "2 nodes in the Ray cluster at" in launcher0, launcher0[-3000:]
     primary = logs[0].read_text()
     assert "EP Rank 0/2" in primary and "EP Rank 1/2" in primary  # both engines report through the primary's log
+
+
+# ---- 4. DP 2 + EP with each EP backend, from the deploy files of tests/gpu/deploy/ ------------------------------
+DEPLOY_FILES = ROOT / "tests" / "gpu" / "deploy"
+PROFILE_OF = {
+    "deepep_low_latency": "vllm026",
+    "deepep_high_throughput": "vllm026",
+    "deepep_v2": "current",
+    "allgather_reducescatter": "vllm026",
+}
+"""The stack profile whose DeepEP each backend imports: v1 for vLLM 0.26.0 (vllm026), v2 from `current`."""
+SERVE_BACKENDS = list(PROFILE_OF)
+"""In this order, one lease: the three DeepEP backends, then the NCCL-collective one for the ratio."""
+DEEPEP_HIDDEN = 2048
+"""The served checkpoint's hidden size: one DeepEP's low-latency kernels are built for (preflight/ep.py)."""
+
+
+@pytest.fixture(scope="module")
+def deepep_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-moe-2048")
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "gpu" / "tiny_moe.py"), str(out), str(DEEPEP_HIDDEN)],
+        check=True,
+        timeout=300,
+    )
+    return out
+
+
+def deploy_file(name: str, model: Path, folder: Path, across_host: bool = False) -> Path:
+    """tests/gpu/deploy/NAME.yaml with `model` set to the checkpoint written here. ``across_host``: node 0 at
+    this machine's non-loopback address and every node's socket interface on it (preflight refuses loopback for
+    traffic between nodes, preflight/rendezvous.py interface_problem)."""
+    import yaml
+
+    data = yaml.safe_load((DEPLOY_FILES / f"{name}.yaml").read_text())
+    data["model"] = str(model)
+    if across_host:
+        ifname, address = host_interface()
+        data["nodes"][0]["address"] = address
+        data["network"]["socket_ifname"] = ifname
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def stack_env(profile: str, with_root: bool = True) -> dict[str, str]:
+    """The environment for a profile: EP_STACK_PROFILE, and for `current` the NCCL >= 2.30.4 that DeepEP v2 needs
+    first on PYTHONPATH (EP_NCCL_SITE, as tests/gpu/run-on-1-gpu.sh stages it). ``with_root``: this checkout on
+    PYTHONPATH too (the project's commands need it; DeepEP's own tests must import only what `env paths` adds)."""
+    site = os.environ.get("EP_NCCL_SITE") if profile == "current" else None
+    path = [p for p in (site, str(ROOT) if with_root else None, os.environ.get("PYTHONPATH")) if p]
+    return {**env_with(EP_STACK_PROFILE=profile), "PYTHONPATH": os.pathsep.join(path)}
+
+
+def require_deepep(profile: str) -> None:
+    """Skips unless `python -m env status` reports DeepEP built and current for the profile."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "env", "status", "--profile", profile, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=stack_env(profile),
+        cwd=ROOT,
+        timeout=300,
+    )
+    try:
+        rows = {r["name"]: r for r in json.loads(proc.stdout)["components"]}
+    except (json.JSONDecodeError, KeyError):
+        pytest.skip(f"`python -m env status --profile {profile}` said: {(proc.stdout + proc.stderr)[-300:]}")
+    if rows.get("deepep", {}).get("state") != "ok":
+        pytest.skip(
+            f"DeepEP not built for profile {profile}: python -m env build --profile {profile} --offline --cache DIR "
+            f"(tests/gpu/run-on-2-gpus.sh does it with EP_GPU_CACHE)"
+        )
+
+
+def verify_logs(logs: list[Path], deploy: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "launch", "verify", *map(str, logs), "--deploy", str(deploy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("backend", SERVE_BACKENDS)
+def test_serve_two_nodes_with_each_backend(backend, deepep_model, results, tmp_path):
+    profile = PROFILE_OF[backend]
+    if backend.startswith("deepep"):
+        require_deepep(profile)
+    deploy = deploy_file(f"two-nodes-{backend}", deepep_model, tmp_path)
+    env = stack_env(profile)
+    logs = [results / f"{backend}-node0.log", results / f"{backend}-node1.log"]
+    t0 = time.monotonic()
+    procs = start_launchers(deploy, logs, env)
+    try:
+        healthy_after = wait_healthy(f"http://127.0.0.1:{API_PORT}/health", procs, HEALTH_TIMEOUT_S)
+        rounds = [bench(deepep_model, results, f"bench-{backend}-{i}", seed=i) for i in range(ROUNDS)]
+    finally:
+        stopped_after = stop(procs)
+    left = gpu_processes()
+    verified = verify_logs(logs, deploy, env)
+    (results / f"verify-{backend}.txt").write_text(verified.stdout + verified.stderr)
+    summary = {
+        "backend": backend,
+        "profile": profile,
+        "healthy_after_s": round(healthy_after, 1),
+        "stop_s": round(stopped_after, 1),
+        "exit_codes": [p.returncode for p in procs],
+        "gpu_processes_after_stop": left,
+        "completed": [r.get("completed") for r in rounds],
+        "failed": [r.get("failed") for r in rounds],
+        "output_throughput": [r.get("output_throughput") for r in rounds],
+        "request_throughput": [r.get("request_throughput") for r in rounds],
+        "verify": verified.stdout.splitlines(),
+        "total_s": round(time.monotonic() - t0, 1),
+    }
+    (results / f"serve-{backend}-summary.json").write_text(json.dumps(summary, indent=2))
+    assert summary["completed"] == [200] * ROUNDS and not any(summary["failed"]), summary
+    assert left == []
+    assert verified.returncode == 0 and "# verdict: as planned" in verified.stdout, verified.stdout + verified.stderr
+    manager = next(line for line in verified.stdout.splitlines() if line.startswith("all2all manager"))
+    assert manager.endswith(f"({backend})"), manager
+
+
+def test_backends_side_by_side(results):
+    """Each DeepEP backend's median output throughput over allgather_reducescatter's, same model, same client."""
+    summaries = {
+        b: json.loads(path.read_text())
+        for b in SERVE_BACKENDS
+        if (path := results / f"serve-{b}-summary.json").exists()
+    }
+    if "allgather_reducescatter" not in summaries or len(summaries) < 2:
+        pytest.skip("run test_serve_two_nodes_with_each_backend first (allgather_reducescatter and a DeepEP backend)")
+    base = statistics.median(summaries["allgather_reducescatter"]["output_throughput"])
+    table = {
+        b: {
+            "median_output_tok_s": round(statistics.median(s["output_throughput"]), 1),
+            "ratio_to_allgather_reducescatter": round(statistics.median(s["output_throughput"]) / base, 3),
+            "healthy_after_s": s["healthy_after_s"],
+        }
+        for b, s in summaries.items()
+    }
+    (results / "backends-side-by-side.json").write_text(json.dumps(table, indent=2))
+    assert all(s["completed"] == [200] * ROUNDS for s in summaries.values())  # the same work behind every ratio
+
+
+# ---- 5. the EP preflight across the two GPUs ----------------------------------------------------------------------
+EP_PREFLIGHT_TIMEOUT_S = 600
+
+
+def ep_checks(report: Path) -> dict[str, dict]:
+    return {c["name"]: c for c in json.loads(report.read_text())["checks"]}
+
+
+def deepep_own_test(profile: str, script: str, args: list[str], results: Path, name: str, tmp: Path) -> None:
+    """DeepEP's own test at the pinned commit, 2 processes, through `env paths` (needs EP_GPU_CACHE), beside the
+    preflight's figures; recorded, not judged."""
+    cache = os.environ.get("EP_GPU_CACHE")
+    if not cache or not Path(cache).is_dir():
+        return
+    import shlex
+
+    from env.fetch import SourceCache
+    from env.pins import PROFILES
+
+    comp = PROFILES[profile].component("deepep")
+    src = tmp / "deepep-tests"
+    if not src.exists():
+        SourceCache(Path(cache), offline=True).checkout(f"component {comp.name}", comp.url, comp.ref, src, False)
+    paths = shlex.join([sys.executable, "-m", "env", "paths", "--profile", profile])
+    line = f'eval "$({paths})" && cd {shlex.quote(str(src))} && {shlex.join([sys.executable, script, *args])}'
+    proc = subprocess.run(
+        ["bash", "-c", f"cd {shlex.quote(str(ROOT))} && {line}"],
+        capture_output=True,
+        text=True,
+        env=stack_env(profile, with_root=False),
+        timeout=EP_PREFLIGHT_TIMEOUT_S,
+    )
+    out = proc.stdout + proc.stderr
+    (results / f"deepep-own-{name}.txt").write_text(f"$ {line}\n{out}\n# exit {proc.returncode}\n")
+
+
+OWN_TEST = {  # DeepEP's own test for each backend at the check's shape (v2: the legacy kernels' tests)
+    "deepep_high_throughput": ("tests/test_intranode.py", "vllm026"),
+    "deepep_low_latency": ("tests/test_low_latency.py", "vllm026"),
+}
+OWN_SHAPE = ["--num-processes", "2", "--num-tokens", "128", "--hidden", str(DEEPEP_HIDDEN), "--num-topk", "2"]
+
+
+@pytest.mark.parametrize("backend", ["deepep_high_throughput", "deepep_low_latency", "deepep_v2"])
+def test_ep_preflight_two_gpus_as_one_node(backend, deepep_model, results, tmp_path):
+    profile = PROFILE_OF[backend]
+    require_deepep(profile)
+    deploy = deploy_file(f"one-node-{backend}", deepep_model, tmp_path)
+    report = results / f"ep-one-node-{backend}.json"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "preflight", "--deploy", str(deploy), "--node-rank", "0", "-m", "ep"]
+        + ["--preflight-json", str(report)],
+        capture_output=True,
+        text=True,
+        env=stack_env(profile),
+        cwd=ROOT,
+        timeout=EP_PREFLIGHT_TIMEOUT_S,
+    )
+    (results / f"ep-one-node-{backend}.txt").write_text(
+        proc.stdout + proc.stderr + f"\n# wall {time.monotonic() - t0:.1f} s\n"
+    )
+    if backend in OWN_TEST:
+        script, own_profile = OWN_TEST[backend]
+        deepep_own_test(own_profile, script, [*OWN_SHAPE, "--num-experts", "8"], results, backend, tmp_path)
+    checks = ep_checks(report)
+    exact = checks["EP dispatch + combine exact"]
+    assert exact["outcome"] == "PASS" and f"(2 ranks, {backend})" in exact["value"], exact
+    assert checks["EP dispatch + combine bandwidth"]["outcome"] == "PASS", checks["EP dispatch + combine bandwidth"]
+    assert proc.returncode == 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_ep_preflight_two_gpus_as_two_nodes(deepep_model, results, tmp_path):
+    """deepep_low_latency with one rank on each "node" (DeepEP's high-throughput kernels need 8 GPUs per node
+    across nodes, preflight/ep.py unsupported): both nodes' preflight at once, meeting at the primary."""
+    require_deepep("vllm026")
+    deploy = deploy_file("two-nodes-deepep_low_latency", deepep_model, tmp_path, across_host=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "preflight", "--deploy", str(deploy), "--node-rank", str(rank), "-m", "ep"]
+            + ["--preflight-json", str(results / f"ep-two-nodes-{rank}.json")],
+            env=stack_env("vllm026"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=EP_PREFLIGHT_TIMEOUT_S)[0] for p in procs]
+    (results / "ep-two-nodes.txt").write_text("\n".join(outs))
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)[-4000:]
+    for rank in (0, 1):
+        exact = ep_checks(results / f"ep-two-nodes-{rank}.json")["EP dispatch + combine exact"]
+        assert exact["outcome"] == "PASS" and "(2 ranks, deepep_low_latency)" in exact["value"], exact
+
+
+# ---- 6. prefill on GPU0, decode on GPU1, router in front ----------------------------------------------------------
+PD_PORTS = {"router": API_PORT, "prefill": 8100, "decode": 8200}
+
+
+def greedy_token_ids(port: int, model: Path) -> list[int]:
+    request = {"model": str(model), "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}
+    body = json.dumps({**request, "return_token_ids": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)["choices"][0]["token_ids"]
+
+
+def test_prefill_gpu0_decode_gpu1_router(deepep_model, results, tmp_path):
+    if not shutil.which("vllm-router"):
+        pytest.skip("needs vllm-router on PATH")
+    deploy = deploy_file("pd-two-gpus", deepep_model, tmp_path)
+    env = stack_env("vllm026")
+    procs: dict[str, subprocess.Popen] = {}
+    t0 = time.monotonic()
+    try:
+        for role in ("prefill", "decode", "proxy"):
+            log = open(results / f"pd2-{role}.log", "w")  # noqa: SIM115
+            procs[role] = subprocess.Popen(
+                [sys.executable, "-m", "launch", role, "--deploy", str(deploy), "--node-rank", "0"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        ready_s = wait_healthy(f"http://127.0.0.1:{PD_PORTS['router']}/health", list(procs.values()), HEALTH_TIMEOUT_S)
+        via_router = greedy_token_ids(PD_PORTS["router"], deepep_model)
+        single = greedy_token_ids(PD_PORTS["prefill"], deepep_model)  # one instance, start to end
+        figures = bench(deepep_model, results, "bench-pd2", seed=11)
+    finally:
+        stop_t = time.monotonic()
+        for role in ("proxy", "decode", "prefill"):
+            if role in procs and procs[role].poll() is None:
+                os.killpg(procs[role].pid, signal.SIGTERM)
+        codes = {role: p.wait(timeout=STOP_TIMEOUT_S + 60) for role, p in procs.items()}
+        stopped_s = time.monotonic() - stop_t
+        time.sleep(2)
+        left = gpu_processes()
+    logs = {role: (results / f"pd2-{role}.log").read_text() for role in ("prefill", "decode")}
+    summary = {
+        "ready_s": round(ready_s, 1),
+        "token_ids_router": via_router,
+        "token_ids_single_instance": single,
+        "stop_codes": codes,
+        "stopped_s": round(stopped_s, 1),
+        "gpu_processes_after": left,
+        "all2all_manager_lines": [ln for text in logs.values() for ln in text.splitlines() if "all2all manager" in ln],
+        "total_s": round(time.monotonic() - t0, 1),
+        **{k: figures.get(k) for k in ("completed", "failed", "output_throughput", "mean_ttft_ms", "mean_tpot_ms")},
+    }
+    (results / "pd2-summary.json").write_text(json.dumps(summary, indent=2))
+    assert via_router and via_router == single
+    assert figures["completed"] == 200 and not figures.get("failed")
+    assert left == []
+    # One GPU per group is DP 1: vLLM builds no all2all manager (the deploy file's header says why).
+    assert summary["all2all_manager_lines"] == []

@@ -1,10 +1,12 @@
 """Writes a tiny random-weight Qwen3-MoE checkpoint and a tokenizer trained on the spot.
 
-    python tests/gpu/tiny_moe.py OUT_DIR
+    python tests/gpu/tiny_moe.py OUT_DIR [HIDDEN]
 
 For serving tests on machines that cannot download a model: 2 layers, hidden 256, 8 experts (top-2),
 so that expert parallelism over 2 ranks puts experts 0-3 on one and 4-7 on the other. The weights are
 random: outputs are meaningless, but every kernel path (MoE, all2all, attention) runs for real.
+HIDDEN (default 256): DeepEP's low-latency kernels run only hidden sizes they are built for (2048 is one,
+csrc/kernels/launch.cuh in deepseek-ai/DeepEP 73b6ea4); vLLM fails at the first dispatch with any other.
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ def write_tokenizer(out: Path):
     return fast
 
 
-def write_model(out: Path, eos_id: int) -> None:
+def write_model(out: Path, eos_id: int, hidden: int = 256) -> None:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
         vocab_size=VOCAB,
-        hidden_size=256,
+        hidden_size=hidden,
         intermediate_size=512,
         moe_intermediate_size=128,
         num_hidden_layers=2,
@@ -78,14 +80,15 @@ def write_model(out: Path, eos_id: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: tiny_moe.py OUT_DIR", file=sys.stderr)
+    if len(argv) not in (1, 2) or (len(argv) == 2 and not argv[1].isdigit()):
+        print("usage: tiny_moe.py OUT_DIR [HIDDEN]", file=sys.stderr)
         return 2
     out = Path(argv[0])
+    hidden = int(argv[1]) if len(argv) == 2 else 256
     out.mkdir(parents=True, exist_ok=True)
     tok = write_tokenizer(out)
-    write_model(out, tok.convert_tokens_to_ids("<|endoftext|>"))
-    print(f"tiny Qwen3-MoE written to {out}")
+    write_model(out, tok.convert_tokens_to_ids("<|endoftext|>"), hidden)
+    print(f"tiny Qwen3-MoE (hidden {hidden}) written to {out}")
     return 0
 
 
