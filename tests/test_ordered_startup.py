@@ -124,24 +124,15 @@ def test_secondary_names_a_primary_that_never_comes_up():
     assert time.monotonic() - t0 < 15
 
 
+def fake_primary(port: int, **env: str) -> subprocess.Popen:
+    """The guide's primary on one GPU's worth of ranks, with a stand-in vLLM serving /health on ``port``."""
+    argv = ["primary", "127.0.0.1", "13345", "m", "1", "1", "1", "--socket-ifname", "lo", "--port", str(port)]
+    return launcher(*argv, "--vllm-bin", str(FIXTURES / "fake_vllm_http.py"), env=env)
+
+
 def test_primary_reports_when_the_api_is_healthy():
     port = free_port()
-    proc = launcher(
-        "primary",
-        "127.0.0.1",
-        "13345",
-        "m",
-        "1",
-        "1",
-        "1",
-        "--socket-ifname",
-        "lo",
-        "--port",
-        str(port),
-        "--vllm-bin",
-        str(FIXTURES / "fake_vllm_http.py"),
-        env={"FAKE_VLLM_DELAY": "1"},
-    )
+    proc = fake_primary(port, FAKE_VLLM_DELAY="1")
     deadline = time.monotonic() + 30
     lines = []
     while time.monotonic() < deadline:
@@ -161,22 +152,7 @@ def test_primary_reports_when_the_api_is_healthy():
 
 def test_primary_that_dies_before_healthy_is_reported():
     port = free_port()
-    proc = launcher(
-        "primary",
-        "127.0.0.1",
-        "13345",
-        "m",
-        "1",
-        "1",
-        "1",
-        "--socket-ifname",
-        "lo",
-        "--port",
-        str(port),
-        "--vllm-bin",
-        str(FIXTURES / "fake_vllm_http.py"),
-        env={"FAKE_VLLM_DELAY": "0.5", "FAKE_VLLM_EXIT": "4"},
-    )
+    proc = fake_primary(port, FAKE_VLLM_DELAY="0.5", FAKE_VLLM_EXIT="4")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 4
     assert f"stopped waiting for vLLM's API at http://127.0.0.1:{port}/health after" in err
