@@ -186,6 +186,13 @@ class Result:
     def of(self, collective: str) -> list[Row]:
         return [r for r in self.rows if r.collective == collective]
 
+    def problem_for(self, collective: str) -> str:
+        """The run's problem as it concerns ``collective``: its own, or that it was not measured because the
+        run stopped at another."""
+        if self.collective in (collective, None) or self.of(collective):
+            return self.problem
+        return f"not measured: {self.problem}"
+
     def largest(self, collective: str) -> Row | None:
         rows = self.of(collective)
         return max(rows, key=lambda r: r.size) if rows else None

@@ -30,6 +30,13 @@ def launcher(*args, env=None):
     )
 
 
+def echo_secondary(port: int, wait_s: int) -> subprocess.Popen:
+    """The guide's secondary joining a primary on 127.0.0.1:``port``; `/bin/echo` stands in for vLLM (it prints
+    the command it would have run)."""
+    argv = ["secondary", "127.0.0.1", str(port), "m", "2", "1", "1", "--socket-ifname", "lo"]
+    return launcher(*argv, "--vllm-bin", "/bin/echo", "--wait-for-primary", str(wait_s))
+
+
 def test_secondary_starts_once_the_primary_port_appears():
     # vLLM's primary binds a ZeroMQ ROUTER on the coordination port (the engines' handshake); a real one here
     import zmq
@@ -43,21 +50,7 @@ def test_secondary_starts_once_the_primary_port_appears():
 
     threading.Thread(target=open_later, daemon=True).start()
     t0 = time.monotonic()
-    proc = launcher(
-        "secondary",
-        "127.0.0.1",
-        str(port),
-        "m",
-        "2",
-        "1",
-        "1",
-        "--socket-ifname",
-        "lo",
-        "--vllm-bin",
-        "/bin/echo",
-        "--wait-for-primary",
-        "30",
-    )
+    proc = echo_secondary(port, wait_s=30)
     out, err = proc.communicate(timeout=60)
     router.close(linger=0)
     assert proc.returncode == 0, err
@@ -71,21 +64,7 @@ def test_another_service_on_the_primary_port_is_not_taken_for_vllm():
     listener.bind(("127.0.0.1", 0))
     listener.listen()  # accepts, says nothing: no ZeroMQ greeting
     port = listener.getsockname()[1]
-    proc = launcher(
-        "secondary",
-        "127.0.0.1",
-        str(port),
-        "m",
-        "2",
-        "1",
-        "1",
-        "--socket-ifname",
-        "lo",
-        "--vllm-bin",
-        "/bin/echo",
-        "--wait-for-primary",
-        "3",
-    )
+    proc = echo_secondary(port, wait_s=3)
     out, err = proc.communicate(timeout=60)
     listener.close()
     assert proc.returncode == 3 and out == ""  # vLLM never started
@@ -99,21 +78,7 @@ def test_another_service_on_the_primary_port_is_not_taken_for_vllm():
 def test_secondary_names_a_primary_that_never_comes_up():
     port = free_port()
     t0 = time.monotonic()
-    proc = launcher(
-        "secondary",
-        "127.0.0.1",
-        str(port),
-        "m",
-        "2",
-        "1",
-        "1",
-        "--socket-ifname",
-        "lo",
-        "--vllm-bin",
-        "/bin/echo",
-        "--wait-for-primary",
-        "2",
-    )
+    proc = echo_secondary(port, wait_s=2)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3
     assert out == ""  # vLLM never started

@@ -63,14 +63,9 @@ def judge(node, check, intra: Intra, collective: str, threshold: str) -> None:
     result = intra.result
     timeout = node.thresholds.get("collective_timeout_s")
     check.record.extra["rows"] = [r.__dict__ for r in result.of(collective)]
-    problem = (
-        result.problem
-        if result.collective in (collective, None) or result.of(collective)
-        else f"not measured: {result.problem}"
-    )
     check.require(
         result.ok,
-        problem,
+        result.problem_for(collective),
         f"done within {timeout:g} s",
         fix=f"rerun with NCCL_DEBUG=INFO (python -m preflight bench --backend {result.backend}) to see where it stops; check {result.interface}",
     )

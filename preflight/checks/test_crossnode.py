@@ -118,14 +118,9 @@ def judge(node, check, session, result: collectives.Result | None, collective: s
         check.skip(f"no rendezvous: {session.problem[:120]}")
     timeout = node.thresholds.get("collective_timeout_s")
     check.record.extra["rows"] = [r.__dict__ for r in result.of(collective)]
-    problem = (
-        result.problem
-        if result.collective in (collective, None) or result.of(collective)
-        else f"not measured: {result.problem}"
-    )
     check.require(
         result.ok,
-        problem,
+        result.problem_for(collective),
         f"every node ready, done within {timeout:g} s",
         fix="set network.socket_ifname (deploy file) to the interface that carries traffic between the nodes on every node; "
         "rerun with NCCL_DEBUG=INFO to see where it stops",

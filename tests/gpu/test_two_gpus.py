@@ -262,22 +262,27 @@ def stop(procs: list[subprocess.Popen]) -> float:
     return time.monotonic() - t0
 
 
+def serve_argv(deploy: Path, rank: int, log: Path) -> list[str]:
+    """`python -m launch serve` as node ``rank`` of ``deploy``, logging to ``log``."""
+    return [
+        sys.executable,
+        "-m",
+        "launch",
+        "serve",
+        "--deploy",
+        str(deploy),
+        "--node-rank",
+        str(rank),
+        "--log-file",
+        str(log),
+    ]
+
+
 def start_launchers(deploy: Path, logs: list[Path], env: dict[str, str]) -> list[subprocess.Popen]:
     """`python -m launch serve --deploy FILE --node-rank N --log-file LOG` for node 0 and node 1."""
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "launch",
-                "serve",
-                "--deploy",
-                str(deploy),
-                "--node-rank",
-                str(rank),
-                "--log-file",
-                str(logs[rank]),
-            ],
+            serve_argv(deploy, rank, logs[rank]),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -387,18 +392,7 @@ def test_serve_dp2_ep_with_ray_as_the_data_parallel_backend(tiny_model, tmp_path
         out = open(results / f"ray-launcher{rank}.txt", "w")  # noqa: SIM115
         procs.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "launch",
-                    "serve",
-                    "--deploy",
-                    str(deploy),
-                    "--node-rank",
-                    str(rank),
-                    "--log-file",
-                    str(logs[rank]),
-                ],
+                serve_argv(deploy, rank, logs[rank]),
                 env=env_with(RAY_USAGE_STATS_ENABLED="0"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
