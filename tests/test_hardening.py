@@ -418,7 +418,7 @@ ROUTER = """
 import zmq
 router = zmq.Context().socket(zmq.ROUTER)
 print(router.bind_to_random_port("tcp://127.0.0.1"), flush=True)
-if router.poll(5000):
+if router.poll(120_000):  # generous: on a loaded machine the dealer's Python alone takes seconds to start
     print("got", router.recv_multipart()[-1].decode(), flush=True)
 """
 DEALER = """
@@ -442,12 +442,12 @@ def test_a_real_zeromq_router_is_ready_and_undisturbed_by_the_probe():
     try:
         port = int(router.stdout.readline())
         took = wait.listener("127.0.0.1", port, 5, what="a ZeroMQ router", greeting=True, say=print)
-        subprocess.run([str(PARSER_PYTHON), "-c", DEALER, str(port)], check=True, timeout=10)
-        out, _ = router.communicate(timeout=10)
+        subprocess.run([str(PARSER_PYTHON), "-c", DEALER, str(port)], check=True, timeout=120)
+        out, _ = router.communicate(timeout=120)
     finally:
         router.kill()
         router.wait()
-    assert took < 1
+    assert took < 3  # ready at the first try, not after retries
     assert out.strip() == "got hello"  # the engines' handshake still works after the probe
 
 
