@@ -292,14 +292,14 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", HOSTILE)
-def test_a_hostile_deploy_file_is_one_short_line_within_a_second(name, tmp_path):
+def test_a_hostile_deploy_file_is_one_short_line_within_seconds(name, tmp_path):
     from launch.config import ConfigError, parse_deploy_text
 
     text, expected = HOSTILE[name]
     start = time.monotonic()
     with pytest.raises(ConfigError):
         parse_deploy_text(text, "deploy.yaml")
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 3  # bounded: the unguarded parser took 85 s or ran out of memory
     # and through the command line: exit 2, one line, no traceback
     path = tmp_path / "deploy.yaml"
     path.write_text(text)
@@ -387,7 +387,7 @@ def test_a_listener_that_never_answers_holds_the_wait_only_to_its_bound(silent_l
             every=1,
         )
     took = time.monotonic() - start
-    assert 3 <= took < 3.5, took
+    assert 3 <= took < 4.5, took  # the bound, plus one probe's scheduling on a loaded machine
     assert str(caught.value) == (
         "the primary's coordination port not ready within 3 s (last try: accepted, but sent 0 "
         "of a ZeroMQ greeting's 10 bytes in time)"
