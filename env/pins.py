@@ -514,8 +514,9 @@ VLLM026 = Profile(
             kind="git",
             url="https://github.com/deepseek-ai/DeepEP.git",
             ref="73b6ea4a439ba03a695563f9fd242c8e4b02b37c",
-            source=f"{_VLLM_EP} before DeepEP v2 (DEEPEP_COMMIT_HASH 73b6ea4); vLLM 0.26.0 has no deepep_v2 backend "
-            "(vllm/config/parallel.py All2AllBackend, read from the wheel)",
+            source=f"{_VLLM_EP} before DeepEP v2 (DEEPEP_COMMIT_HASH 73b6ea4). vLLM 0.26.0 offers both lines "
+            "(vllm/config/parallel.py:45 lists deepep_v2, read from the wheel), but DeepEP v2 needs NCCL >= 2.30.4 "
+            "and torch 2.11.0 loads 2.28.9, so this profile builds v1 and plans refuse deepep_v2 on it",
             build="pip",
             needs_torch=True,
             needs_nvshmem=True,

@@ -31,9 +31,11 @@ InfiniBand / RoCE, NVSHMEM across nodes (DeepEP v1 high-throughput / low-latency
                               picks one as NCCL does (env_defs.h, IB_GID_INDEX / IB_ADDR_FAMILY / IB_ROCE_VERSION_NUM).
 
 InfiniBand / RoCE, a UCX KV connector (NIXL)
-  UCX_NET_DEVICES=<names>     only with ``network.hcas``. UCX compares exact names, and a bare device name also
-                              selects all its ports (openucx/ucx src/ucp/core/ucp_context.c,
-                              ucp_is_resource_in_device_list / ucp_str_array_search).
+  UCX_NET_DEVICES=<name:port>  only with ``network.hcas``. UCX compares each entry with a resource's exact
+                              ``dev_name``, which carries the port (``mlx5_0:1``): openucx/ucx src/ucp/core/
+                              ucp_context.c, ucp_is_resource_in_device_list / ucp_str_array_search. A bare
+                              ``mlx5_0`` matches only in UCX releases with openucx/ucx PR #11142 (2026), so a name
+                              given without a port is written with port 1 (a ConnectX NIC's one port).
 
 AWS EFA (aws/aws-ofi-nccl doc/efa-env-var.md, "EFA Cheatsheet")
   nothing for NCCL: FI_EFA_USE_DEVICE_RDMA "do not set for libfabric>=1.18.0 and aws-ofi-nccl>=1.7.0";
@@ -79,7 +81,8 @@ def uses_nvshmem(backend: str | None, across_nodes: bool) -> bool:
 def hca_lists(hcas: list[str]) -> dict[str, str]:
     """One list of device names (``mlx5_0`` or ``mlx5_0:1``) in the syntax of each library that selects NICs."""
     names = ",".join(hcas)
-    return {"NCCL_IB_HCA": f"={names}", "NVSHMEM_HCA_LIST": names, "UCX_NET_DEVICES": names}
+    ucx = ",".join(hca if ":" in hca else f"{hca}:1" for hca in hcas)
+    return {"NCCL_IB_HCA": f"={names}", "NVSHMEM_HCA_LIST": names, "UCX_NET_DEVICES": ucx}
 
 
 def kv_over_ucx(kv: dict | None) -> bool:

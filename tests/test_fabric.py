@@ -111,7 +111,7 @@ def test_one_hca_list_for_every_library_and_mlx5_1_never_selects_mlx5_10():
     assert lists == {
         "NCCL_IB_HCA": "=mlx5_1,mlx5_2:1",
         "NVSHMEM_HCA_LIST": "mlx5_1,mlx5_2:1",
-        "UCX_NET_DEVICES": "mlx5_1,mlx5_2:1",
+        "UCX_NET_DEVICES": "mlx5_1:1,mlx5_2:1",  # UCX matches "device:port" exactly (before PR #11142)
     }
     # NCCL reads names as prefixes unless the list starts with '=' (env.rst, NCCL_IB_HCA).
     assert rdma.nccl_uses("mlx5_1", "mlx5_10", 1)
@@ -125,7 +125,7 @@ def test_ucx_gets_the_list_only_where_nixl_runs_over_ucx():
     assert kv_over_ucx(ucx) and kv_over_ucx({"kv_connector": "NixlConnector"})  # UCX is NIXL's default
     assert not kv_over_ucx(libfabric) and not kv_over_ucx(None)
     (decode, *_) = plans("ib", "deepep_low_latency", 2, {"hcas": HCAS}, "0.33.0", kv_transfer=ucx)
-    assert decode.env["UCX_NET_DEVICES"] == "mlx5_0,mlx5_1"
+    assert decode.env["UCX_NET_DEVICES"] == "mlx5_0:1,mlx5_1:1"
     (decode, *_) = plans("ib", "deepep_low_latency", 2, {"hcas": HCAS}, "0.33.0", kv_transfer=libfabric)
     assert "UCX_NET_DEVICES" not in decode.env
 
@@ -137,7 +137,7 @@ def test_the_disaggregated_example_hands_one_list_to_nccl_nvshmem_and_ucx(launch
     for line in (
         "export NCCL_IB_HCA==mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,mlx5_7",
         "export NVSHMEM_HCA_LIST=mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,mlx5_7",
-        "export UCX_NET_DEVICES=mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,mlx5_7",
+        "export UCX_NET_DEVICES=mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_3:1,mlx5_4:1,mlx5_5:1,mlx5_6:1,mlx5_7:1",
     ):
         assert exports.count(line) == 4  # two prefill nodes, two decode nodes
 
