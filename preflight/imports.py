@@ -230,10 +230,21 @@ def libraries(env: dict[str, str], timeout: float, python: str = sys.executable)
 NCCL_FLOOR = {"deepep_v2": (2, 30, 4)}
 """The NCCL a backend needs where torch loads it: DeepEP README (d4f41e4) "NCCL 2.30.4 and above"; vLLM checks
 the same against the runtime library (vllm/utils/import_utils.py DEEPEP_V2_MIN_NCCL_VERSION_RAW = 23004)."""
+GIN_ON_EFA_FLOOR = (2, 31, 2)
+"""NCCL GIN across EFA nodes, through aws-ofi-nccl >= 1.21.0: "NCCL 2.31.2-1 or later" (aws/aws-ofi-nccl
+doc/gin-getting-started.md, Requirements; the plan names the same, launch/matrix.py GIN_ON_EFA)."""
 
 
-def nccl_for_backend(backend: str, nccl: Library) -> Verdict:
-    floor = NCCL_FLOOR[backend]
+def nccl_floor(backend: str | None, transport: str, across_nodes: bool) -> tuple[int, ...] | None:
+    """The lowest NCCL this node's plan runs on, or None where the backend sets no floor."""
+    floor = NCCL_FLOOR.get(backend or "")
+    if floor and transport == "efa" and across_nodes:
+        return max(floor, GIN_ON_EFA_FLOOR)
+    return floor
+
+
+def nccl_for_backend(backend: str, nccl: Library, floor: tuple[int, ...] | None = None) -> Verdict:
+    floor = floor or NCCL_FLOOR[backend]
     want = ".".join(map(str, floor))
     fix = (
         f'pip install "nvidia-nccl-cu13>={want}" --no-deps (or -cu12) in the environment vLLM runs in, and rebuild DeepEP '

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from env.pins import PROFILES
-from launch.matrix import DEEPEP_V2_MIN_NCCL, pinned_nccl
+from launch.matrix import DEEPEP_V2_MIN_NCCL, GIN_ON_EFA_MIN_NCCL, nccl_reaches
 from tests.support import wheel_text
 
 TWO_NODES = "nodes: [{address: 10.0.0.1, gpus: 8}, {address: 10.0.0.2, gpus: 8}]\n"
@@ -25,17 +25,18 @@ REFUSED = {
     "DeepEP low-latency across nodes on EFA": (
         deploy("deepep_low_latency", "efa", "0.26.0"),
         "all2all_backend: deepep_low_latency cannot run across nodes on efa: DeepEP v1 drives InfiniBand / RoCE NICs "
-        "from the GPU (NVSHMEM IBGDA) (expected allgather_reducescatter on efa; DeepEP needs transport ib or roce)",
+        "from the GPU (NVSHMEM IBGDA) (expected allgather_reducescatter or deepep_v2 (NCCL GIN through aws-ofi-nccl "
+        ">= 1.21) on efa; DeepEP needs transport ib or roce)",
     ),
     "DeepEP high-throughput across nodes on TCP": (
         deploy("deepep_high_throughput", "tcp", "0.33.0"),
         "deepep_high_throughput cannot run across nodes on tcp: DeepEP v1 drives InfiniBand / RoCE NICs from the GPU "
         "(NVSHMEM IBGDA) (expected allgather_reducescatter on tcp",
     ),
-    "DeepEP v2 across nodes on EFA": (
-        deploy("deepep_v2", "efa", "0.33.0"),
-        "all2all_backend: deepep_v2 cannot run across nodes on efa: NCCL GIN needs NVIDIA InfiniBand / RoCE NICs "
-        "(expected allgather_reducescatter on efa; deepep_v2 needs transport ib or roce)",
+    "DeepEP v2 across nodes on TCP": (
+        deploy("deepep_v2", "tcp", "0.33.0"),
+        "all2all_backend: deepep_v2 cannot run across nodes on tcp: NCCL GIN needs NVIDIA InfiniBand / RoCE NICs or "
+        "EFA's net plugin (expected allgather_reducescatter on tcp; deepep_v2 needs transport ib, roce or efa)",
     ),
     "DeepEP v2 with NVSHMEM IBGDA settings": (
         deploy("deepep_v2", "ib", "0.33.0", extra="env: {NVSHMEM_IB_ENABLE_IBGDA: '1'}\n"),
@@ -154,9 +155,32 @@ def test_preflight_refuses_the_same_deployment(write_yaml, tmp_path):
     assert "deepep_low_latency cannot run across nodes on tcp" in res.out + res.err
 
 
+def test_deepep_v2_across_efa_nodes_is_planned_with_what_nccl_gin_needs_there(launch, write_yaml):
+    """aws-ofi-nccl 1.21 brings NCCL GIN to EFA (doc/gin-getting-started.md); vLLM only refuses GIN type 0."""
+    res = launch("plan", str(write_yaml(deploy("deepep_v2", "efa", "0.33.0"))))
+    assert res.code == 0, res.err
+    assert (
+        "deepep_v2 across EFA nodes runs on NCCL GIN through the net plugin: needs NCCL >= 2.31.2, "
+        "aws-ofi-nccl >= 1.21.0 and GDRCopy >= 2.5 (libgdrapi and gdrdrv) on every node"
+    ) in res.out
+    assert "NVSHMEM_REMOTE_TRANSPORT" not in res.out  # GIN, not NVSHMEM over libfabric (pplx's way on EFA)
+
+
+def test_deepep_v2_on_efa_needs_the_newer_nccl_a_profile_may_not_bring(launch, write_yaml, monkeypatch):
+    monkeypatch.setenv("EP_STACK_PROFILE", "vllm026")
+    res = launch("plan", str(write_yaml(deploy("deepep_v2", "efa", "0.26.0"))))
+    assert res.code == 2 and res.err.startswith(
+        "error: all2all_backend: deepep_v2 needs NCCL >= 2.31.2 where torch loads it, the stack profile vllm026 for "
+        "vLLM 0.26.0 pins NCCL ==2.28.9"
+    )
+
+
 def test_stack_profiles_pin_the_nccl_they_bring():
     """The plan-time half of deepep_v2's NCCL requirement reads the profile's pin (env/pins.py)."""
-    assert pinned_nccl(PROFILES["seed"]) < DEEPEP_V2_MIN_NCCL <= pinned_nccl(PROFILES["current"])
+    assert not nccl_reaches(PROFILES["seed"], DEEPEP_V2_MIN_NCCL)  # conda's nccl 2.27.7.*
+    assert not nccl_reaches(PROFILES["vllm026"], DEEPEP_V2_MIN_NCCL)  # torch 2.11.0's 2.28.9
+    assert nccl_reaches(PROFILES["current"], DEEPEP_V2_MIN_NCCL)  # >=2.30.4
+    assert nccl_reaches(PROFILES["current"], GIN_ON_EFA_MIN_NCCL)  # and the newer NCCL GIN on EFA needs
 
 
 def test_the_guides_positional_arguments_count_as_several_nodes():

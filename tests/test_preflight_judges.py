@@ -232,6 +232,16 @@ def test_nccl_for_deepep_v2(library, ok):
     assert verdict.value.startswith("NCCL ") and "nvidia-nccl-cu13>=2.30.4" in verdict.fix
 
 
+def test_nccl_gin_across_efa_nodes_needs_the_newer_nccl():
+    """aws-ofi-nccl's GIN needs NCCL 2.31.2 (doc/gin-getting-started.md); within one node DeepEP's 2.30.4 holds."""
+    assert imports.nccl_floor("deepep_v2", "efa", across_nodes=True) == (2, 31, 2)
+    assert imports.nccl_floor("deepep_v2", "efa", across_nodes=False) == (2, 30, 4)
+    assert imports.nccl_floor("deepep_v2", "ib", across_nodes=True) == (2, 30, 4)
+    assert imports.nccl_floor("deepep_low_latency", "efa", across_nodes=True) is None
+    verdict = imports.nccl_for_backend("deepep_v2", imports.Library((2, 30, 4)), (2, 31, 2))
+    assert not verdict.ok and verdict.expected == ">= 2.31.2 (deepep_v2)" and "nvidia-nccl-cu13>=2.31.2" in verdict.fix
+
+
 def test_library_probe_reports_what_this_machine_loads():
     """The real probe: here torch is a CPU build without NCCL, and no NVSHMEM is installed."""
     found = imports.libraries(dict(os.environ), timeout=120)

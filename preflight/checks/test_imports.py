@@ -43,12 +43,13 @@ def test_imports(stack, check, module):
 def test_nccl_that_torch_loads_is_new_enough(node, check, request):
     """NCCL loaded with torch"""
     backend = node.backend
-    if backend not in imports.NCCL_FLOOR:
+    floor = imports.nccl_floor(backend, node.transport, node.nodes > 1)
+    if floor is None:
         check.skip(f"all2all backend is {backend or 'not set'}: no NCCL version floor")
     libraries = request.getfixturevalue("libraries")
     if isinstance(libraries, str):
         check.require(False, libraries, "NCCL loads", fix="run `python -m env status`", why=libraries)
-    imports.nccl_for_backend(backend, libraries["nccl"]).report(check)
+    imports.nccl_for_backend(backend, libraries["nccl"], floor).report(check)
 
 
 def test_vllm_is_the_version_the_plan_targets(node, stack, check):
