@@ -751,8 +751,10 @@ def parse_deploy(data: Any, source: str, *, options: dict[str, str] | None = Non
         raise ConfigError(f"{source}: {yaml_safe.shorten(f'{where}: {expected}')}") from None
 
 
-def load_deploy(path: str | Path) -> DeployConfig:
-    """Reads and validates a deploy file."""
+def load_deploy(path: str | Path, *, set_aside: dict[str, str] | None = None) -> DeployConfig:
+    """Reads and validates a deploy file. With ``set_aside`` (preflight's way), `preflight:` thresholds that are
+    not valid are left out of the result and recorded there as {name: one-line error}, so that the suite can
+    report them as one failed check and run the rest; every other command refuses them."""
     path = Path(path)
     try:
         with path.open(encoding="utf-8") as f:
@@ -761,11 +763,11 @@ def load_deploy(path: str | Path) -> DeployConfig:
         raise ConfigError(f"{path}: cannot read the deploy file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: expected UTF-8 text (is this a YAML file?)") from None
-    return parse_deploy_text(text, str(path))
+    return parse_deploy_text(text, str(path), set_aside=set_aside)
 
 
-def parse_deploy_text(text: str, source: str) -> DeployConfig:
-    """Validates a deploy file's YAML text; ``source`` names it in errors."""
+def parse_deploy_text(text: str, source: str, *, set_aside: dict[str, str] | None = None) -> DeployConfig:
+    """Validates a deploy file's YAML text; ``source`` names it in errors (``set_aside``: see load_deploy)."""
     if not printable(source):  # the name lands in comments of printed plans and rendered scripts
         raise ConfigError(f"{source!r}: a file name with control characters (expected one line of printable text)")
     try:
@@ -775,7 +777,27 @@ def parse_deploy_text(text: str, source: str) -> DeployConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: {where}not valid YAML ({problem})") from None
+    if set_aside is not None:
+        data = _set_aside_thresholds(data, source, set_aside)
     return parse_deploy(data, source)
+
+
+def _set_aside_thresholds(data: Any, source: str, bad: dict[str, str]) -> Any:
+    thresholds = data.get("preflight") if isinstance(data, dict) else None
+    if not isinstance(thresholds, dict):
+        return data
+    kept = {}
+    for name, value in thresholds.items():
+        try:
+            Preflight.model_validate({name: value})
+        except pydantic.ValidationError as exc:
+            _, expected = _describe(exc.errors(include_url=False)[0])
+            if expected == "unknown key":
+                expected = f"unknown key (expected one of: {', '.join(Preflight.model_fields)})"
+            bad[str(name)] = yaml_safe.shorten(f"{source}: preflight.{name}: {expected}")
+            continue
+        kept[name] = value
+    return {**data, "preflight": kept}
 
 
 def dump_deploy(config: DeployConfig) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from launch import netif, plan as planning
-from launch.config import DeployConfig
+from launch.config import DeployConfig, load_deploy
 from launch.netif import AutoIfname
 from launch.plan import NodePlan
 from launch.request import Request
@@ -130,11 +130,12 @@ def build(
             ifname=ifname,
             extra={"transport": transport or "tcp"},
         )
-    resolution = resolve(req)
+    invalid: dict[str, str] = {}  # a bad threshold fails the checks that read it, not the whole suite
+    resolution = resolve(req, loaded=load_deploy(req.deploy, set_aside=invalid))
     (deployment,) = resolution.deployments
     (plan,) = resolution.plans
     config = deployment.config
-    thresholds = Thresholds.defaults().override(config.preflight.given(), req.deploy)
+    thresholds = Thresholds.defaults().override(config.preflight.given(), req.deploy).with_invalid(invalid)
     chosen = plan.env[planning.IFNAME_VARS[0]]
     found, problem = (chosen, "") if isinstance(chosen, str) else (netif.find(chosen), "")
     if isinstance(chosen, AutoIfname) and not found:

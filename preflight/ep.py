@@ -347,7 +347,8 @@ _PATTERNS: tuple[tuple[str, str, str], ...] = (
     (
         r"not enumerated as an mlx5 device|No (IB|RDMA) devices? found|ibv_get_device_list|Unable to find.*(HCA|NIC)",
         "NVSHMEM found no usable Mellanox/NVIDIA NIC",
-        "check ibv_devinfo; name the NICs with NVSHMEM_HCA_LIST (e.g. mlx5_0:1,mlx5_1:1) and NVSHMEM_ENABLE_NIC_PE_MAPPING=1",
+        "check ibv_devinfo (every port Active, link layer InfiniBand or Ethernet for RoCE); name the NICs in the "
+        "deploy file's network.hcas (e.g. [mlx5_0, mlx5_1]), which sets NVSHMEM_HCA_LIST with NCCL's and UCX's lists",
     ),
     (
         r"bootstrap.*(fail|error)|NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME",

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from launch.errors import LaunchError
-from preflight import context, report
+from preflight import context, report, thresholds
+from preflight.thresholds import BadThreshold
 from preflight.report import Record
 
 RECORD_KEY = pytest.StashKey[Record]()
@@ -219,6 +220,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             record.outcome = "SKIP"
             if not record.detail and isinstance(rep.longrepr, tuple):
                 record.detail = str(rep.longrepr[2]).removeprefix("Skipped: ")
+        elif rep.failed and call.excinfo is not None and call.excinfo.errisinstance(BadThreshold):
+            record.outcome, record.value, record.fix = "FAIL", str(call.excinfo.value), thresholds.FIX
+            rep.longrepr = f"{record.name}: {record.value}; fix: {record.fix}"
         elif rep.failed:
             record.outcome = "FAIL" if rep.when == "call" else "ERROR"
             if not record.detail and not record.value:

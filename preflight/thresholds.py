@@ -34,10 +34,20 @@ KNOWN: dict[str, tuple[float | None, str]] = {
 }
 
 
+FIX = "write a number >= 0 in the deploy file's preflight: section, or leave the line out for the default"
+
+
+class BadThreshold(Exception):
+    """A check read a threshold the deploy file gives but not as a valid number: that check fails with the
+    one-line error (the plugin records it), every other check runs."""
+
+
 @dataclass(frozen=True)
 class Thresholds:
     values: dict[str, float | None] = field(default_factory=dict)
     overridden: frozenset[str] = frozenset()
+    invalid: dict[str, str] = field(default_factory=dict)
+    """{name: one-line error} for thresholds the deploy file gives but not validly (config.load_deploy's set_aside)."""
 
     @classmethod
     def defaults(cls) -> Thresholds:
@@ -51,10 +61,16 @@ class Thresholds:
                 )
             if value < 0:
                 raise ConfigError(f"{source}: preflight.{name}: {value} is negative (expected a number >= 0)")
-        return Thresholds({**self.values, **given}, frozenset(given))
+        return Thresholds({**self.values, **given}, frozenset(given), self.invalid)
+
+    def with_invalid(self, invalid: dict[str, str]) -> Thresholds:
+        return Thresholds(self.values, self.overridden, dict(invalid))
 
     def get(self, name: str, derived: float | None = None) -> float | None:
-        """The deploy file's value if given, else the default, else ``derived`` (GPU / transport based)."""
+        """The deploy file's value if given, else the default, else ``derived`` (GPU / transport based). Raises
+        BadThreshold where the file gives it but not validly."""
+        if name in self.invalid:
+            raise BadThreshold(self.invalid[name])
         if name in self.overridden:
             return self.values[name]
         value = self.values.get(name)
