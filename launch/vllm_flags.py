@@ -87,6 +87,17 @@ def _canonical(word: str) -> tuple[str, str | None]:
     return name, (value if eq else None)
 
 
+def _owner(name: str) -> tuple[Owned | None, bool]:
+    """Who owns a flag, and whether it is the ``--no-`` form of an on/off flag (vLLM's boolean fields take
+    both: argparse.BooleanOptionalAction in vllm/engine/arg_utils.py, 0.33.0)."""
+    owned = TAKEN.get(name) or REFUSED.get(name)
+    if owned is None and name.startswith("--no-"):
+        positive = TAKEN.get("--" + name[5:]) or REFUSED.get("--" + name[5:])
+        if positive is not None and not positive.takes_value:
+            return positive, True
+    return owned, False
+
+
 def split(words: list[str], where: str) -> tuple[dict[str, str | bool], list[str]]:
     """Splits extra vLLM arguments into (deploy-file field -> value, the rest in order).
 
@@ -98,7 +109,7 @@ def split(words: list[str], where: str) -> tuple[dict[str, str | bool], list[str
     while i < len(words):
         word = words[i]
         name, inline = _canonical(word)
-        owned = TAKEN.get(name) or REFUSED.get(name)
+        owned, negated = _owner(name)
         if owned is None:
             rest.append(word)
             i += 1
@@ -115,7 +126,7 @@ def split(words: list[str], where: str) -> tuple[dict[str, str | bool], list[str
                 value = words[i + 1]
                 i += 1
         else:
-            value = True
+            value = not negated
         if owned.field in taken and taken[owned.field] != value:
             raise ConfigError(f"{where}: {name}: given twice ({taken[owned.field]} and {value}; expected once)")
         taken[owned.field] = value

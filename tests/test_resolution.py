@@ -118,6 +118,19 @@ def test_short_and_underscore_forms_are_the_same_flag(launch, write_yaml):
     assert primary["argv"].count("--trust-remote-code") == 1
 
 
+def test_the_no_form_of_an_on_off_flag_is_the_same_flag_turned_off(launch, write_yaml):
+    """vLLM takes --no-enable-expert-parallel too (BooleanOptionalAction): passed beside the launcher's own
+    --enable-expert-parallel, the last would win and the plan would describe expert parallelism vLLM never runs."""
+    primary, _ = plans(
+        launch("plan", str(write_yaml(TWO_NODES)), "--format", "json", "--", "--no-enable-expert-parallel")
+    )
+    assert not {"--enable-expert-parallel", "--no-enable-expert-parallel"} & set(primary["argv"])
+    res = launch("plan", str(write_yaml(TWO_NODES)), "--", "--enable-expert-parallel", "--no-enable-expert-parallel")
+    assert_one_line_error(res, "--: --no-enable-expert-parallel: given twice (True and False; expected once)")
+    res = launch("plan", str(write_yaml(TWO_NODES)), "--", "--no-headless")
+    assert_one_line_error(res, "--: --no-headless: set by the launcher")
+
+
 def test_a_flag_the_launcher_derives_is_refused_after_the_dashes(launch, write_yaml):
     res = launch("plan", str(write_yaml(TWO_NODES)), "--", "--data-parallel-size", "4")
     assert_one_line_error(res, "--: --data-parallel-size: set by the launcher (expected it from the nodes' gpus")
