@@ -189,11 +189,12 @@ def build(
     passthrough: list[str] | None = None,
     kv_transfer: dict | None = None,
     feature_args: list[str] | None = None,
+    group: str | None = None,
 ) -> NodePlan:
     """The plan for one node. ``all2all_backend`` overrides the deploy file's (an exported VLLM_ALL2ALL_BACKEND);
     ``passthrough`` are the arguments after ``--`` (launcher-owned flags already taken out by launch/request.py);
     ``feature_args`` the eplb: / dbo: flags when already made (launch/resolve.py makes them once per deployment,
-    naming the file in errors), else made here from ``config``."""
+    naming the file in errors), else made here from ``config``; ``group`` the prefill / decode group it serves."""
     notes: list[str] = [f"target {target.describe()}"]
     backend = all2all_backend or config.all2all_backend
     if backend:  # a name vLLM's config silently replaces is planned as what it becomes
@@ -238,7 +239,8 @@ def build(
     env.update({**secrets, **given})
     args += more
 
-    log_file = f"{config.log_dir}/node-{layout.node_rank}.log" if config.log_dir else None
+    # a prefill and a decode group both have a node 0: each group's nodes log to their own files
+    log_file = f"{config.log_dir}/{group + '-' if group else ''}node-{layout.node_rank}.log" if config.log_dir else None
     watch = plan_for(config, layout)
     notes += [watch.note] if watch else []
     common = dict(

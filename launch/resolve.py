@@ -114,6 +114,7 @@ def resolve(request: Request, *, loaded: DeployConfig | None = None, stack: Stac
                 passthrough=list(request.vllm_args),
                 kv_transfer=d.kv_transfer,
                 feature_args=features,
+                group=d.group,
             )
             plans.append(replace(p, group=d.group, profile=request.profile, notes=[*p.notes, *notes, *origin]))
     return Resolution(config, source, tuple(resolved), target, tuple(plans))

@@ -250,7 +250,8 @@ def _stdout_fd() -> int:
 def _open_log(log_file: str, say, what: str) -> int | None:
     try:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a link planted where the log goes is not written through (launch/files.py's rule)
+        return os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename and exc.filename != log_file else ""
         say(f"log file {log_file}: cannot open ({exc.strerror or exc}{where}); {what} runs without it")

@@ -106,6 +106,17 @@ def test_two_prefill_nodes_two_decode_nodes():
     ]
 
 
+def test_each_group_logs_to_its_own_files(tmp_path):
+    """Both groups have a node 0: one log_dir, two files, never one file written by two vLLMs."""
+    text = (EXAMPLES / "pd-1p1d.yaml").read_text() + f"log_dir: {tmp_path}\n"
+    path = tmp_path / "pd.yaml"
+    path.write_text(text)
+    (prefill,) = group_plans(path, "prefill")
+    (decode,) = group_plans(path, "decode")
+    assert prefill.log_file == f"{tmp_path}/prefill-node-0.log"
+    assert decode.log_file == f"{tmp_path}/decode-node-0.log"
+
+
 def test_plan_shows_prefill_decode_and_router_together(launch):
     res = launch("plan", str(EXAMPLES / "pd-2p2d.yaml"))
     assert res.code == 0, res.err

@@ -125,6 +125,19 @@ def test_a_log_file_that_cannot_be_opened_is_reported_and_vllm_runs(tmp_path):
     assert not [p for p in pids if alive(p)]
 
 
+def test_a_log_file_that_is_a_link_is_not_written_through(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("kept\n")
+    link = tmp_path / "primary.log"
+    link.symlink_to(target)
+    proc, pids = start(tmp_path, on_term="exit:7", extra=["--log-file", str(link)])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    assert f"log file {link}: cannot open (Too many levels of symbolic links); vLLM runs without it" in proc.stderr.read()
+    assert target.read_text() == "kept\n"
+    assert not [p for p in pids if alive(p)]
+
+
 def test_the_tree_is_marked_so_that_what_leaves_it_can_be_found(tmp_path):
     proc, pids = start(tmp_path)
     try:
