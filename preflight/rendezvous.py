@@ -34,6 +34,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -311,6 +312,24 @@ def _reachable(address: str, port: int, deadline: float, say: Callable[[str], No
         time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
 
 
+def _within(seconds: float, make: Callable[[], object]) -> tuple[bool, object, BaseException | None]:
+    """Runs ``make`` for at most ``seconds``: (finished, result, exception). TCPStore's client handshake has no
+    bound of its own against a listener that accepts and never answers; it releases the GIL while it waits, so
+    a daemon thread holds it and is left behind (the process ends soon after, with its verdict)."""
+    out: list = [None, None]
+
+    def run() -> None:
+        try:
+            out[0] = make()
+        except Exception as exc:  # reported by the caller in one line
+            out[1] = exc
+
+    worker = threading.Thread(target=run, name="tcpstore-connect", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return not worker.is_alive(), out[0], out[1]
+
+
 def open_store(
     rank: int,
     nodes: int,
@@ -347,9 +366,14 @@ def open_store(
             )
             return session
         left = max(start + timeout_s - time.monotonic(), 1.0)
-        try:
-            store = TCPStore(address, port, is_master=False, timeout=timedelta(seconds=left))
-        except Exception as exc:
+        done, store, exc = _within(left, lambda: TCPStore(address, port, is_master=False, timeout=timedelta(seconds=left)))
+        if not done:
+            session.problem = (
+                f"reached {address}:{port}, but it did not answer as the primary's TCPStore within {timeout_s:g} s "
+                f"(another service on port {port}? set {PORT_VAR} to a free port, the same on every node)"
+            )
+            return session
+        if exc is not None:
             session.problem = f"reached {address}:{port} but not as a TCPStore ({' '.join(str(exc).split())[:160]})"
             return session
     session.store, session.server = PrefixStore(PREFIX, store), store

@@ -396,6 +396,21 @@ def test_a_listener_that_never_answers_holds_the_wait_only_to_its_bound(silent_l
     assert wait.port_open("127.0.0.1", silent_listener)  # a bare connect would have called it ready
 
 
+def test_preflights_rendezvous_gives_up_on_a_silent_listener_at_its_bound(silent_listener):
+    """A secondary's TCPStore handshake has no bound of its own: against a listener that accepts and never
+    answers it waited for minutes; preflight now ends it at the rendezvous bound, naming what it found."""
+    from preflight import rendezvous
+
+    start = time.monotonic()
+    session = rendezvous.open_store(1, 2, "127.0.0.1", silent_listener, "lo", 3)
+    took = time.monotonic() - start
+    assert took < 6, took
+    assert session.store is None and session.problem == (
+        f"reached 127.0.0.1:{silent_listener}, but it did not answer as the primary's TCPStore within 3 s "
+        f"(another service on port {silent_listener}? set {rendezvous.PORT_VAR} to a free port, the same on every node)"
+    )
+
+
 def test_a_service_that_is_not_zeromq_is_named(tmp_path):
     from launch import wait
 
