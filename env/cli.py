@@ -44,6 +44,7 @@ from env.fetch import SourceCache
 from env.paths import PROJECT_ROOT, default_prefix, stack_paths
 from env.pins import Profile, active_profile, resolve_profiles
 from env.status import healthy, render_json, render_text, rows
+from launch.argtypes import seconds
 
 
 def default_cache() -> Path:
@@ -102,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="checksum of an unverified tarball, after checking it",
     )
     p.add_argument(
-        "--timeout", type=float, default=6 * 3600.0, help="seconds one build command may take (default 21600)"
+        "--timeout", type=seconds, default=6 * 3600.0, help="seconds one build command may take (default 21600)"
     )
     p.add_argument("--force", action="store_true", help="build even where the inputs are unchanged")
 

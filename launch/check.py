@@ -11,12 +11,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from launch import vllm_parse
 from launch.plan import NodePlan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,19 +50,22 @@ def parse(
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
     )
-    try:
-        proc = subprocess.run(
-            [python, "-m", "launch.vllm_parse"],
-            input=json.dumps([list(a) for a in argvs]),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return Answer(None, [], f"vLLM's parser did not answer within {timeout:g} s")
-    except OSError as exc:
-        return Answer(None, [], f"cannot run {python}: {exc.strerror or exc}")
+    # the probe's scratch folder is made and removed here: a probe killed at the bound cannot remove its own
+    with tempfile.TemporaryDirectory(prefix="ep-check-") as scratch:
+        env[vllm_parse.SCRATCH_VAR] = scratch
+        try:
+            proc = subprocess.run(
+                [python, "-m", "launch.vllm_parse"],
+                input=json.dumps([list(a) for a in argvs]),
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return Answer(None, [], f"vLLM's parser did not answer within {timeout:g} s")
+        except OSError as exc:
+            return Answer(None, [], f"cannot run {python}: {exc.strerror or exc}")
     try:
         data = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

@@ -44,6 +44,7 @@ import importlib
 import os
 import sys
 
+from launch.argtypes import seconds
 from launch.errors import Interrupted, LaunchError
 from launch.request import GUIDE_ARGS
 
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the router's command instead of running it")
     p.add_argument(
         "--wait-for-groups",
-        type=float,
+        type=seconds,
         default=1800.0,
         metavar="SECONDS",
         help="how long to wait for both groups' /health before giving up (default 1800)",
@@ -144,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy", help="deploy file (default: $EP_DEPLOY)")
     p.add_argument(
         "--resolve-timeout",
-        type=float,
+        type=seconds,
         default=300.0,
         metavar="SECONDS",
         help="how long to wait for the leader's DNS name to resolve (default 300)",
@@ -156,13 +157,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "waiting requests, KV-cache use, what failed), exit 1 when one is down",
     )
     p.add_argument("deploy", help="the deploy file")
-    p.add_argument("--timeout", type=float, default=10.0, help="bound on the whole poll, seconds (default: 10)")
+    p.add_argument("--timeout", type=seconds, default=10.0, help="bound on the whole poll, seconds (default: 10)")
     p.add_argument("--ranks", action="store_true", help="also one line per data parallel rank")
 
     p = sub.add_parser("check", help="parse every node's argv with the installed vLLM's own parser")
     p.add_argument("deploy_file", nargs="?", help="deploy file (YAML); default: $EP_DEPLOY")
     p.add_argument("--node-rank", type=int, help="only this node")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds vLLM's parser may take (default 120)")
+    p.add_argument("--timeout", type=seconds, default=120.0, help="seconds vLLM's parser may take (default 120)")
     p.add_argument("--group", choices=("prefill", "decode"), help="only this group (deploy file with disaggregation)")
     p.add_argument(
         "--python", default=None, help="the Python whose vLLM parses (default: $EP_VLLM_PYTHON, else this one)"
@@ -176,16 +177,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wait-port", help="wait (bounded) until HOST:PORT accepts connections")
     p.add_argument("host")
     p.add_argument("port", type=int)
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS")
     p.add_argument("--what", default="the port", help="what is waited for, in the progress lines")
     p = sub.add_parser("ray-wait", help="wait (bounded) until the Ray cluster at HOST:PORT has N active nodes")
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS")
     return parser
 
 
 # ---- option groups ---------------------------------------------------------------------------
+
+
 def _deploy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("deploy file")
     g.add_argument("--deploy", help="deploy file (YAML) describing the whole cluster; default: $EP_DEPLOY")
@@ -203,26 +206,26 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--log-file", help="also write vLLM's output to this file")
     g.add_argument(
-        "--stop-timeout", type=float, default=30.0, help="seconds vLLM gets to stop after SIGTERM before SIGKILL"
+        "--stop-timeout", type=seconds, default=30.0, help="seconds vLLM gets to stop after SIGTERM before SIGKILL"
     )
     g.add_argument("--vllm-bin", default=None, help="the vllm executable (default: vllm on PATH)")
     g.add_argument(
         "--wait-for-primary",
-        type=float,
+        type=seconds,
         default=600.0,
         metavar="SECONDS",
         help="secondaries: wait this long for the primary's coordination port before starting (0: do not wait)",
     )
     g.add_argument(
         "--health-timeout",
-        type=float,
+        type=seconds,
         default=1800.0,
         metavar="SECONDS",
         help="primary: report when the API answers /health, or that it did not within this bound",
     )
     g.add_argument(
         "--wait-for-nodes",
-        type=float,
+        type=seconds,
         default=600.0,
         metavar="SECONDS",
         help="primary with data_parallel_backend ray: wait this long for every node to join the Ray cluster",

@@ -50,7 +50,9 @@ DEEPEP_V2_MIN_NCCL = Version("2.30.4")
 """DeepEP README (d4f41e4) "NCCL 2.30.4 and above"; vLLM's DEEPEP_V2_MIN_NCCL_VERSION_RAW = 23004."""
 GIN_ON_EFA_MIN_NCCL = Version("2.31.2")
 """aws-ofi-nccl doc/gin-getting-started.md, Requirements: "NCCL 2.31.2-1 or later" (with plugin 1.21.0)."""
-GIN_ON_EFA = f"NCCL >= {GIN_ON_EFA_MIN_NCCL}, aws-ofi-nccl >= 1.21.0 and GDRCopy >= 2.5 (libgdrapi and gdrdrv) on every node"
+GIN_ON_EFA = (
+    f"NCCL >= {GIN_ON_EFA_MIN_NCCL}, aws-ofi-nccl >= 1.21.0 and GDRCopy >= 2.5 (libgdrapi and gdrdrv) on every node"
+)
 """What a deepep_v2 plan across EFA nodes needs beyond NCCL (aws-ofi-nccl doc/gin-getting-started.md)."""
 LOW_LATENCY = ("deepep_low_latency", "nixl_ep")
 """The backends vLLM's ParallelConfig.use_batched_dp_moe names (0.20.0 .. 0.33.0 wheels)."""
@@ -178,8 +180,7 @@ def _low_latency_warning(
         return []
     both = (
         "deepep_v2"
-        if "deepep_v2" in target.backends()
-        and (config.network.transport != "tcp" or not across_nodes(config, layout))
+        if "deepep_v2" in target.backends() and (config.network.transport != "tcp" or not across_nodes(config, layout))
         else _portable(target, config.network.transport)
     )
     return [

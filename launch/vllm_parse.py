@@ -27,9 +27,14 @@ _PLUGIN = 'def register():\n    return "vllm.platforms.cpu.CpuPlatform"\n'
 _PLUGIN_DIST = "ep_check_cpu_platform-0.1.dist-info"
 
 
+SCRATCH_VAR = "EP_CHECK_SCRATCH"
+"""A folder the caller made (and removes) for the plugin; without it the probe makes and removes its own."""
+
+
 def _cpu_platform_plugin() -> str:
     """A folder holding a vLLM platform plugin (module + entry point) that selects the CPU platform."""
-    folder = Path(tempfile.mkdtemp(prefix="ep-check-"))
+    given = os.environ.get(SCRATCH_VAR)
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="ep-check-"))
     (folder / "ep_check_cpu_platform.py").write_text(_PLUGIN)
     dist = folder / _PLUGIN_DIST
     dist.mkdir()
@@ -104,7 +109,7 @@ def main() -> int:
     os.dup2(real_stdout, 1)
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
-    if plugin is not None:  # os._exit skips every cleanup: remove the plugin folder here
+    if plugin is not None and not os.environ.get(SCRATCH_VAR):  # os._exit skips every cleanup: remove it here
         shutil.rmtree(plugin, ignore_errors=True)
     os._exit(0)  # skip torch / vLLM teardown hooks: nothing to clean up, seconds saved
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.argtypes import seconds
 from preflight import collectives
 from preflight.collectives import Result, Row, size_label
 
@@ -197,7 +198,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per size (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per size before timing (default 5)")
     parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds for the whole run (default: collective_timeout_s, 60)"
+        "--timeout", type=seconds, default=None, help="seconds for the whole run (default: collective_timeout_s, 60)"
     )
     # where the limits and the environment come from
     parser.add_argument(

@@ -21,8 +21,8 @@ import pytest
 
 from launch.errors import LaunchError
 from preflight import context, report, thresholds
-from preflight.thresholds import BadThreshold
 from preflight.report import Record
+from preflight.thresholds import BadThreshold
 
 RECORD_KEY = pytest.StashKey[Record]()
 CONTEXT_KEY = pytest.StashKey[context.NodeContext]()

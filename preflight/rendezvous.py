@@ -366,7 +366,9 @@ def open_store(
             )
             return session
         left = max(start + timeout_s - time.monotonic(), 1.0)
-        done, store, exc = _within(left, lambda: TCPStore(address, port, is_master=False, timeout=timedelta(seconds=left)))
+        done, store, exc = _within(
+            left, lambda: TCPStore(address, port, is_master=False, timeout=timedelta(seconds=left))
+        )
         if not done:
             session.problem = (
                 f"reached {address}:{port}, but it did not answer as the primary's TCPStore within {timeout_s:g} s "

@@ -116,6 +116,36 @@ def test_check_leaves_no_temporary_folder(launch, write_yaml, tmp_path):
     assert list(scratch.iterdir()) == []
 
 
+def test_check_stopped_at_its_bound_leaves_no_temporary_folder(tmp_path):
+    """A probe killed at --timeout cannot clean up after itself: the folder belongs to the caller."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    slow = tmp_path / "python"  # a Python that starts the probe and then hangs, as a slow vLLM import does
+    slow.write_text('#!/bin/sh\ntouch "$EP_CHECK_SCRATCH/ep_check_cpu_platform.py" && exec sleep 30\n')
+    slow.chmod(0o755)
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
+    try:
+        import tempfile
+
+        tempfile.tempdir = None  # read TMPDIR again
+        answer = check.parse([["serve", "m"]], python=str(slow), timeout=1)
+    finally:
+        os.environ.pop("TMPDIR") if old is None else os.environ.update(TMPDIR=old)
+        tempfile.tempdir = None
+    assert answer.problem == "vLLM's parser did not answer within 1 s"
+    assert list(scratch.iterdir()) == []
+
+
+def test_bounds_in_seconds_are_numbers_at_least_zero(launch, write_yaml):
+    res = launch("check", str(write_yaml(TWO_NODES)), "--timeout", "-1")
+    assert res.code == 2 and res.err.splitlines()[-1] == (
+        "python -m launch check: error: argument --timeout: expected seconds (a number >= 0), got '-1'"
+    )
+    res = launch("primary", "--deploy", str(write_yaml(TWO_NODES)), "--stop-timeout", "inf", "--dry-run")
+    assert res.code == 2 and "argument --stop-timeout: expected seconds (a number >= 0), got 'inf'" in res.err
+
+
 def test_check_compares_releases_not_substrings():
     assert check.same_release(Version("0.26.0"), "0.26.0+cu130")
     assert check.same_release(Version("0.26.0"), "0.26.0")

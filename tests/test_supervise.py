@@ -133,7 +133,9 @@ def test_a_log_file_that_is_a_link_is_not_written_through(tmp_path):
     proc, pids = start(tmp_path, on_term="exit:7", extra=["--log-file", str(link)])
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 7
-    assert f"log file {link}: cannot open (Too many levels of symbolic links); vLLM runs without it" in proc.stderr.read()
+    assert (
+        f"log file {link}: cannot open (Too many levels of symbolic links); vLLM runs without it" in proc.stderr.read()
+    )
     assert target.read_text() == "kept\n"
     assert not [p for p in pids if alive(p)]
 
