@@ -92,9 +92,7 @@ def resolve(request: Request, *, loaded: DeployConfig | None = None, stack: Stac
             if not notes:
                 notes.append(f"all2all backend {backend} taken from VLLM_ALL2ALL_BACKEND in the environment")
         if backend:
-            from_file = backend == d.config.all2all_backend and not request.overrides.all2all_backend
-            with _naming(source if from_file and source != "arguments" else None):
-                target.check_backend(backend)
+            _check_backend(target, backend, request, source if backend == d.config.all2all_backend else None)
         resolved.append(replace(d, backend=backend))
     stack = stack or stack_paths(request.profile)
     plans = []
@@ -277,6 +275,22 @@ def this_node(config: DeployConfig, given: int | None, source: str, group: str |
     if not mine:
         raise ConfigError(f"{source}: no node address belongs to this machine (pass --node-rank N)")
     raise ConfigError(f"{source}: nodes {mine} all belong to this machine (pass --node-rank N)")
+
+
+def _check_backend(target, backend: str, request: Request, file: str | None) -> None:
+    """Refuses a backend the target lacks, naming where the name came from: the option, the exported
+    VLLM_ALL2ALL_BACKEND, or the deploy file."""
+    option = request.overrides.options.get("all2all_backend") if request.overrides.all2all_backend else None
+    origin = option or (file if file and file != "arguments" else None)
+    if origin is None and not request.overrides.all2all_backend and backend == request.exported_backend:
+        origin = "VLLM_ALL2ALL_BACKEND"
+    try:
+        target.check_backend(backend)
+    except ConfigError as exc:
+        if origin is None:
+            raise
+        text = str(exc) if origin == file else str(exc).removeprefix("all2all_backend: ")
+        raise ConfigError(f"{origin}: {text}") from None
 
 
 @contextmanager

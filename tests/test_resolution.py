@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import EXAMPLES
 from tests.support import assert_one_line_error
 
@@ -129,6 +131,21 @@ def test_the_no_form_of_an_on_off_flag_is_the_same_flag_turned_off(launch, write
     assert_one_line_error(res, "--: --no-enable-expert-parallel: given twice (True and False; expected once)")
     res = launch("plan", str(write_yaml(TWO_NODES)), "--", "--no-headless")
     assert_one_line_error(res, "--: --no-headless: set by the launcher")
+
+
+@pytest.mark.parametrize(
+    "given, origin",
+    [
+        (["--all2all-backend", "bogus"], "--all2all-backend"),
+        (["--", "--all2all-backend", "bogus"], "-- --all2all-backend"),
+        ([], "VLLM_ALL2ALL_BACKEND"),
+    ],
+    ids=["option", "after the dashes", "exported"],
+)
+def test_an_unknown_backend_is_named_where_it_was_given(launch, write_yaml, given, origin):
+    env = {"VLLM_ALL2ALL_BACKEND": "bogus"} if not given else {}
+    res = launch("plan", str(write_yaml(TWO_NODES)), *given, env=env)
+    assert_one_line_error(res, f"{origin}: unknown backend 'bogus' (expected one of: ")
 
 
 def test_a_flag_the_launcher_derives_is_refused_after_the_dashes(launch, write_yaml):
