@@ -161,7 +161,7 @@ def test_missing_file(launch, tmp_path):
                 "--vllm-version",
                 "0.26.0",
             ],
-            "all2all_backend: 'moonep' needs vLLM >= 0.31.0",
+            "--all2all-backend: 'moonep' needs vLLM >= 0.31.0",
         ),
     ],
 )
