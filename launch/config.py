@@ -80,6 +80,32 @@ def _is_address(value: str) -> bool:
     return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
+def _address(value: str) -> str:
+    if not _is_address(value):
+        raise ValueError(
+            f"{value!r} is neither an IP address nor a host name (expected e.g. 10.0.0.1 or gpu-01.cluster)"
+        )
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+"""An IP address or a host name (node addresses, the API's and the router's bind addresses)."""
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}")
+
+
+def _ifname(value: str) -> str:
+    if value != "auto" and not _IFNAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a network interface name (expected auto, or one name of at most 15 letters, digits "
+            "and . _ - : @, e.g. eth0 or ens8f0np0)"
+        )
+    return value
+
+
+Ifname = Annotated[str, AfterValidator(_ifname)]
+"""One interface name (GLOO_SOCKET_IFNAME takes exactly one), or ``auto``."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -87,30 +113,19 @@ class _Strict(BaseModel):
 class Node(_Strict):
     """One machine of the cluster."""
 
-    address: str | None = None
+    address: Address | None = None
     """The address the other nodes reach this node at (IPv4/IPv6 or a host name). Left out when a scheduler
     places the nodes (`plan --format slurm` / `k8s`): the allocation's addresses are filled in at run time."""
     gpus: int = Field(default=8, ge=1, le=64)
     """GPUs this node has."""
     data_parallel_size_local: int | None = Field(default=None, ge=1)
     """Data parallel ranks on this node; default: gpus / tensor_parallel_size."""
-    socket_ifname: str | None = None
+    socket_ifname: Ifname | None = None
     """Overrides network.socket_ifname for this node (nodes whose NIC names differ)."""
     env: EnvVars = {}
     """Extra environment for this node only (applied after the cluster-wide env)."""
     gpu_ids: list[int] | None = None
     """Which GPUs of the node this entry uses (CUDA_VISIBLE_DEVICES); needed when two groups share a node."""
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not _is_address(value):
-            raise ValueError(
-                f"{value!r} is neither an IP address nor a host name (expected e.g. 10.0.0.1 or gpu-01.cluster)"
-            )
-        return value
 
     @model_validator(mode="after")
     def _gpu_ids(self) -> Node:
@@ -131,7 +146,7 @@ class Network(_Strict):
     """How the nodes talk: transport and the socket interface NCCL, Gloo and NVSHMEM bootstrap use."""
 
     transport: Transport = "ib"
-    socket_ifname: str = "auto"
+    socket_ifname: Ifname = "auto"
     """Interface name, or ``auto``: the interface that holds the node's address, found on the node."""
     nccl: EnvVars = {}
     """Extra NCCL_* variables, applied after the transport's defaults."""
@@ -254,9 +269,9 @@ class Router(_Strict):
     """vllm-router in front of both groups."""
 
     port: int = Field(default=8000, ge=1, le=65535)
-    address: str | None = None
+    address: Address | None = None
     """The machine it runs on; default: the prefill group's primary."""
-    host: str = "0.0.0.0"
+    host: Address = "0.0.0.0"
     policy: str = "round_robin"
 
 
@@ -402,7 +417,7 @@ class DeployConfig(_Strict):
     """The primary's data parallel coordination port (--data-parallel-rpc-port)."""
     port: int = Field(default=8000, ge=1, le=65535)
     """The primary's OpenAI-compatible API port."""
-    host: str | None = None
+    host: Address | None = None
     """Address the API binds to (--host); default: vLLM's own."""
     all2all_backend: str | None = None
     """vLLM's all2all backend (deepep_low_latency, deepep_high_throughput, ...); default: vLLM's."""

@@ -36,6 +36,18 @@ CASES = {
         GOOD.replace("10.1.60.57", "10.1.59.30"),
         "nodes[1].address: '10.1.59.30' is already nodes[0]'s address (expected one entry per node)",
     ),
+    "API bind address that is no address": (
+        GOOD + "host: 'a$(x)'\n",
+        "host: 'a$(x)' is neither an IP address nor a host name (expected e.g. 10.0.0.1 or gpu-01.cluster)",
+    ),
+    "socket interface that is no interface name": (
+        GOOD + "network: {socket_ifname: 'eth0;ls'}\n",
+        "network.socket_ifname: 'eth0;ls' is not a network interface name (expected auto, or one name of at most 15",
+    ),
+    "a node's socket interface that is a list": (
+        GOOD.replace("gpus: 8}", "gpus: 8, socket_ifname: '^docker,lo'}", 1),
+        "nodes[0].socket_ifname: '^docker,lo' is not a network interface name",
+    ),
     "YAML that does not parse": (GOOD + "env: {A: [1\n", "not valid YAML"),
     "not a mapping": ("- just\n- a list\n", "expected a mapping at the top"),
     "DP size that does not add up": (

@@ -231,6 +231,10 @@ disaggregation:
         ),
         (("port: 8200", "port: 8100"), "disaggregation.decode.port: 8100 is also the prefill API port on 10.0.0.1"),
         (
+            ("rpc_port: 13445}", "rpc_port: 13445}\n  router: {address: 'a b'}"),
+            "disaggregation.router.address: 'a b' is neither an IP address nor a host name",
+        ),
+        (
             ("connector: {name: NixlConnector}", "connector: {name: NixlConnector, backend: TCP}"),
             "disaggregation.connector.backend: input should be 'UCX' or 'LIBFABRIC', got 'TCP'",
         ),
