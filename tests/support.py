@@ -62,6 +62,20 @@ def vllm_metrics(ranks: dict[int, tuple[int, int, float]], model: str = "m", old
     return "\n".join(out) + "\n"
 
 
+def alive(pid: int) -> bool:
+    """Whether a process still runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose: it holds no memory
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ from launch import peers, wait
 from launch.config import WATCH_PORT_OFFSET as WATCH, parse_deploy_text
 from launch.layout import layouts
 from tests.conftest import FIXTURES, ROOT, run_module
-from tests.test_supervise import alive
+from tests.support import alive
 
 FAKE_TREE = FIXTURES / "fake_vllm_tree.py"
 PRIMARY, SECONDARY = "127.0.0.1", "127.0.0.2"

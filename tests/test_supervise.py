@@ -13,22 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.support import alive
 
 FAKE = ROOT / "tests" / "fixtures" / "fake_vllm_tree.py"
 GUIDE_ARGS = ["primary", "127.0.0.1", "13345", "tiny-moe", "1", "1", "1", "--socket-ifname", "lo"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose: it holds no memory
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def start(tmp_path, on_term="default", extra=()):
