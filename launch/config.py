@@ -273,6 +273,9 @@ class Router(_Strict):
     """The machine it runs on; default: the prefill group's primary."""
     host: Address = "0.0.0.0"
     policy: str = "round_robin"
+    metrics_port: int | None = Field(default=29000, ge=1, le=65535)
+    """vllm-router's Prometheus endpoint (--prometheus-port), bound on ``host`` like its API so that a scraper
+    on another machine reaches it; null: vllm-router's own default, 127.0.0.1:29000 (this machine only)."""
 
 
 class Disaggregation(_Strict):
@@ -665,7 +668,16 @@ def _check_disaggregation(d: Disaggregation, watch: bool) -> None:
             if why := _watch_clash(group.rpc_port + WATCH_PORT_OFFSET, taken):
                 raise _FieldError(f"{where}.{gname}.rpc_port", why)
     router_at = d.router.address or p.nodes[0].address
+    if d.router.metrics_port == d.router.port:
+        raise _FieldError(
+            f"{where}.router.metrics_port", f"{d.router.port} is also router.port (expected its own port, e.g. 29000)"
+        )
     for gname, group in groups.items():
+        if router_at is not None and group.nodes[0].address == router_at and group.port == d.router.metrics_port:
+            raise _FieldError(
+                f"{where}.router.metrics_port",
+                f"{d.router.metrics_port} is also the {gname} API port on {router_at} (expected a free port)",
+            )
         if router_at is not None and group.nodes[0].address == router_at and group.port == d.router.port:
             raise _FieldError(
                 f"{where}.router.port",

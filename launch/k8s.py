@@ -151,6 +151,8 @@ def _router(config: DeployConfig) -> list[dict[str, Any]]:
         "ports": [{"name": "http", "containerPort": r.port, "protocol": "TCP"}],
         "volumeMounts": [{"name": "deploy", "mountPath": CONFIG_DIR, "readOnly": True}],
     }
+    if r.metrics_port is not None:
+        container["ports"].append({"name": "metrics", "containerPort": r.metrics_port, "protocol": "TCP"})
     if k.env_from_secret:
         container["envFrom"] = [{"secretRef": {"name": k.env_from_secret}}]
     # vllm-router listens only once both groups answer /health; then /liveness answers while it runs and
@@ -187,7 +189,7 @@ def _router(config: DeployConfig) -> list[dict[str, Any]]:
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": spec},
+            "template": {"metadata": _router_pod_metadata(config, labels), "spec": spec},
         },
     }
     service = {
@@ -197,7 +199,14 @@ def _router(config: DeployConfig) -> list[dict[str, Any]]:
         "spec": {
             "type": "ClusterIP",
             "selector": labels,
-            "ports": [{"name": "http", "port": r.port, "targetPort": r.port, "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": r.port, "targetPort": r.port, "protocol": "TCP"},
+                *(
+                    [{"name": "metrics", "port": r.metrics_port, "targetPort": r.metrics_port, "protocol": "TCP"}]
+                    if r.metrics_port is not None
+                    else []
+                ),
+            ],
         },
     }
     return [deployment, service]
@@ -348,15 +357,23 @@ def _pod_template(
         spec["tolerations"] = [dict(t) for t in k.tolerations]
     labels = {**_labels(config), COMPONENT_LABEL: "leader" if leader else "worker"}
     metadata: dict[str, Any] = {"labels": labels}
-    annotations = dict(k.pod_annotations)
-    if leader and k.metrics_annotations:
-        # The common Prometheus convention for scraping pods; vLLM serves /metrics on its API port.
-        annotations = {
-            "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(port),
-            "prometheus.io/path": "/metrics",
-            **annotations,
-        }
+    # vLLM serves /metrics on its API port
+    annotations = {**_scraped(k, port if leader else None), **k.pod_annotations}
     if annotations:
         metadata["annotations"] = annotations
     return {"metadata": metadata, "spec": spec}
+
+
+def _scraped(k, metrics_port: int | None) -> dict[str, str]:
+    """The common Prometheus convention for scraping a pod that serves /metrics on ``metrics_port`` (where
+    metrics_annotations is on)."""
+    if metrics_port is None or not k.metrics_annotations:
+        return {}
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port), "prometheus.io/path": "/metrics"}
+
+
+def _router_pod_metadata(config: DeployConfig, labels: dict[str, str]) -> dict[str, Any]:
+    assert config.disaggregation is not None
+    # the vLLM pods' pod_annotations (a Multus RDMA network, ...) are theirs: the router's pod needs none of them
+    annotations = _scraped(config.kubernetes, config.disaggregation.router.metrics_port)
+    return {"labels": labels, **({"annotations": annotations} if annotations else {})}

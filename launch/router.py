@@ -17,10 +17,12 @@ def address(config: DeployConfig) -> str:
 
 
 def argv(config: DeployConfig) -> list[str]:
-    """vllm-router in its prefill/decode mode: prefill's and decode's API, the policy, where it listens."""
+    """vllm-router in its prefill/decode mode: prefill's and decode's API, the policy, where it listens (its API
+    and its Prometheus endpoint: vllm-router --help, --prometheus-host / --prometheus-port, 0.1.17)."""
     d = config.disaggregation
     assert d is not None
     prefill, decode = config.group("prefill"), config.group("decode")
+    metrics = ["--prometheus-host", d.router.host, "--prometheus-port", str(d.router.metrics_port)]
     return [
         "vllm-router",
         "--vllm-pd-disaggregation",
@@ -34,6 +36,7 @@ def argv(config: DeployConfig) -> list[str]:
         str(d.router.port),
         "--policy",
         d.router.policy,
+        *(metrics if d.router.metrics_port is not None else []),
     ]
 
 

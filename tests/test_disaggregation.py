@@ -75,6 +75,7 @@ def test_one_prefill_one_decode_on_one_node():
         "8000",
         "--policy",
         "round_robin",
+        *("--prometheus-host", "0.0.0.0", "--prometheus-port", "29000"),  # its metrics, reachable like its API
     ]
 
 
@@ -127,7 +128,9 @@ def test_plan_shows_prefill_decode_and_router_together(launch):
         "# decode node 0 (primary 10.0.0.3)",
         "# decode node 1 (secondary 10.0.0.4)",
     ]
-    assert res.out.rstrip().endswith("--port 8000 --policy round_robin")
+    assert res.out.rstrip().endswith(
+        "--port 8000 --policy round_robin --prometheus-host 0.0.0.0 --prometheus-port 29000"
+    )
 
 
 @pytest.mark.vllm
@@ -230,6 +233,14 @@ disaggregation:
             "disaggregation.router.port: 8200 is also the decode API port on 10.0.0.1 (expected a free port)",
         ),
         (("port: 8200", "port: 8100"), "disaggregation.decode.port: 8100 is also the prefill API port on 10.0.0.1"),
+        (
+            ("rpc_port: 13445}", "rpc_port: 13445}\n  router: {port: 8000, metrics_port: 8000}"),
+            "disaggregation.router.metrics_port: 8000 is also router.port (expected its own port, e.g. 29000)",
+        ),
+        (
+            ("rpc_port: 13445}", "rpc_port: 13445}\n  router: {metrics_port: 8100}"),
+            "disaggregation.router.metrics_port: 8100 is also the prefill API port on 10.0.0.1 (expected a free port)",
+        ),
         (
             ("rpc_port: 13445}", "rpc_port: 13445}\n  router: {address: 'a b'}"),
             "disaggregation.router.address: 'a b' is neither an IP address nor a host name",

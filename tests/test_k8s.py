@@ -536,7 +536,15 @@ def test_the_router_pod_runs_lws_step_proxy_toward_the_groups_services():
     ]
     assert {"ds-prefill-api", "ds-decode-api"} <= set(objects)
     assert router["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
-    assert router["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert router["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 29000, "protocol": "TCP"},  # vllm-router's Prometheus endpoint
+    ]
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "29000",
+        "prometheus.io/path": "/metrics",
+    }
     # vllm-router answers /liveness and /readiness on its own port once both groups answered /health
     startup = router["startupProbe"]
     assert startup["httpGet"] == router["livenessProbe"]["httpGet"] == {"path": "/liveness", "port": "http"}
@@ -548,7 +556,17 @@ def test_the_router_pod_runs_lws_step_proxy_toward_the_groups_services():
     labels = template["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels == service["spec"]["selector"]
     assert labels["app.kubernetes.io/component"] == "router"
-    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "port": 29000, "targetPort": 29000, "protocol": "TCP"},  # for a ServiceMonitor
+    ]
+
+
+def test_the_router_without_a_metrics_port_keeps_vllm_routers_own_default():
+    objects = by_name(render(PD.replace("router: {port: 8000}", "router: {port: 8000, metrics_port: null}")))
+    template = objects["ds-router"]["spec"]["template"]
+    assert [p["name"] for p in template["spec"]["containers"][0]["ports"]] == ["http"]
+    assert "annotations" not in template["metadata"]
 
 
 PD_WRONG = {

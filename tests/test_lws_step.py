@@ -383,6 +383,9 @@ def test_prefill_decode_pods_and_the_router_pod_serve_behind_the_real_vllm_route
             assert not dead and time.monotonic() < deadline, {n: pods[n].communicate()[0] for n in dead}
             time.sleep(0.5)
         assert probe(b, router_pod, "livenessProbe", {}) == 0
+        # vllm-router's Prometheus endpoint, where the pod's annotations point, answers a scraper on another node
+        metrics = next(p["containerPort"] for p in router_pod["ports"] if p["name"] == "metrics")
+        assert _get(a, f"http://{b.address}:{metrics}/metrics") == 200
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe(a, decode_leader, kind, {}) == 0, kind
         # the decode worker is ready (and through its start-up) once its group's leader serves
