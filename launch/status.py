@@ -3,13 +3,15 @@
 What is polled, all at once and within one time bound:
 - each group's primary: GET /health (vLLM's own liveness: 200 while its engines answer) and GET /metrics
   (vLLM's Prometheus endpoint);
+- each secondary's launcher, on its watch port (rpc_port + 1000, launch/peers.py), where the deploy file
+  keeps the watch on: the line it answers says the node and its launcher are still there;
 - the router of a prefill/decode deployment: GET /health.
 A headless secondary has no HTTP endpoint of its own. Its data parallel ranks are served through the
 primary's API server, whose /metrics carries one series per rank (label ``engine``): in vLLM's internal
 load-balancing mode the API server's client manages every rank, local and remote
 (vllm/v1/engine/core_client.py, ``engine_ranks_managed``, and the per-engine label values in
 vllm/v1/metrics/loggers.py; read in the 0.26.0 wheel). So each node's line shows its own ranks' figures as
-the primary reports them, and a node is down when its group's primary is.
+the primary reports them, and a node is down when its group's primary is, or its launcher does not answer.
 
 The figures per rank: ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and the KV-cache use
 (``vllm:kv_cache_usage_perc``; vLLM 0.10 also had the older ``vllm:gpu_cache_usage_perc``).
@@ -28,8 +30,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from launch import wait
 from launch.config import ConfigError, DeployConfig
 from launch.layout import NodeLayout, layouts
+from launch.peers import PROTOCOL
 
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 KV_USE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
@@ -46,11 +50,23 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Launcher:
+    """A secondary's launcher, asked on its watch port for the line it answers while vLLM runs."""
+
+    name: str
+    host: str
+    port: int
+    node_rank: int
+
+
+@dataclass(frozen=True)
 class NodeRow:
     group: str | None
     layout: NodeLayout
     endpoint: Endpoint
     """The endpoint this node's health is judged by: its group's primary."""
+    launcher: Launcher | None = None
+    """A secondary's own launcher, where the watch is on."""
 
 
 @dataclass
@@ -61,10 +77,12 @@ class Answer:
     error: str | None = None
     seconds: float = 0.0
     ranks: dict[int, RankFigures] = field(default_factory=dict)
+    answered: bool = False
+    """A launcher's watch port answered with its node's line."""
 
     @property
     def up(self) -> bool:
-        return self.health == 200
+        return self.health == 200 or self.answered
 
 
 @dataclass
@@ -76,7 +94,8 @@ class RankFigures:
 
 
 def targets(config: DeployConfig) -> tuple[list[NodeRow], list[Endpoint]]:
-    """Every node of the deploy file with the endpoint that answers for it, and every endpoint to poll."""
+    """Every node of the deploy file with the endpoint (and launcher) that answers for it, and every HTTP
+    endpoint to poll."""
     groups = (
         [(None, config)] if config.disaggregation is None else [(g, config.group(g)) for g in ("prefill", "decode")]
     )
@@ -90,12 +109,19 @@ def targets(config: DeployConfig) -> tuple[list[NodeRow], list[Endpoint]]:
             True,
         )
         endpoints.append(primary)
-        rows += [NodeRow(group, lay, primary) for lay in lays]
+        rows += [NodeRow(group, lay, primary, _launcher(cfg, group, lay)) for lay in lays]
     if config.disaggregation is not None:
         router = config.disaggregation.router
         where = router.address or config.disaggregation.prefill.nodes[0].address
         endpoints.append(Endpoint(f"router {where}:{router.port}", f"http://{_host(where)}:{router.port}", False))
     return rows, endpoints
+
+
+def _launcher(cfg: DeployConfig, group: str | None, lay: NodeLayout) -> Launcher | None:
+    if lay.role == "primary" or not cfg.watch.enabled or lay.node_address is None:
+        return None
+    where = f"{lay.node_address}:{cfg.watch_port}"
+    return Launcher(f"{group + ' ' if group else ''}launcher {where}", lay.node_address, cfg.watch_port, lay.node_rank)
 
 
 def _host(address: str | None) -> str:
@@ -107,17 +133,25 @@ def _host(address: str | None) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def poll(endpoints: list[Endpoint], timeout_s: float) -> dict[str, Answer]:
-    """Asks every endpoint at once; nothing waits past ``timeout_s`` in all."""
+def poll(endpoints: list[Endpoint], timeout_s: float, launchers: list[Launcher] = ()) -> dict[str, Answer]:
+    """Asks every endpoint and launcher at once; nothing waits past ``timeout_s`` in all."""
     deadline = time.monotonic() + timeout_s
-    with ThreadPoolExecutor(max_workers=min(32, max(1, len(endpoints)))) as pool:
-        answers = list(pool.map(lambda e: _ask(e, deadline), endpoints))
-    return {e.name: a for e, a in zip(endpoints, answers, strict=True)}
+    asked = [*endpoints, *launchers]
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(asked)))) as pool:
+        answers = list(pool.map(lambda e: _ask(e, deadline), asked))
+    return {e.name: a for e, a in zip(asked, answers, strict=True)}
 
 
-def _ask(endpoint: Endpoint, deadline: float) -> Answer:
+def _ask(endpoint: Endpoint | Launcher, deadline: float) -> Answer:
     start = time.monotonic()
     answer = Answer()
+    if isinstance(endpoint, Launcher):
+        line, why = wait.first_line(endpoint.host, endpoint.port, max(deadline - start, 0.05))
+        answer.answered = line is not None and line.startswith(f"{PROTOCOL} node {endpoint.node_rank} ")
+        if not answer.answered:
+            answer.error = why if line is None else f"answered {line[:60]!r}, not this node's launcher"
+        answer.seconds = time.monotonic() - start
+        return answer
     try:
         answer.health, _ = _get(endpoint.url + "/health", deadline)
         if endpoint.metrics and answer.up:
@@ -171,8 +205,9 @@ def rank_figures(text: str) -> dict[int, RankFigures]:
     return ranks
 
 
-def node_line(row: NodeRow, answer: Answer, per_rank: bool) -> list[str]:
-    """One line for the node (and one per rank with ``per_rank``); pure, for the tests."""
+def node_line(row: NodeRow, answer: Answer, per_rank: bool, launcher: Answer | None = None) -> list[str]:
+    """One line for the node (and one per rank with ``per_rank``); pure, for the tests. ``launcher``: what the
+    node's own launcher answered (a secondary, where the watch is on)."""
     lay = row.layout
     first, last = lay.start_rank, lay.start_rank + lay.data_parallel_size_local - 1
     where = f"{row.group + ' ' if row.group else ''}node {lay.node_rank} ({lay.role} {lay.node_address})"
@@ -180,6 +215,10 @@ def node_line(row: NodeRow, answer: Answer, per_rank: bool) -> list[str]:
         why = answer.error or f"/health answered {answer.health}"
         via = "" if lay.role == "primary" else " (its group's primary)"
         return [f"{where:<40} DOWN  DP {first}..{last}: {row.endpoint.name}{via}: {why}"]
+    if launcher is not None and not launcher.up:
+        assert row.launcher is not None
+        gone = f"{row.launcher.name}: {launcher.error} (the node, or its launcher, is gone)"
+        return [f"{where:<40} DOWN  DP {first}..{last}: {gone}"]
     mine = [answer.ranks.get(r) for r in range(first, last + 1)]
     missing = [r for r, f in zip(range(first, last + 1), mine, strict=True) if f is None]
     known = [f for f in mine if f is not None]
@@ -212,16 +251,19 @@ def _ranges(ranks: list[int]) -> str:
 
 def report(config: DeployConfig, source: str, timeout_s: float, per_rank: bool) -> tuple[list[str], bool]:
     rows, endpoints = targets(config)
+    launchers = [r.launcher for r in rows if r.launcher is not None]
     start = time.monotonic()
-    answers = poll(endpoints, timeout_s)
+    answers = poll(endpoints, timeout_s, launchers)
     took = time.monotonic() - start
     ranks = sum(r.layout.data_parallel_size_local for r in rows)
+    watched = f" and {len(launchers)} launchers' watch ports" if launchers else ""
     lines = [
-        f"# status of {source}: {len(rows)} nodes, {ranks} DP ranks; polled {len(endpoints)} endpoints "
+        f"# status of {source}: {len(rows)} nodes, {ranks} DP ranks; polled {len(endpoints)} endpoints{watched} "
         f"in {took:.2f} s (bound {timeout_s:g} s)"
     ]
     for row in rows:
-        lines += node_line(row, answers[row.endpoint.name], per_rank)
+        launcher = answers[row.launcher.name] if row.launcher else None
+        lines += node_line(row, answers[row.endpoint.name], per_rank, launcher)
     for e in endpoints:
         if not e.metrics:
             a = answers[e.name]

@@ -1,5 +1,6 @@
 """Benchmark: `python -m launch status` on a 128-node deploy file (8 GPUs each: 1024 DP ranks) against a stand-in
-vLLM API server whose /metrics carries all 1024 ranks, as a real primary's does.
+vLLM API server whose /metrics carries all 1024 ranks, as a real primary's does, and 127 stand-in launchers that
+answer on their watch ports (addresses 127.0.0.2 .. 127.0.0.128), as every secondary's launcher does.
 
     python tests/bench_status.py [--nodes 128] [--runs 5]
 
@@ -10,16 +11,20 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from launch.config import WATCH_PORT_OFFSET  # noqa: E402
+from launch.peers import PROTOCOL  # noqa: E402
 from tests.support import FAKE_VLLM, free_port, vllm_metrics  # noqa: E402
 
 
@@ -33,8 +38,15 @@ def main() -> int:
         metrics = Path(tmp) / "metrics.txt"
         metrics.write_text(vllm_metrics({r: (r % 7, r % 3, (r % 10) / 10) for r in range(8 * args.nodes)}))
         deploy = Path(tmp) / "deploy.yaml"
-        nodes = "".join(f"  - {{address: 10.{i // 250}.{i % 250}.1, gpus: 8}}\n" for i in range(1, args.nodes))
-        deploy.write_text(f"model: m\nport: {port}\nnodes:\n  - {{address: 127.0.0.1, gpus: 8}}\n{nodes}")
+        rpc = next(p for p in iter(free_port, None) if p + WATCH_PORT_OFFSET <= 65535)  # its watch port exists
+        nodes = "".join(f"  - {{address: 127.0.{i // 250}.{i % 250 + 1}, gpus: 8}}\n" for i in range(1, args.nodes))
+        deploy.write_text(
+            f"model: m\nport: {port}\nrpc_port: {rpc}\nnodes:\n  - {{address: 127.0.0.1, gpus: 8}}\n{nodes}"
+        )
+        launchers = [
+            stand_in_launcher(f"127.0.{i // 250}.{i % 250 + 1}", i, rpc + WATCH_PORT_OFFSET)
+            for i in range(1, args.nodes)
+        ]
         env = {**os.environ, "FAKE_VLLM_DELAY": "0", "FAKE_VLLM_METRICS": str(metrics)}
         server = subprocess.Popen([sys.executable, str(FAKE_VLLM), "--port", str(port)], env=env)
         try:
@@ -57,12 +69,31 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(5)
+            for listening in launchers:
+                listening.close()
     print(
         f"# launch status: {args.nodes} nodes, {8 * args.nodes} DP ranks, metrics {metrics_size(args.nodes)} KB, {lines} lines out"
     )
     print(f"wall s per run : {' '.join(f'{w:.2f}' for w in walls)}  (median {statistics.median(walls):.2f})")
     print(f"poll s per run : {' '.join(f'{p:.2f}' for p in polls)}  (median {statistics.median(polls):.2f}, bound 10)")
     return 0
+
+
+def stand_in_launcher(address: str, rank: int, port: int) -> socket.socket:
+    """Answers ``address:port`` with the line a secondary's launcher sends (launch/peers.py), until closed."""
+    server = socket.create_server((address, port))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(f"{PROTOCOL} node {rank} bench\n".encode())
+
+    threading.Thread(target=answer, daemon=True).start()
+    return server
 
 
 def metrics_size(nodes: int) -> int:

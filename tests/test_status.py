@@ -6,12 +6,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from launch import status
-from launch.config import parse_deploy
+from launch import peers, status
+from launch.config import WATCH_PORT_OFFSET as WATCH, parse_deploy
 from tests.support import FAKE_VLLM, free_port, vllm_metrics
 
 
@@ -41,8 +42,46 @@ def stand_in(tmp_path):
         p.wait(5)
 
 
-def two_nodes(port: int) -> str:
-    return f"model: m\nport: {port}\nnodes:\n  - {{address: 127.0.0.1, gpus: 2}}\n  - {{address: 127.0.0.2, gpus: 2}}\n"
+@pytest.fixture
+def launcher():
+    """A stand-in secondary launcher: answers its watch port with the line launch/peers.py sends."""
+    servers = []
+
+    def start(address: str, rank: int, port: int) -> None:
+        server = socket.create_server((address, port))
+        servers.append(server)
+
+        def answer() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(f"{peers.PROTOCOL} node {rank} t0k3n\n".encode())
+
+        threading.Thread(target=answer, daemon=True).start()
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def rpc_port() -> int:
+    """An rpc_port whose watch port (+1000) is free on 127.0.0.2."""
+    while True:
+        port = free_port()
+        if port + WATCH <= 65535:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.2", port + WATCH)) != 0:
+                    return port
+
+
+def two_nodes(port: int, rpc: int = 13345, extra: str = "") -> str:
+    return (
+        f"model: m\nport: {port}\nrpc_port: {rpc}\nnodes:\n  - {{address: 127.0.0.1, gpus: 2}}\n"
+        f"  - {{address: 127.0.0.2, gpus: 2}}\n{extra}"
+    )
 
 
 def test_rank_figures_read_vllms_prometheus_text():
@@ -53,13 +92,14 @@ def test_rank_figures_read_vllms_prometheus_text():
     assert status.rank_figures(vllm_metrics({0: (1, 0, 0.5)}, old_kv_name=True))[0].kv_use == 0.5
 
 
-def test_every_node_is_reported_from_its_primarys_metrics(launch, write_yaml, stand_in):
-    port = free_port()
+def test_every_node_is_reported_from_its_primarys_metrics(launch, write_yaml, stand_in, launcher):
+    port, rpc = free_port(), rpc_port()
     stand_in(port, vllm_metrics({0: (3, 1, 0.25), 1: (2, 0, 0.5), 2: (1, 0, 0.125), 3: (0, 4, 0.75)}))
-    res = launch("status", str(write_yaml(two_nodes(port))), "--ranks")
-    assert res.code == 0, res.err
+    launcher("127.0.0.2", 1, rpc + WATCH)
+    res = launch("status", str(write_yaml(two_nodes(port, rpc))), "--ranks")
+    assert res.code == 0, res.out + res.err
     lines = res.out.splitlines()
-    assert "2 nodes, 4 DP ranks; polled 1 endpoints" in lines[0]
+    assert "2 nodes, 4 DP ranks; polled 1 endpoints and 1 launchers' watch ports" in lines[0]
     assert "node 0 (primary 127.0.0.1)" in lines[1] and "UP    DP 0..1: running 5 waiting 1 KV 50.0% max" in lines[1]
     assert lines[2:4] == ["  DP    0: running 3 waiting 1 KV 25.0%", "  DP    1: running 2 waiting 0 KV 50.0%"]
     assert "node 1 (secondary 127.0.0.2)" in lines[4] and "UP    DP 2..3: running 1 waiting 4 KV 75.0% max" in lines[4]
@@ -93,12 +133,40 @@ def test_a_listener_that_never_answers_is_bounded(launch, write_yaml):
     assert took < 10, took  # the bound held (process start-up included)
 
 
-def test_ranks_missing_from_the_metrics_are_named(launch, write_yaml, stand_in):
-    port = free_port()
+def test_ranks_missing_from_the_metrics_are_named(launch, write_yaml, stand_in, launcher):
+    port, rpc = free_port(), rpc_port()
     stand_in(port, vllm_metrics({0: (0, 0, 0.0), 1: (0, 0, 0.0)}))
-    res = launch("status", str(write_yaml(two_nodes(port))))
-    assert res.code == 0
+    launcher("127.0.0.2", 1, rpc + WATCH)
+    res = launch("status", str(write_yaml(two_nodes(port, rpc))))
+    assert res.code == 0, res.out  # its launcher answers: an engine that has not reported yet is no failure
     assert "node 1 (secondary 127.0.0.2)" in res.out and "no metrics for DP 2..3" in res.out
+
+
+def test_a_secondary_whose_launcher_is_gone_is_down_while_its_primary_serves(launch, write_yaml, stand_in):
+    port, rpc = free_port(), rpc_port()
+    stand_in(port, vllm_metrics({0: (0, 0, 0.0), 1: (0, 0, 0.0), 2: (0, 0, 0.0), 3: (0, 0, 0.0)}))
+    res = launch("status", str(write_yaml(two_nodes(port, rpc))))
+    assert res.code == 1
+    (line,) = [ln for ln in res.out.splitlines() if "node 1 (secondary 127.0.0.2)" in ln]
+    assert " DOWN  DP 2..3: launcher 127.0.0.2:" in line and "the node, or its launcher, is gone" in line
+    assert "connect" in line.lower() or "refused" in line.lower(), line
+    assert res.out.splitlines()[-1] == "# verdict: NOT serving"
+
+
+def test_a_watch_port_that_answers_for_another_node_is_not_this_node(launch, write_yaml, stand_in, launcher):
+    port, rpc = free_port(), rpc_port()
+    stand_in(port, vllm_metrics({0: (0, 0, 0.0)}))
+    launcher("127.0.0.2", 5, rpc + WATCH)  # a launcher of another deployment, or another rank
+    res = launch("status", str(write_yaml(two_nodes(port, rpc))))
+    assert res.code == 1 and "answered 'vllm-ep watch 1 node 5 t0k3n', not this node's launcher" in res.out
+
+
+def test_with_the_watch_off_only_the_primary_is_asked(launch, write_yaml, stand_in):
+    port = free_port()
+    stand_in(port, vllm_metrics({0: (0, 0, 0.0)}))
+    res = launch("status", str(write_yaml(two_nodes(port, extra="watch: {enabled: false}\n"))))
+    assert res.code == 0, res.out
+    assert "polled 1 endpoints in" in res.out
 
 
 def test_prefill_decode_polls_both_primaries_and_the_router(launch, write_yaml, stand_in):
