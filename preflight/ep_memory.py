@@ -76,6 +76,52 @@ def ll_rdma_bytes(tokens_per_rank: int, hidden: int, num_ranks: int, num_experts
     return (total + NUM_BUFFER_ALIGNMENT_BYTES) // NUM_BUFFER_ALIGNMENT_BYTES * NUM_BUFFER_ALIGNMENT_BYTES
 
 
+# DeepEP v2's ElasticBuffer (deep_ep/buffers/elastic.py, csrc/elastic/buffer.hpp at d4f41e4): its buffer is
+# NCCL symmetric memory sized by ElasticBuffer::calculate_buffer_size (buffer.hpp:622-655), the larger of the
+# dispatch and the combine layouts (get_dispatch_buffer_size / get_combine_buffer_size, lines 556-620), each a
+# sum of BufferLayouts = ranks x tokens x bytes per token (deep_ep/include/deep_ep/common/layout.cuh, TokenLayout:
+# hidden bytes, scale bytes and top-k index + weight (+ source rank and indices in dispatch), each rounded up to
+# 32 bytes). vLLM passes neither VLLM_DEEPEP_BUFFER_SIZE_MB nor a size: ElasticBuffer sizes itself.
+ELASTIC_ALIGNMENT = 2 * 1024 * 1024  # symmetric::kNumAlignmentBytes (csrc/kernels/backend/symmetric.hpp:16)
+ELASTIC_MAX_CHANNELS = 8 * 160  # kNumMaxChannelsPerSM x kNumMaxSMs (buffer.hpp:59-61)
+TMA_ALIGN = 32  # ptx::kNumTMAAlignBytes (deep_ep/include/deep_ep/common/ptx.cuh:16)
+
+
+def _align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _token_bytes(hidden_bytes: int, topk: int, metadata: bool) -> int:
+    meta = topk * 8 + ((1 + topk) * 4 if metadata else 0)
+    return _align(hidden_bytes, TMA_ALIGN) + _align(meta, TMA_ALIGN)
+
+
+def elastic_buffer_bytes(
+    tokens: int, hidden: int, topk: int, ranks: int, nvlink_ranks: int, *, hybrid: bool = True, reductions: bool = False
+) -> int:
+    """DeepEP v2's ElasticBuffer size for these settings, as calculate_buffer_size computes it, with BF16 dispatch
+    (FP8 dispatch is smaller). ``nvlink_ranks``: GPUs per NVLink domain (a node); ``hybrid``: vLLM's
+    VLLM_DEEPEP_V2_ALLOW_HYBRID_MODE (default 1), ``reductions``: VLLM_DEEPEP_V2_ALLOW_MULTIPLE_REDUCTION (0)."""
+    topk = topk or 32
+    nvl = max(1, min(nvlink_ranks, ranks))
+    scaleout, scaleup = (ranks // nvl, nvl) if hybrid else (1, ranks)
+    nvlink = scaleup == nvl
+    d, c = _token_bytes(hidden * 2, topk, True), _token_bytes(hidden * 2, topk, False)
+    per_token_sent = 1 if reductions else topk
+    if scaleout == 1:
+        dispatch = d * tokens * ((0 if nvlink else 1) + ranks)
+        received = min(ranks, topk) if reductions else topk
+        combine = c * tokens * ((0 if nvlink else ranks) * per_token_sent + received)
+    else:
+        dispatch = d * (scaleup * scaleout * tokens + tokens + scaleout * (tokens + ELASTIC_MAX_CHANNELS))
+        up = min(scaleup, topk) if reductions else topk
+        out = min(scaleout, topk) if reductions else topk
+        combine = c * (
+            up * scaleout * tokens + out * tokens + per_token_sent * scaleout * (tokens + ELASTIC_MAX_CHANNELS)
+        )
+    return _align(max(dispatch, combine), ELASTIC_ALIGNMENT)
+
+
 def parse_size(text: str) -> int:
     """NVSHMEM's size syntax (NVSHMEM_SYMMETRIC_SIZE): a number with an optional k/m/g/t suffix (powers of 1024)."""
     raw = text.strip().lower()
@@ -361,7 +407,7 @@ def nvshmem_heap_bytes(plan: Plan, shape: MoeShape) -> tuple[float, str]:
         how = (
             "no RDMA buffer (one node, NVLink only)"
             if plan.backend == "deepep_high_throughput"
-            else "NCCL-allocated (DeepEP v2): in the NVLink row"
+            else "none: DeepEP v2's buffer is NCCL symmetric memory (the ElasticBuffer row)"
         )
     heap = math.ceil(need / NVSHMEM_GRANULARITY) * NVSHMEM_GRANULARITY if need else 0
     if plan.nvshmem_symmetric_size is not None and plan.nvshmem_symmetric_size > heap:
@@ -378,6 +424,13 @@ def budget(shape: MoeShape, plan: Plan, gpu_bytes: float, weights: tuple[float, 
     redundant = per_expert * plan.redundant_experts / plan.ep_size
     heap, heap_how = nvshmem_heap_bytes(plan, shape)
     nvl, nvl_how = plan.deepep_buffer_mb * MiB, f"VLLM_DEEPEP_BUFFER_SIZE_MB={plan.deepep_buffer_mb}"
+    if plan.backend == "deepep_v2":
+        per_node = max(1, plan.ep_size // max(plan.nodes, 1))
+        nvl = elastic_buffer_bytes(plan.tokens_per_rank, shape.hidden, shape.topk, plan.ep_size, per_node)
+        nvl_how = (
+            f"ElasticBuffer size ({plan.tokens_per_rank} tokens/rank, hidden {shape.hidden}, top-{shape.topk}, "
+            f"{plan.ep_size} ranks, {per_node} per NVLink domain, BF16 dispatch) = {nvl / MiB:.0f} MiB"
+        )
     local_experts = math.ceil((shape.experts + plan.redundant_experts) / plan.ep_size)
     # the rows a rank's experts can be handed: low-latency pads every local expert to all ranks' tokens
     if not plan.creates_buffers:
@@ -414,10 +467,12 @@ def budget(shape: MoeShape, plan: Plan, gpu_bytes: float, weights: tuple[float, 
             "a lower --max-model-len",
         ),
         Term(
-            "DeepEP NVLink buffer",
+            "DeepEP v2 ElasticBuffer" if plan.backend == "deepep_v2" else "DeepEP NVLink buffer",
             nvl,
             nvl_how,
-            "a lower VLLM_DEEPEP_BUFFER_SIZE_MB",
+            "fewer tokens per rank (--max-num-batched-tokens)"
+            if plan.backend == "deepep_v2"
+            else "a lower VLLM_DEEPEP_BUFFER_SIZE_MB",
         ),
         Term(
             "NVSHMEM symmetric heap",

@@ -473,6 +473,20 @@ def test_a_threshold_is_still_refused_by_every_other_command(launch, tmp_path):
     )
 
 
+def test_deepep_v2_sizes_its_elastic_buffer_itself():
+    """Worked by hand from ElasticBuffer::calculate_buffer_size (DeepEP d4f41e4), DeepSeek-V3's hidden 7168 and
+    top-8, 256 tokens per rank. One node of 8: dispatch 8 x 256 tokens of 14,336 + 128 bytes (BF16 + top-k
+    indices, weights, source rank and indices) = 29.6 MB, combine 8 x 256 x 14,400: 30 MiB after 2 MiB
+    alignment. Four nodes, hybrid: combine's scale-out send (8 x 4 x (256 + 1,280 channels) tokens) leads."""
+    mib = 1024**2
+    assert ep_memory.elastic_buffer_bytes(256, 7168, 8, 8, 8) == 30 * mib
+    assert ep_memory.elastic_buffer_bytes(256, 7168, 8, 32, 8) == 816 * mib
+    b = ep_memory.budget(ep_memory.moe_shape(DEEPSEEK_V3), plan(32, backend="deepep_v2"), H200)
+    terms = {t.name: t for t in b.terms}
+    assert terms["DeepEP v2 ElasticBuffer"].bytes == 816 * mib  # not VLLM_DEEPEP_BUFFER_SIZE_MB: v2 ignores it
+    assert terms["NVSHMEM symmetric heap"].bytes == 0 and "NCCL symmetric memory" in terms["NVSHMEM symmetric heap"].how
+
+
 def test_with_one_data_parallel_rank_vllm_holds_no_ep_buffers():
     b = ep_memory.budget(
         ep_memory.moe_shape(QWEN3_30B_A3B), plan(1, nodes=1, creates_buffers=False, batched_tokens=8192), H200
