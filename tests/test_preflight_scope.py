@@ -87,3 +87,20 @@ def test_which_runs_expect_every_node(flag, markexpr, asked):
     from preflight.plugin import asks_cross_node
 
     assert asks_cross_node(flag, markexpr) is asked
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--deploy", "missing.yaml"], "error: missing.yaml: cannot read the deploy file (No such file or directory)"),
+        (["--node-rank", "7"], "error: --node-rank: 7 is not a node of "),
+    ],
+    ids=["missing file", "no such node"],
+)
+def test_a_deploy_file_or_option_that_cannot_be_used_is_one_line_and_exit_2(write_yaml, args, message):
+    """As `python -m launch` says it: one line, exit code 2, before any check runs."""
+    if args[0] == "--node-rank":
+        args = ["--deploy", str(write_yaml(TWO_NODES)), *args]
+    res = run_module("preflight", *args, "-k", "shm", timeout=120)
+    assert res.code == 2 and res.out == ""
+    assert res.err.count("\n") == 1 and res.err.startswith(message), res.err
