@@ -454,11 +454,11 @@ def test_a_threshold_that_is_not_a_number_fails_the_checks_that_read_it_and_the_
     extra = "preflight: {ep_bandwidth_min_gbps: fast, shm_min_gib: -1, ep_memory_reserve_gib: 2}\n"
     path = deploy(tmp_path, "deepep_low_latency", QWEN3_30B_A3B, extra)
     picked = "dev_shm or locked_memory or bandwidth"
-    res = run_module("preflight", "--deploy", path, "--node-rank", "0", "-k", picked, timeout=120)
+    res = run_module("preflight", "--deploy", "one.yaml", "--node-rank", "0", "-k", picked, timeout=120, cwd=tmp_path)
     assert res.code == 1 and "Traceback" not in res.out + res.err
     (shm,) = [ln for ln in res.out.splitlines() if "/dev/shm size" in ln]
     assert shm.startswith("FAIL") and shm.endswith(
-        f"{path}: preflight.shm_min_gib: input should be greater than or equal to 0, got -1  "
+        "one.yaml: preflight.shm_min_gib: input should be greater than or equal to 0, got -1  "
         "fix: write a number >= 0 in the deploy file's preflight: section, or leave the line out for the default"
     )
     assert "ulimit -l" in res.out  # the next check still ran
