@@ -452,7 +452,7 @@ def test_a_dense_model_is_one_line_with_the_fix(tmp_path):
 
 def test_a_threshold_that_is_not_a_number_fails_the_checks_that_read_it_and_the_suite_runs_on(tmp_path):
     extra = "preflight: {ep_bandwidth_min_gbps: fast, shm_min_gib: -1, ep_memory_reserve_gib: 2}\n"
-    path = deploy(tmp_path, "deepep_low_latency", QWEN3_30B_A3B, extra)
+    deploy(tmp_path, "deepep_low_latency", QWEN3_30B_A3B, extra)  # one.yaml in tmp_path
     picked = "dev_shm or locked_memory or bandwidth"
     res = run_module("preflight", "--deploy", "one.yaml", "--node-rank", "0", "-k", picked, timeout=120, cwd=tmp_path)
     assert res.code == 1 and "Traceback" not in res.out + res.err
