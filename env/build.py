@@ -198,6 +198,12 @@ class Builder:
                 f"its setup.py imports torch, which {info.executable} cannot ({info.torch_error or 'not installed'})",
                 "install the profile's torch first (pixi install), or pass --python with the stack's interpreter",
             )
+        if comp.min_torch and info.torch and _release(info.torch) < _release(comp.min_torch):
+            raise StackError(
+                where,
+                f"needs torch >= {comp.min_torch} (its README's requirements), {info.executable} has torch {info.torch}",
+                f"install the profile's torch (pixi install), or a profile whose DeepEP line supports torch {info.torch}",
+            )
         if comp.cuda and comp.needs_torch and toolkit:
             if not info.torch_cuda:
                 raise StackError(
@@ -478,6 +484,11 @@ class Builder:
                 # DeepEP's include dirs for CUDA >= 13. Given to nvcc and g++ alike, the source left as it is.
                 env["NVCC_APPEND_FLAGS"] = " ".join(f for f in (env.get("NVCC_APPEND_FLAGS", ""), f"-I{cccl}") if f)
                 env["CPLUS_INCLUDE_PATH"] = os.pathsep.join(p for p in (cccl, env.get("CPLUS_INCLUDE_PATH", "")) if p)
+            stubs = _driver_stubs(toolkit)
+            if stubs:
+                # DeepEP v2 links -lcuda (setup.py); a build host without the driver has only the toolkit's stub
+                # (vLLM's ep_kernels script adds the same folder); it names libcuda.so.1, the driver's, at run time.
+                env["LIBRARY_PATH"] = os.pathsep.join(p for p in (env.get("LIBRARY_PATH", ""), stubs) if p)
         if comp.needs_nccl and info.nccl:
             env["EP_NCCL_ROOT_DIR"] = info.nccl["root"]  # DeepEP v2's setup.py persists it for its import
         if comp.jit_cache_env:
@@ -543,6 +554,7 @@ class Builder:
             "MAX_JOBS",
             "NVCC_APPEND_FLAGS",
             "CPLUS_INCLUDE_PATH",
+            "LIBRARY_PATH",
             "EP_NCCL_ROOT_DIR",
             *([comp.jit_cache_env] if comp.jit_cache_env else []),
         ]
@@ -629,6 +641,14 @@ def _satisfies(version: str, spec: str) -> bool:
         return False
 
 
+def _release(version: str) -> Version:
+    """A version without its local build (2.11.0+cu130 is 2.11.0) or pre-release part, for floors."""
+    try:
+        return Version(Version(version).base_version)
+    except InvalidVersion:
+        return Version("0")
+
+
 def _cccl_include(toolkit: machine.Toolkit) -> str | None:
     """<CUDA_HOME>/include/cccl (or conda's targets/<triple>/include/cccl) for CUDA >= 13."""
     if int(toolkit.version.split(".")[0]) < 13:
@@ -636,6 +656,15 @@ def _cccl_include(toolkit: machine.Toolkit) -> str | None:
     home = Path(toolkit.home)
     for cand in [home / "include" / "cccl", *sorted(home.glob("targets/*/include/cccl"))]:
         if cand.is_dir():
+            return str(cand)
+    return None
+
+
+def _driver_stubs(toolkit: machine.Toolkit) -> str | None:
+    """The toolkit's stub libcuda.so folder (lib64/stubs, or conda's targets/<triple>/lib/stubs), if any."""
+    home = Path(toolkit.home)
+    for cand in [home / "lib64" / "stubs", *sorted(home.glob("targets/*/lib/stubs"))]:
+        if (cand / "libcuda.so").exists():
             return str(cand)
     return None
 

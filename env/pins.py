@@ -104,6 +104,8 @@ class Component:
     """Compiles CUDA code: needs nvcc (CUDA_HOME) and a GPU arch list."""
     needs_torch: bool = False
     """Its setup.py imports torch (torch.utils.cpp_extension): torch must be installed before the build."""
+    min_torch: str = ""
+    """The lowest torch its sources support (e.g. "2.10"), checked before compiling; empty: none stated."""
     needs_nvshmem: bool = False
     """Built against NVSHMEM: NVSHMEM_DIR is set for the build (built here, given, or the pip wheel's)."""
     submodules: bool = False
@@ -433,6 +435,7 @@ CURRENT = Profile(
             module="deep_ep",
             patches=(GIN_BARRIER_FIX,),
             needs_nccl=">=2.30.4",
+            min_torch="2.10",  # README.md at d4f41e4, Requirements: "PyTorch 2.10 and above"
             jit_cache_env="EP_JIT_CACHE_DIR",
             note="DeepEP v2 needs NCCL >= 2.30.4 at build and run time (the same script's DEEPEP_V2_MIN_NCCL) and compiles "
             "kernels at run time with nvcc (csrc/jit/compiler.hpp); vLLM's script patches this commit: the GIN barrier "

@@ -308,3 +308,46 @@ def test_a_compiler_outside_torchs_bounds_for_that_cuda_is_refused(tmp_path):
         match=r"the C\+\+ compiler g\+\+ \(GCC\) 16.1.0 is outside what torch accepts for CUDA 13.0 \(g\+\+ >= 6.0.0, < 16.0;",
     ):
         check(tmp_path, machine.Toolkit("/usr/local/cuda", "13.0"), ("/usr/bin/g++", "g++ (GCC) 16.1.0"))
+
+
+def test_deepep_v2_is_refused_a_torch_older_than_its_readme_asks(tmp_path):
+    """DeepEP v2 (the current profile's pin) states "PyTorch 2.10 and above"; the check runs before compiling."""
+    from dataclasses import replace
+
+    from env.build import BuildConfig, Builder
+    from env.pins import CURRENT
+
+    builder = Builder(BuildConfig(profile=CURRENT, prefix=tmp_path / "stack", cache=tmp_path / "cache"), environ={})
+    deepep = CURRENT.component("deepep")
+    toolkit, archs = machine.Toolkit("/usr/local/cuda", "13.0"), machine.ArchList(("9.0",), "--arch")
+    older = replace(GPU_MACHINE_TORCH, torch="2.9.1+cu130")
+    with pytest.raises(StackError) as err:
+        builder._check(deepep, archs, toolkit, GPU_MACHINE_GXX, older)
+    assert str(err.value) == (
+        "component deepep: needs torch >= 2.10 (its README's requirements), /opt/torch/.venv/bin/python3 has torch "
+        "2.9.1+cu130; install the profile's torch (pixi install), or a profile whose DeepEP line supports torch 2.9.1+cu130"
+    )
+    builder._check(deepep, archs, toolkit, GPU_MACHINE_GXX, GPU_MACHINE_TORCH)  # the GPU machine's 2.11.0+cu130
+
+
+def test_a_cuda_13_build_gets_the_cccl_headers_and_the_driver_stub(tmp_path):
+    """CUDA 13 moved libcu++ under include/cccl; DeepEP v2 links -lcuda, which a build host without the driver
+    finds only as the toolkit's stub (vLLM's ep_kernels script adds both)."""
+    from env.build import BuildConfig, Builder
+    from env.pins import CURRENT
+
+    cuda = tmp_path / "cuda"
+    (cuda / "include" / "cccl").mkdir(parents=True)
+    (cuda / "lib64" / "stubs").mkdir(parents=True)
+    (cuda / "lib64" / "stubs" / "libcuda.so").write_text("")
+    builder = Builder(
+        BuildConfig(profile=CURRENT, prefix=tmp_path / "stack", cache=tmp_path / "cache"),
+        environ={"LIBRARY_PATH": "/opt/mine"},
+    )
+    archs = machine.ArchList(("9.0",), "--arch")
+    env = builder._env(
+        CURRENT.component("deepep"), machine.Toolkit(str(cuda), "13.0"), archs, 4, None, GPU_MACHINE_TORCH
+    )
+    assert env["NVCC_APPEND_FLAGS"] == f"-I{cuda}/include/cccl"
+    assert env["LIBRARY_PATH"] == f"/opt/mine:{cuda}/lib64/stubs"  # the user's own first
+    assert env["EP_JIT_CACHE_DIR"] == str(tmp_path / "stack" / "jit-cache" / "deepep")
