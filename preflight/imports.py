@@ -53,6 +53,12 @@ for name, dist in json.loads(sys.argv[1]).items():
         out[name]["detail"] = f"JIT cache {cache}, nvcc {nvcc}"
         if not nvcc or not os.path.isfile(nvcc):
             out[name].update(ok=False, error=f"DeepEP compiles kernels at run time and finds no nvcc ({nvcc or 'none on PATH, no CUDA_HOME'}); set CUDA_HOME to the CUDA toolkit")
+        else:  # the cache, or the folder it will be made in, must take this user's writes
+            existing = cache
+            while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+                existing = os.path.dirname(existing)
+            if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+                out[name].update(ok=False, error=f"DeepEP compiles kernels at run time into {cache}, and {existing} does not take this user's writes; set EP_JIT_CACHE_DIR to a writable folder (the stack prefix's jit-cache/deepep)")
 print(json.dumps(out))
 """
 

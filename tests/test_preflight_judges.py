@@ -302,3 +302,35 @@ def test_vllms_own_deep_gemm_in_the_installed_wheels(version, vendored):
     package = wheel_text(version, stand_in.replace(".", "/") + "/__init__.py")
     assert bool(package) is vendored
     assert (f'_has_module("{stand_in}")' in wheel_text(version, "vllm/utils/import_utils.py")) is vendored
+
+
+def _deepep_v2_stand_in(tmp_path):
+    """A `deep_ep` that looks like v2 to the probe (it has init_jit) and a CUDA_HOME with an nvcc."""
+    package = tmp_path / "site" / "deep_ep"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("def init_jit():\n    pass\n")
+    cuda = tmp_path / "cuda"
+    (cuda / "bin").mkdir(parents=True)
+    (cuda / "bin" / "nvcc").write_text("")
+    return {"PYTHONPATH": str(tmp_path / "site"), "CUDA_HOME": str(cuda), "PATH": os.environ["PATH"]}
+
+
+def test_deepep_v2_needs_nvcc_and_a_jit_cache_it_can_write_at_run_time(tmp_path):
+    """DeepEP v2 compiles its kernels when first used: the probe asks what it will ask, in the plan's environment."""
+    env = _deepep_v2_stand_in(tmp_path)
+    good = imports.probe(["deep_ep"], {**env, "EP_JIT_CACHE_DIR": str(tmp_path / "cache" / "deep_ep")}, 60)
+    assert good["deep_ep"].ok, good
+    assert good["deep_ep"].detail == f"JIT cache {tmp_path}/cache/deep_ep, nvcc {tmp_path}/cuda/bin/nvcc"
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = imports.probe(["deep_ep"], {**env, "EP_JIT_CACHE_DIR": str(blocker / "cache")}, 60)["deep_ep"]
+    assert not bad.ok and bad.error == (
+        f"DeepEP compiles kernels at run time into {blocker}/cache, and {blocker} does not take this user's writes; "
+        "set EP_JIT_CACHE_DIR to a writable folder (the stack prefix's jit-cache/deepep)"
+    )
+
+    no_nvcc = imports.probe(["deep_ep"], {**env, "CUDA_HOME": str(tmp_path / "nowhere")}, 60)["deep_ep"]
+    assert not no_nvcc.ok and no_nvcc.error == (
+        f"DeepEP compiles kernels at run time and finds no nvcc ({tmp_path}/nowhere/bin/nvcc); set CUDA_HOME to the CUDA toolkit"
+    )
