@@ -54,14 +54,14 @@ def repo(tmp_path) -> dict:
 def patch_file(tmp_path: Path) -> tuple[Path, str]:
     """A unified diff that turns commit A's VALUE = 1 into VALUE = 2 (it does not apply to B)."""
     path = tmp_path / "patches-host" / "value-fix.patch"
-    path.parent.mkdir()
+    path.parent.mkdir(exist_ok=True)
     path.write_text(
         "--- a/kernelpkg/__init__.py\n+++ b/kernelpkg/__init__.py\n@@ -1,2 +1,2 @@\n-VALUE = 1\n+VALUE = 2\n NAME = 'upstream'\n"
     )
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def kernel_pins(tmp_path: Path, url: str, ref: str, patch: Path, sha: str) -> Path:
+def kernel_pins(tmp_path: Path, url: str, ref: str, patch: Path | str, sha: str) -> Path:
     path = tmp_path / "pins.toml"
     path.write_text(f"""[profiles.test]
 description = "a patched package"
@@ -74,7 +74,7 @@ source = "tests"
 build = "pip"
 cuda = false
 module = "kernelpkg"
-patches = [{{url = "{patch.as_uri()}", sha256 = "{sha}", source = "tests"}}]
+patches = [{{url = "{patch if isinstance(patch, str) else patch.as_uri()}", sha256 = "{sha}", source = "tests"}}]
 """)
     return path
 
@@ -98,6 +98,39 @@ def test_a_pinned_patch_is_fetched_applied_and_recorded(tmp_path, repo):
     entry = json.loads((tmp_path / "stack" / "manifest.json").read_text())["entries"]["kernelpkg"]
     assert entry["patches"] == [{"url": patch.as_uri(), "sha256": sha}] and entry["commit"] == repo["A"]
     assert imported_value(tmp_path, pins) == "2 upstream"
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """Serves tmp_path/patches-host over HTTP on 127.0.0.1, as a patch's upstream host would."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "patches-host"
+    folder.mkdir(exist_ok=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_patch_is_downloaded_over_http_and_a_missing_one_is_one_line(tmp_path, repo, http_server):
+    patch, sha = patch_file(tmp_path)
+    pins = kernel_pins(tmp_path, repo["url"], repo["A"], f"{http_server}/value-fix.patch", sha)
+    fetched = run_env("fetch", "--pins", str(pins), "--profile", "test", "--cache", str(tmp_path / "cache"))
+    assert fetched["code"] == 0 and "kernelpkg      patch value-fix.patch (sha256 verified)" in fetched["out"], fetched
+    assert (tmp_path / "cache" / "patches" / "value-fix.patch").read_bytes() == patch.read_bytes()
+
+    gone = kernel_pins(tmp_path, repo["url"], repo["A"], f"{http_server}/moved.patch", sha)
+    result = run_env("fetch", "--pins", str(gone), "--profile", "test", "--cache", str(tmp_path / "cache2"))
+    assert result["code"] != 0
+    line = one_line(result)
+    assert line.startswith(f"error: component kernelpkg: cannot download {http_server}/moved.patch (HTTP Error 404")
+    assert not list((tmp_path / "cache2").rglob("*.part"))  # nothing half-written is left to be mistaken for it
 
 
 def test_a_patch_with_another_checksum_is_refused_before_building(tmp_path, repo):
