@@ -73,6 +73,34 @@ GID_VARS = ("NCCL_IB_GID_INDEX", "NVSHMEM_IB_GID_INDEX")
 """What ``network.gid_index`` sets: one index for both libraries."""
 
 
+EFA_ADVICE = {
+    "FI_EFA_FORK_SAFE": "not needed anymore (the plugin sets it)",
+    "FI_EFA_USE_DEVICE_RDMA": "do not set for libfabric >= 1.18.0 and aws-ofi-nccl >= 1.7.0",
+    "FI_PROVIDER": "needed (efa) only for aws-ofi-nccl <= 1.5.0",
+    "NCCL_PROTO": "needed (simple) only for aws-ofi-nccl <= 1.5.0",
+    "NCCL_SOCKET_NTHREADS": "not applicable for EFA",
+    "NCCL_NSOCKS_PERTHREAD": "not applicable for EFA",
+    "NCCL_MIN_CHANNELS": "best left out: more channels than needed split messages until EFA starves for data",
+    "NCCL_BUFFSIZE": "best left out: the default is recommended",
+    "RDMAV_FORK_SAFE": "do not use (it can break things on newer kernels)",
+}
+"""Variables aws-ofi-nccl's EFA cheatsheet (doc/efa-env-var.md, section 1) says to leave unset with current
+libfabric and plugin versions, with its words; every RDMAV_* is "Do not use" there too. FI_EFA_ENABLE_SHM_TRANSFER
+is left out: NVSHMEM over libfabric needs it set to 0 (see above)."""
+
+
+def efa_advice(settings: dict[str, dict[str, str]]) -> list[str]:
+    """Warnings for variables the deploy file sets on EFA that aws-ofi-nccl's cheatsheet says to leave unset.
+    ``settings``: where each group of variables comes from (network.nccl, env, nodes[1].env) -> variables."""
+    notes = []
+    for where, variables in settings.items():
+        for name in variables:
+            advice = EFA_ADVICE.get(name) or ("do not use" if name.startswith("RDMAV_") else None)
+            if advice:
+                notes.append(f"warning: {where}.{name} on EFA: {advice} (aws-ofi-nccl doc/efa-env-var.md)")
+    return notes
+
+
 def uses_nvshmem(backend: str | None, across_nodes: bool) -> bool:
     """Whether NVSHMEM carries traffic between nodes (within one node it uses NVLink and needs nothing here)."""
     return across_nodes and backend in NVSHMEM_BACKENDS

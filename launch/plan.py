@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from env.paths import StackPaths
-from launch import eplb_dbo, matrix, vllm_flags
+from launch import eplb_dbo, fabric, matrix, vllm_flags
 from launch.config import DeployConfig
 from launch.fabric import fabric_env, kv_over_ucx
 from launch.layout import NodeLayout, api_server_note
@@ -202,6 +202,12 @@ def build(
         backend = choice.used
         notes += [choice.note] if choice.note else []
     notes += matrix.check(config, layout, target, backend, passthrough, kv_transfer)
+    if config.network.transport == "efa":
+        mine = config.nodes[layout.node_rank].env if layout.node_rank < len(config.nodes) else {}
+        notes += fabric.efa_advice(
+            {"network.nccl": config.network.nccl, "network.efa": config.network.efa, "env": config.env}
+            | {f"nodes[{layout.node_rank}].env": mine}
+        )
     if note := api_server_note(layout, target):
         notes.append(note)
 

@@ -186,3 +186,27 @@ def test_settings_that_would_let_libraries_disagree_are_refused_in_one_line(laun
     res = launch("plan", str(path))
     assert res.code == 2 and res.out == ""
     assert len(res.err.splitlines()) == 1 and message in res.err, res.err
+
+
+def test_efa_variables_the_plugins_cheatsheet_says_to_leave_unset_are_warned_about(launch):
+    """The guide's own file sets NCCL_BUFFSIZE on EFA; aws-ofi-nccl's doc/efa-env-var.md recommends the default.
+    A warning, not a refusal: the guide ran with it."""
+    res = launch("plan", "docs/examples/guide-2node.yaml")
+    assert res.code == 0, res.err
+    warning = (
+        "# warning: network.nccl.NCCL_BUFFSIZE on EFA: best left out: the default is recommended "
+        "(aws-ofi-nccl doc/efa-env-var.md)"
+    )
+    assert res.out.splitlines().count(warning) == 2  # one per node
+
+
+def test_efa_advice_names_where_each_variable_was_set():
+    from launch.fabric import efa_advice
+
+    notes = efa_advice({"network.efa": {"FI_EFA_FORK_SAFE": "1"}, "nodes[1].env": {"RDMAV_HUGEPAGES_SAFE": "1"}})
+    assert notes == [
+        "warning: network.efa.FI_EFA_FORK_SAFE on EFA: not needed anymore (the plugin sets it) "
+        "(aws-ofi-nccl doc/efa-env-var.md)",
+        "warning: nodes[1].env.RDMAV_HUGEPAGES_SAFE on EFA: do not use (aws-ofi-nccl doc/efa-env-var.md)",
+    ]
+    assert efa_advice({"network.nccl": {"NCCL_NET_PLUGIN": "/opt/amazon/ofi-nccl/lib/libnccl-net.so"}}) == []
