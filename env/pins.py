@@ -372,7 +372,9 @@ SEED = Profile(
             source=f"{_AWSOME} (NCCL_VERSION=v2.27.7-1, built from NVIDIA/nccl in the guide's container)",
             cuda=False,
             note="inference: conda-forge's nccl 2.27.7 stands in for the guide's source build (not solved here: "
-            "no conda channel reachable); torch 2.7.1's own wheel brings NCCL 2.26",
+            "no conda channel reachable). What loads is torch 2.7.1's own wheel NCCL (2.26): env/nccl.py picks the "
+            "nvidia-nccl wheel and keeps the conda prefix's lib/ off LD_LIBRARY_PATH, where its CUDA libraries would "
+            "shadow torch's; EP_NCCL_ROOT_DIR=$CONDA_PREFIX loads 2.27.7 instead, as the guide did",
         ),
     ),
 )
