@@ -45,6 +45,10 @@ SCRIPT_FIELDS = {
     "vllm argument": lambda d, v: d.update(vllm_args=["--served-model-name", v]),
     "env name": lambda d, v: d.update(env={v: "1"}),
     "log_dir": lambda d, v: d.update(log_dir=v),
+    "nvshmem value": lambda d, v: d["network"].update(nvshmem={"NVSHMEM_DEBUG_FILE": v}),
+    "API bind address": lambda d, v: d.update(host=v),
+    "node address": lambda d, v: d["nodes"][0].update(address=v),
+    "socket interface": lambda d, v: d["network"].update(socket_ifname=v),
 }
 SLURM_FIELDS = {
     "model": lambda d, v: d.update(model=v),
@@ -52,6 +56,7 @@ SLURM_FIELDS = {
     **{f"slurm.{k}": (lambda d, v, k=k: d.update(slurm={k: v})) for k in ("partition", "account", "qos", "time")},
     "slurm.job_name": lambda d, v: d.update(slurm={"job_name": v}),
     "slurm.sbatch": lambda d, v: d.update(slurm={"sbatch": [f"--comment={v}"]}),
+    "slurm.output": lambda d, v: d.update(slurm={"output": v}),
 }
 
 ISOLATED = ["unshare", "--net"] if os.geteuid() == 0 and shutil.which("unshare") else []
