@@ -45,6 +45,7 @@ from env.paths import PROJECT_ROOT, default_prefix, stack_paths
 from env.pins import Profile, active_profile, resolve_profiles
 from env.status import healthy, render_json, render_text, rows
 from launch.argtypes import seconds
+from launch.errors import LaunchError
 
 
 def default_cache() -> Path:
@@ -308,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:
         print(f"error: {exc}: stopped; the previous builds are kept", file=sys.stderr)
         return 128 + exc.signum
-    except StackError as exc:
+    except LaunchError as exc:  # StackError, or a deploy file's ConfigError: one line, its exit code
         print(f"error: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the previous builds are kept", file=sys.stderr)
         return 130

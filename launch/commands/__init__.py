@@ -13,6 +13,7 @@ node.py       ifname, wait-port, ray-wait: what rendered scripts ask of the tool
 from __future__ import annotations
 
 import shutil
+import socket
 import sys
 
 from launch import render
@@ -49,6 +50,8 @@ def plan_json(p: NodePlan) -> dict:
         "api": p.api.url() if p.api else None, "coordinator": str(p.coordinator) if p.coordinator else None,
         "all2all_backend": p.all2all_backend, "kv_transfer": p.kv_transfer,
         "ray_head": str(p.ray_head.endpoint) if p.ray_head else None,
-        "path_prepend": p.path_prepend, "stack_env": p.stack.env if p.stack else {}, "env": env, "argv": p.argv, "log_file": p.log_file,
+        # the stack's paths as found where this plan was made; `serve` finds each node's own (env/paths.py)
+        "stack_paths": {"found_on": socket.gethostname(), "path_prepend": p.path_prepend, "env": p.stack.env if p.stack else {}},
+        "env": env, "argv": p.argv, "log_file": p.log_file,
         "watch": {"port": p.watch.port, "watches": [f"{q.host}:{q.port}" for q in p.watch.peers]} if p.watch else None,
     }  # fmt: skip
