@@ -9,7 +9,6 @@ test with them). At the end, one line per check and a verdict; the same as JSON 
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import sys
@@ -119,7 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.collectonly or getattr(config.option, "help", False):
         return
-    deploy = config.option.deploy or config.getini("preflight_deploy") or os.environ.get("EP_DEPLOY")
+    deploy = config.option.deploy or config.getini("preflight_deploy")  # else EP_DEPLOY, read by launch/request.py
     try:
         ctx = context.build(
             deploy, config.option.node_rank, config.option.socket_ifname, config.option.transport, config.option.group
