@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,8 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launch.config import WATCH_PORT_OFFSET  # noqa: E402
-from launch.peers import PROTOCOL  # noqa: E402
-from tests.support import FAKE_VLLM, free_port, vllm_metrics  # noqa: E402
+from tests.support import FAKE_VLLM, free_port, stand_in_launcher, vllm_metrics  # noqa: E402
 
 
 def main() -> int:
@@ -77,23 +74,6 @@ def main() -> int:
     print(f"wall s per run : {' '.join(f'{w:.2f}' for w in walls)}  (median {statistics.median(walls):.2f})")
     print(f"poll s per run : {' '.join(f'{p:.2f}' for p in polls)}  (median {statistics.median(polls):.2f}, bound 10)")
     return 0
-
-
-def stand_in_launcher(address: str, rank: int, port: int) -> socket.socket:
-    """Answers ``address:port`` with the line a secondary's launcher sends (launch/peers.py), until closed."""
-    server = socket.create_server((address, port))
-
-    def answer() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(f"{PROTOCOL} node {rank} bench\n".encode())
-
-    threading.Thread(target=answer, daemon=True).start()
-    return server
 
 
 def metrics_size(nodes: int) -> int:

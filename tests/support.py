@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,22 @@ FRAGMENTS = [
     " ",
     "\t",
 ]
+
+
+def stand_in_launcher(address: str, rank: int, port: int, token: str = "t0k3n") -> socket.socket:
+    """Answers ``address:port`` with the line a secondary's launcher sends (launch/peers.py), until closed."""
+    from launch.peers import PROTOCOL
+
+    server = socket.create_server((address, port))
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(f"{PROTOCOL} node {rank} {token}\n".encode())
+
+    threading.Thread(target=answer, daemon=True).start()
+    return server

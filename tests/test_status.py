@@ -6,14 +6,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from launch import peers, status
+from launch import status
 from launch.config import WATCH_PORT_OFFSET as WATCH, parse_deploy
-from tests.support import FAKE_VLLM, free_port, vllm_metrics
+from tests.support import FAKE_VLLM, free_port, stand_in_launcher, vllm_metrics
 
 
 @pytest.fixture
@@ -44,25 +43,9 @@ def stand_in(tmp_path):
 
 @pytest.fixture
 def launcher():
-    """A stand-in secondary launcher: answers its watch port with the line launch/peers.py sends."""
+    """Stand-in secondary launchers: each answers its watch port with the line launch/peers.py sends."""
     servers = []
-
-    def start(address: str, rank: int, port: int) -> None:
-        server = socket.create_server((address, port))
-        servers.append(server)
-
-        def answer() -> None:
-            while True:
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.sendall(f"{peers.PROTOCOL} node {rank} t0k3n\n".encode())
-
-        threading.Thread(target=answer, daemon=True).start()
-
-    yield start
+    yield lambda address, rank, port: servers.append(stand_in_launcher(address, rank, port))
     for server in servers:
         server.close()
 
