@@ -38,6 +38,16 @@ def _pin_text(comp: Component) -> str:
     return comp.ref[:7] if comp.kind == "git" else comp.ref
 
 
+def _row_of(comp: Component):
+    """A Row maker for ``comp``: (state, detail, built, archs) -> Row, its name, kind, pin and default filled in."""
+
+    def row(state: State, detail: str, built: str = "-", archs: str = "-", default: bool | None = None) -> Row:
+        given = comp.default if default is None else default
+        return Row(comp.name, comp.kind, _pin_text(comp), built, archs, state, detail, given)
+
+    return row
+
+
 def component_row(
     comp: Component,
     manifest: Manifest,
@@ -45,116 +55,52 @@ def component_row(
     archs: machine.ArchList | None,
     conda_prefix: str | None,
 ) -> Row:
-    pin = _pin_text(comp)
     if comp.kind in ("pypi", "conda"):
-        return _package_row(comp, pin, info, conda_prefix)
+        return _package_row(comp, info, conda_prefix)
+    row, pin = _row_of(comp), _pin_text(comp)
     entry = manifest.live(comp.name)
     if entry is None:
         if comp.name in manifest.entries:
-            return Row(
-                comp.name,
-                comp.kind,
-                pin,
-                "-",
-                "-",
-                "missing",
-                "recorded, but its build folder or link is gone: build again",
-                comp.default,
-            )
+            return row("missing", "recorded, but its build folder or link is gone: build again")
         if not comp.default:
-            return Row(
-                comp.name, comp.kind, pin, "-", "-", "optional", f"not built (optional: --only {comp.name})", False
-            )
-        return Row(comp.name, comp.kind, pin, "-", "-", "missing", "not built: python -m env build", True)
+            return row("optional", f"not built (optional: --only {comp.name})", default=False)
+        return row("missing", "not built: python -m env build", default=True)
     built = (entry.commit or "")[:7] or (entry.version or "?")
-    shown_archs = entry.arch_list or "-"
+    shown = entry.arch_list or "-"
     if entry.pin_hash != digest(comp.pin()):
         what = f"built {built}, pinned {pin}" if built != pin else "the recipe or URL changed"
-        return Row(
-            comp.name,
-            comp.kind,
-            pin,
-            built,
-            shown_archs,
-            "stale",
-            f"pin changed since the build ({what}): build again",
-            comp.default,
-        )
+        return row("stale", f"pin changed since the build ({what}): build again", built, shown)
     if comp.needs_torch and info and info.torch and entry.torch != info.torch:
-        return Row(
-            comp.name,
-            comp.kind,
-            pin,
-            built,
-            shown_archs,
-            "stale",
-            f"built against torch {entry.torch}, the environment has {info.torch}: build again",
-            comp.default,
-        )
+        why = f"built against torch {entry.torch}, the environment has {info.torch}: build again"
+        return row("stale", why, built, shown)
     if comp.cuda and archs and archs.archs and entry.arch_list != archs.value:
-        return Row(
-            comp.name,
-            comp.kind,
-            pin,
-            built,
-            shown_archs,
-            "stale",
-            f"built for {entry.arch_list}, {archs.origin} says {archs.value}: build again",
-            comp.default,
+        return row(
+            "stale", f"built for {entry.arch_list}, {archs.origin} says {archs.value}: build again", built, shown
         )
     detail = f"built {entry.built_at} in {entry.duration_s:g} s, artifact {entry.artifact_sha256[:12]}"
-    return Row(comp.name, comp.kind, pin, built, shown_archs, "ok", detail, comp.default)
+    return row("ok", detail, built, shown)
 
 
-def _package_row(comp: Component, pin: str, info: machine.PythonInfo | None, conda_prefix: str | None) -> Row:
+def _package_row(comp: Component, info: machine.PythonInfo | None, conda_prefix: str | None) -> Row:
+    row = _row_of(comp)
     if comp.kind == "conda":
-        metas = sorted(Path(conda_prefix, "conda-meta").glob(f"{comp.url}-[0-9]*.json")) if conda_prefix else []
         if not conda_prefix:
-            return Row(
-                comp.name,
-                comp.kind,
-                pin,
-                "-",
-                "-",
-                "unchecked",
-                "no conda environment active (pixi shell / pixi run)",
-                comp.default,
-            )
+            return row("unchecked", "no conda environment active (pixi shell / pixi run)")
+        metas = sorted(Path(conda_prefix, "conda-meta").glob(f"{comp.url}-[0-9]*.json"))
         if not metas:
-            return Row(
-                comp.name,
-                comp.kind,
-                pin,
-                "-",
-                "-",
-                "missing",
-                "not in the conda environment: pixi install",
-                comp.default,
-            )
+            return row("missing", "not in the conda environment: pixi install")
         version = metas[-1].name[len(comp.url) + 1 :].split("-")[0]
-        return Row(comp.name, comp.kind, pin, version, "-", "ok", "from the conda environment", comp.default)
-    have = info.packages.get(comp.url) if info else None
+        return row("ok", "from the conda environment", version)
     if info is None:
-        return Row(comp.name, comp.kind, pin, "-", "-", "unchecked", "Python not probed", comp.default)
+        return row("unchecked", "Python not probed")
+    have = info.packages.get(comp.url)
     if not have:
-        return Row(
-            comp.name, comp.kind, pin, "-", "-", "missing", "not installed: pixi install (or pip install)", comp.default
-        )
+        return row("missing", "not installed: pixi install (or pip install)")
     try:
         ok = Version(have) in SpecifierSet(comp.ref) if comp.ref not in ("", "*") else True
     except (InvalidSpecifier, InvalidVersion):
         ok = True
-    state: State = "ok" if ok else "stale"
-    return Row(
-        comp.name,
-        comp.kind,
-        pin,
-        have,
-        "-",
-        state,
-        "installed" if ok else f"installed {have} does not satisfy {comp.ref}",
-        comp.default,
-    )
+    return row("ok", "installed", have) if ok else row("stale", f"installed {have} does not satisfy {comp.ref}", have)
 
 
 def rows(
