@@ -53,6 +53,16 @@ def default_cache() -> Path:
     return Path(given) if given else PROJECT_ROOT / ".cache" / "ep-sources"
 
 
+def _sha256_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="NAME=HEX",
+        help="checksum of an unverified tarball, after checking it",
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m env", description="The pinned EP kernel stack: pins, sources, builds, paths, status."
@@ -75,13 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only", action="append", default=[], help="components, comma-separated (default: every source component)"
     )
-    p.add_argument(
-        "--sha256",
-        action="append",
-        default=[],
-        metavar="NAME=HEX",
-        help="checksum of an unverified tarball, after checking it",
-    )
+    _sha256_option(p)
 
     # ---- build ----
     p = sub.add_parser("build", help="build the profile's source components into the prefix")
@@ -96,13 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--python", default=sys.executable, help="interpreter of the stack's environment (default: this one)"
     )
-    p.add_argument(
-        "--sha256",
-        action="append",
-        default=[],
-        metavar="NAME=HEX",
-        help="checksum of an unverified tarball, after checking it",
-    )
+    _sha256_option(p)
     p.add_argument(
         "--timeout", type=seconds, default=6 * 3600.0, help="seconds one build command may take (default 21600)"
     )
