@@ -384,3 +384,23 @@ def test_a_cuda_13_build_gets_the_cccl_headers_and_the_driver_stub(tmp_path):
     assert env["NVCC_APPEND_FLAGS"] == f"-I{cuda}/include/cccl"
     assert env["LIBRARY_PATH"] == f"/opt/mine:{cuda}/lib64/stubs"  # the user's own first
     assert env["EP_JIT_CACHE_DIR"] == str(tmp_path / "stack" / "jit-cache" / "deepep")
+
+
+def test_deepep_v1_is_refused_an_nvshmem_wheel_other_than_the_profiles_pin(tmp_path):
+    """vllm026 pins nvidia-nvshmem-cu13==3.4.5 (torch 2.11's image); DeepEP's setup.py would build against
+    whatever wheel is installed, so another one is named before compiling."""
+    from dataclasses import replace
+
+    from env.build import BuildConfig, Builder
+    from env.pins import VLLM026
+
+    builder = Builder(BuildConfig(profile=VLLM026, prefix=tmp_path / "stack", cache=tmp_path / "cache"), environ={})
+    older = replace(GPU_MACHINE_TORCH, nvshmem_dir="/site/nvidia/nvshmem", packages={"nvidia-nvshmem-cu13": "3.3.20"})
+    with pytest.raises(StackError) as err:
+        builder._check_libraries(VLLM026.component("deepep"), older)
+    assert str(err.value) == (
+        "component deepep: builds against nvidia-nvshmem-cu13 3.3.20; the profile pins ==3.4.5; "
+        "pip install 'nvidia-nvshmem-cu13==3.4.5' (pixi install does)"
+    )
+    pinned = replace(older, packages={"nvidia-nvshmem-cu13": "3.4.5"})
+    builder._check_libraries(VLLM026.component("deepep"), pinned)  # the pinned wheel passes
