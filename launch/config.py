@@ -367,9 +367,6 @@ class Kubernetes(_Strict):
     startup_timeout_s: int = Field(default=3600, ge=60)
     """How long every pod's startup probe waits for the group to serve (weights, compilation, CUDA graphs) before
     Kubernetes restarts it; DeepSeek-size models take tens of minutes."""
-    engine_ready_timeout_s: int = Field(default=3000, ge=60)
-    """VLLM_ENGINE_READY_TIMEOUT_S: how long vLLM's front end waits for its engines (vLLM's default, 600 s, is
-    short for DeepSeek-size models loading on many nodes)."""
     jit_cache: str | None = None
     """A host path kept across restarts for compiled kernels: vLLM's cache (torch.compile), CUDA's, Triton's,
     FlashInfer's, DeepGEMM's and DeepEP v2's JIT caches (each in a folder of its own)."""
@@ -442,6 +439,10 @@ class DeployConfig(_Strict):
     """Preflight threshold overrides by name (see preflight/thresholds.py)."""
     log_dir: str | None = None
     """Where serve writes each node's log (node-RANK.log); default: the terminal only."""
+    engine_ready_timeout_s: int | None = Field(default=None, ge=60)
+    """VLLM_ENGINE_READY_TIMEOUT_S on every node: how long vLLM's front end waits for its engines to start
+    (vLLM's default, 600 s, is short for DeepSeek-size models loading on many nodes; read from vLLM 0.14.0).
+    Default: vLLM's own on bare metal and Slurm, 3000 s on Kubernetes (inside its start-up probes' budget)."""
     disaggregation: Disaggregation | None = None
     """Prefill and decode as two groups joined by a KV connector, behind vllm-router."""
     data_parallel_backend: Literal["mp", "ray"] = "mp"
@@ -455,6 +456,19 @@ class DeployConfig(_Strict):
     """Launchers watch each other while vLLM runs; a node that stops answering stops the group."""
 
     _switches = field_validator("eplb", "dbo", mode="before")(lambda cls, value: _switch(value))
+
+    @model_validator(mode="after")
+    def _one_engine_bound(self) -> DeployConfig:
+        if self.engine_ready_timeout_s is None:
+            return self
+        given = [("env", self.env)] + [(f"nodes[{i}].env", n.env) for i, n in enumerate(self.nodes)]
+        for where, env in given:
+            if "VLLM_ENGINE_READY_TIMEOUT_S" in env:
+                raise _FieldError(
+                    f"{where}.VLLM_ENGINE_READY_TIMEOUT_S",
+                    "also set by engine_ready_timeout_s (expected one of the two)",
+                )
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DeployConfig:

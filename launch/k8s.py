@@ -51,6 +51,9 @@ LIVENESS_FAILURES = 6
 ROUTER_START_S = 120
 """What the router's start-up probe allows beyond the groups' start-up: vllm-router checks both groups again,
 then listens."""
+ENGINE_READY_S = 3000
+"""VLLM_ENGINE_READY_TIMEOUT_S in the pods where the deploy file sets none: llm-d's wide-EP manifests raise it to
+3,000 s for DeepSeek-size models; vLLM's own 600 s is short for them."""
 JIT_DIR = "/var/cache/vllm-ep"
 JIT_CACHES = {
     "VLLM_CACHE_ROOT": "vllm",  # vllm/envs.py (0.26.0: line 677); torch.compile's cache lives under it
@@ -276,8 +279,10 @@ def _pod_template(
         {"name": "deploy", "configMap": {"name": f"{k.name}-deploy"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}},
     ]
-    # vLLM's own bound on engine start-up (vllm/envs.py, VLLM_ENGINE_READY_TIMEOUT_S; v1/engine/core_client.py).
-    env.append({"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": str(k.engine_ready_timeout_s)})
+    # vLLM's own bound on engine start-up (vllm/envs.py, VLLM_ENGINE_READY_TIMEOUT_S; v1/engine/core_client.py),
+    # raised within the start-up probes' budget unless the file sets it (the plan then sets it on every node).
+    engine_ready = config.engine_ready_timeout_s or ENGINE_READY_S
+    env.append({"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": str(engine_ready)})
     if k.jit_cache:
         env += [{"name": name, "value": f"{JIT_DIR}/{sub}"} for name, sub in JIT_CACHES.items()]
         mounts.append({"name": "jit-cache", "mountPath": JIT_DIR})

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from packaging.version import Version
+
 from env.paths import StackPaths
 from launch import eplb_dbo, fabric, matrix, vllm_flags
 from launch.config import DeployConfig
@@ -23,6 +25,9 @@ from launch.vllm_versions import Target
 
 EnvValue = str | AutoIfname
 
+ENGINE_READY_SINCE = Version("0.14.0")
+"""First release whose vllm/envs.py reads VLLM_ENGINE_READY_TIMEOUT_S (read in the 0.10.1.1 .. 0.34.0 wheels:
+absent up to 0.13.0; 0.14.0 envs.py line 619, used by v1/engine/core_client.py)."""
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
 """One interface for all three bootstraps: a mismatch is the classic multi-node hang."""
 
@@ -235,6 +240,13 @@ def build(
     env.update(config.network.efa)
     if backend and not target.all2all_as_flag:
         env["VLLM_ALL2ALL_BACKEND"] = backend
+    if config.engine_ready_timeout_s:
+        if target.version < ENGINE_READY_SINCE:
+            notes.append(
+                f"warning: engine_ready_timeout_s: vLLM {target.version} does not read VLLM_ENGINE_READY_TIMEOUT_S "
+                f"(read from {ENGINE_READY_SINCE}): set, but without effect"
+            )
+        env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(config.engine_ready_timeout_s)
     env.update(config.env)
     if layout.node_rank < len(config.nodes):
         env.update(config.nodes[layout.node_rank].env)

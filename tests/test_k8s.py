@@ -414,7 +414,7 @@ def test_jit_caches_survive_restarts_on_a_host_path():
 
 
 def test_the_leader_is_annotated_for_prometheus_and_the_engine_bound_is_configurable():
-    objects = render(TWO_NODES + "  engine_ready_timeout_s: 5400\n")
+    objects = render(TWO_NODES.replace("kubernetes:", "engine_ready_timeout_s: 5400\nkubernetes:"))
     validate_all(objects)
     templates = objects[1]["spec"]["leaderWorkerTemplate"]
     assert templates["leaderTemplate"]["metadata"]["annotations"] == {
@@ -427,6 +427,9 @@ def test_the_leader_is_annotated_for_prometheus_and_the_engine_bound_is_configur
     assert {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "5400"} in leader["containers"][0]["env"]
     plain = render(TWO_NODES + "  metrics_annotations: false\n")[1]["spec"]["leaderWorkerTemplate"]
     assert "annotations" not in plain["leaderTemplate"]["metadata"]
+    # without the field, the pods raise vLLM's 600 s to llm-d's 3,000 s, inside the start-up probes' budget
+    leader, _ = leader_and_worker(render(TWO_NODES))
+    assert {"name": "VLLM_ENGINE_READY_TIMEOUT_S", "value": "3000"} in leader["containers"][0]["env"]
 
 
 # ---- prefill/decode -------------------------------------------------------------------------------------------

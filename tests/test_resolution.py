@@ -254,3 +254,16 @@ def test_the_preflight_section_names_every_threshold_the_checks_read():
     from preflight.thresholds import KNOWN
 
     assert set(Preflight.model_fields) == set(KNOWN)
+
+
+def test_the_engine_start_up_bound_reaches_every_node_where_vllm_reads_it(launch, write_yaml):
+    """vLLM waits 600 s for its engines unless VLLM_ENGINE_READY_TIMEOUT_S says otherwise (envs.py from 0.14.0)."""
+    deploy = write_yaml(TWO_NODES + "engine_ready_timeout_s: 3000\n")
+    for node in plans(launch("plan", str(deploy), "--format", "json")):
+        assert node["env"]["VLLM_ENGINE_READY_TIMEOUT_S"] == "3000"
+    old = launch("plan", str(deploy), "--vllm-version", "0.10.1.1")
+    assert "# warning: engine_ready_timeout_s: vLLM 0.10.1.1 does not read VLLM_ENGINE_READY_TIMEOUT_S" in old.out
+    twice = write_yaml(TWO_NODES + "engine_ready_timeout_s: 3000\nenv: {VLLM_ENGINE_READY_TIMEOUT_S: '60'}\n")
+    assert_one_line_error(
+        launch("plan", str(twice)), "env.VLLM_ENGINE_READY_TIMEOUT_S: also set by engine_ready_timeout_s"
+    )
