@@ -21,6 +21,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preflight.verdict import Verdict
+
 FI_INFO_TIMEOUT_S = 20.0
 LDCONFIG_TIMEOUT_S = 10.0
 EFA_INSTALLER_FI_INFO = "/opt/amazon/efa/bin/fi_info"
@@ -225,3 +227,39 @@ def find_net_plugin(
     elsewhere = [str(Path(d) / n) for d in usual_dirs for n in PLUGIN_FILES if (Path(d) / n).is_file()]
     elsewhere = [p for p in elsewhere if os.path.realpath(p) not in known]
     return PluginSearch(setting, tuple(names), loaded, tuple(elsewhere), tuple(reachable), tuple(dirs))
+
+
+# ------------------------------------------------------------------------------- GDRCopy for NCCL GIN on EFA
+
+GDRCOPY_FOR_GIN = (2, 5)
+"""aws-ofi-nccl doc/gin-getting-started.md, Requirements: "GDRCopy 2.5 or later, for both the runtime
+(libgdrapi) and the kernel driver (gdrdrv)", for NCCL's GPU-Initiated Networking through the plugin (what
+deepep_v2 runs on across EFA nodes)."""
+GDRDRV_VERSION = "/sys/module/gdrdrv/version"
+
+
+def gdrdrv_version(path: str = GDRDRV_VERSION) -> str | None:
+    """The loaded gdrdrv's version as the kernel lists it, where the module declares one."""
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def gin_gdrcopy(modules: set[str] | None, version: str | None, libgdrapi: str | None) -> Verdict:
+    """Whether GDRCopy is there as NCCL GIN on EFA needs it: gdrdrv loaded, libgdrapi loadable, both >= 2.5
+    where the driver's version can be read."""
+    want = ".".join(map(str, GDRCOPY_FOR_GIN))
+    driver = "gdrdrv unknown" if modules is None else "gdrdrv loaded" if "gdrdrv" in modules else "gdrdrv not loaded"
+    value = f"{driver}{f' {version}' if version else ''}; libgdrapi {libgdrapi or 'not found'}"
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) if version else ()
+    too_old = len(parts) == 2 and parts < GDRCOPY_FOR_GIN
+    ok = modules is not None and "gdrdrv" in modules and libgdrapi is not None and not too_old
+    note = "" if parts or not ok else " (driver version not declared: check it is >= " + want + ")"
+    return Verdict(
+        ok,
+        value + note,
+        f"gdrdrv loaded and libgdrapi, GDRCopy >= {want}",
+        fix=f"install GDRCopy >= {want} (libgdrapi and the gdrdrv kernel module) and load it: modprobe gdrdrv",
+        why="NCCL GIN through aws-ofi-nccl (deepep_v2 across EFA nodes) needs GDRCopy's runtime and driver",
+    )

@@ -434,10 +434,11 @@ def text(lines, name: str) -> str:
 def test_tcp_deploy_skips_every_interconnect_and_efa_check(write_yaml):
     res, lines = preflight(write_yaml, "tcp", backend="allgather_reducescatter")
     assert res.code == 0, res.out + res.err
-    assert len(lines) == 10 and all(v[0] == "SKIP" for v in lines.values()), res.out
+    assert len(lines) == 11 and all(v[0] == "SKIP" for v in lines.values()), res.out
     assert "transport is tcp: no RDMA devices needed" in text(lines, "RDMA devices present")
     assert "transport is tcp: no GPUDirect RDMA" in text(lines, "nvidia_peermem loaded")
     assert "transport is tcp, not efa" in text(lines, "libfabric EFA provider")
+    assert "transport is tcp, not efa" in text(lines, "GDRCopy for NCCL GIN")
     assert "allgather_reducescatter: no NVSHMEM IBGDA" in text(lines, "IBGDA ready")
     assert "# verdict: READY" in res.out
 

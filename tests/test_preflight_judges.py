@@ -334,3 +334,34 @@ def test_deepep_v2_needs_nvcc_and_a_jit_cache_it_can_write_at_run_time(tmp_path)
     assert not no_nvcc.ok and no_nvcc.error == (
         f"DeepEP compiles kernels at run time and finds no nvcc ({tmp_path}/nowhere/bin/nvcc); set CUDA_HOME to the CUDA toolkit"
     )
+
+
+GDRCOPY = {
+    "loaded, 2.5, runtime in the ld cache": (
+        {"gdrdrv", "efa"},
+        "2.5",
+        "/usr/lib/x86_64-linux-gnu/libgdrapi.so.2",
+        True,
+        "gdrdrv loaded 2.5; libgdrapi /usr/lib/x86_64-linux-gnu/libgdrapi.so.2",
+    ),
+    "an older GDRCopy": ({"gdrdrv"}, "2.4.1", "/usr/lib/libgdrapi.so.2", False, "gdrdrv loaded 2.4.1; libgdrapi"),
+    "driver not loaded": ({"efa"}, None, "/usr/lib/libgdrapi.so.2", False, "gdrdrv not loaded; libgdrapi"),
+    "no runtime": ({"gdrdrv"}, "2.5", None, False, "gdrdrv loaded 2.5; libgdrapi not found"),
+    "a driver that declares no version": (
+        {"gdrdrv"},
+        None,
+        "/usr/lib/libgdrapi.so.2",
+        True,
+        "gdrdrv loaded; libgdrapi /usr/lib/libgdrapi.so.2 (driver version not declared: check it is >= 2.5)",
+    ),
+}
+
+
+@pytest.mark.parametrize("modules, version, lib, ok, value", GDRCOPY.values(), ids=GDRCOPY.keys())
+def test_gdrcopy_for_nccl_gin_on_efa(modules, version, lib, ok, value):
+    """aws-ofi-nccl's GIN needs GDRCopy >= 2.5, runtime and driver (doc/gin-getting-started.md)."""
+    from preflight import efa
+
+    verdict = efa.gin_gdrcopy(modules, version, lib)
+    assert verdict.ok is ok and verdict.value.startswith(value), verdict.value
+    assert verdict.fix == "install GDRCopy >= 2.5 (libgdrapi and the gdrdrv kernel module) and load it: modprobe gdrdrv"

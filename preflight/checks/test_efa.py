@@ -106,3 +106,13 @@ def test_aws_ofi_nccl_plugin(node, check):
         )
         fix = "install aws-ofi-nccl (the EFA installer puts it in /opt/amazon/ofi-nccl)"
     check.require(False, value, "found", fix=fix, why=f"{why}; NCCL would fall back to TCP sockets")
+
+
+def test_gdrcopy_for_nccl_gin(node, check):
+    """GDRCopy for NCCL GIN (deepep_v2 across EFA nodes)"""
+    _efa_only(node, check)
+    if node.backend != "deepep_v2" or node.nodes < 2:
+        check.skip(f"all2all backend {node.backend or 'not set'} on {node.nodes} node(s): no NCCL GIN across EFA")
+    cache = efa.ld_cache() or {}
+    libgdrapi = next((path for name, path in sorted(cache.items()) if name.startswith("libgdrapi.so")), None)
+    efa.gin_gdrcopy(rdma.loaded_modules(), efa.gdrdrv_version(), libgdrapi).report(check)
