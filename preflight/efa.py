@@ -15,6 +15,7 @@ Every subprocess is an argv list with a timeout; a missing binary or a timeout i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -229,13 +230,17 @@ def find_net_plugin(
     return PluginSearch(setting, tuple(names), loaded, tuple(elsewhere), tuple(reachable), tuple(dirs))
 
 
-# ------------------------------------------------------------------------------- GDRCopy for NCCL GIN on EFA
+# ------------------------------------------------------------------------ NCCL GIN on EFA (deepep_v2 across nodes)
 
+GIN_PLUGIN = (1, 21, 0)
 GDRCOPY_FOR_GIN = (2, 5)
-"""aws-ofi-nccl doc/gin-getting-started.md, Requirements: "GDRCopy 2.5 or later, for both the runtime
-(libgdrapi) and the kernel driver (gdrdrv)", for NCCL's GPU-Initiated Networking through the plugin (what
-deepep_v2 runs on across EFA nodes)."""
+"""aws-ofi-nccl doc/gin-getting-started.md, Requirements: "aws-ofi-nccl 1.21.0 or later" and "GDRCopy 2.5 or
+later, for both the runtime (libgdrapi) and the kernel driver (gdrdrv)", for NCCL's GPU-Initiated Networking
+through the plugin (what deepep_v2 runs on across EFA nodes)."""
 GDRDRV_VERSION = "/sys/module/gdrdrv/version"
+_PLUGIN_VERSION = re.compile(rb"aws-ofi-nccl (\d+)\.(\d+)\.(\d+)")
+"""The plugin logs "Initializing " PACKAGE_STRING (src/nccl_ofi_net.c), autoconf's "aws-ofi-nccl X.Y.Z[-aws]"
+(configure.ac AC_INIT): the string is in the library."""
 
 
 def gdrdrv_version(path: str = GDRDRV_VERSION) -> str | None:
@@ -246,20 +251,42 @@ def gdrdrv_version(path: str = GDRDRV_VERSION) -> str | None:
         return None
 
 
-def gin_gdrcopy(modules: set[str] | None, version: str | None, libgdrapi: str | None) -> Verdict:
-    """Whether GDRCopy is there as NCCL GIN on EFA needs it: gdrdrv loaded, libgdrapi loadable, both >= 2.5
-    where the driver's version can be read."""
-    want = ".".join(map(str, GDRCOPY_FOR_GIN))
+def plugin_version(path: str | None, most: int = 64 << 20) -> tuple[int, int, int] | None:
+    """aws-ofi-nccl's version from the PACKAGE_STRING in its library (at most ``most`` bytes read), or None."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            found = _PLUGIN_VERSION.search(f.read(most))
+    except OSError:
+        return None
+    return tuple(int(g) for g in found.groups()) if found else None  # type: ignore[return-value]
+
+
+def gin_on_efa(
+    plugin: tuple[int, int, int] | None, modules: set[str] | None, gdrdrv: str | None, libgdrapi: str | None
+) -> Verdict:
+    """Whether NCCL GIN can run through aws-ofi-nccl here: the plugin >= 1.21.0 (where its version can be read),
+    GDRCopy's gdrdrv loaded (>= 2.5 where it declares a version) and its libgdrapi loadable."""
+    gdr = ".".join(map(str, GDRCOPY_FOR_GIN))
     driver = "gdrdrv unknown" if modules is None else "gdrdrv loaded" if "gdrdrv" in modules else "gdrdrv not loaded"
-    value = f"{driver}{f' {version}' if version else ''}; libgdrapi {libgdrapi or 'not found'}"
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) if version else ()
-    too_old = len(parts) == 2 and parts < GDRCOPY_FOR_GIN
-    ok = modules is not None and "gdrdrv" in modules and libgdrapi is not None and not too_old
-    note = "" if parts or not ok else " (driver version not declared: check it is >= " + want + ")"
+    shown = ".".join(map(str, plugin)) if plugin else "version not read"
+    value = f"aws-ofi-nccl {shown}; {driver}{f' {gdrdrv}' if gdrdrv else ''}; libgdrapi {libgdrapi or 'not found'}"
+    parts = tuple(int(p) for p in gdrdrv.split(".")[:2] if p.isdigit()) if gdrdrv else ()
+    ok = (
+        (plugin is None or plugin >= GIN_PLUGIN)
+        and modules is not None
+        and "gdrdrv" in modules
+        and libgdrapi is not None
+        and not (len(parts) == 2 and parts < GDRCOPY_FOR_GIN)
+    )
+    unread = [what for what, known in (("the plugin's version", plugin), ("gdrdrv's version", parts)) if not known]
+    note = f" (check {' and '.join(unread)} by hand)" if ok and unread else ""
     return Verdict(
         ok,
         value + note,
-        f"gdrdrv loaded and libgdrapi, GDRCopy >= {want}",
-        fix=f"install GDRCopy >= {want} (libgdrapi and the gdrdrv kernel module) and load it: modprobe gdrdrv",
-        why="NCCL GIN through aws-ofi-nccl (deepep_v2 across EFA nodes) needs GDRCopy's runtime and driver",
+        f"aws-ofi-nccl >= {'.'.join(map(str, GIN_PLUGIN))}, gdrdrv loaded and libgdrapi (GDRCopy >= {gdr})",
+        fix=f"install aws-ofi-nccl >= 1.21.0 and GDRCopy >= {gdr} (libgdrapi and the gdrdrv kernel module), then "
+        "modprobe gdrdrv",
+        why="NCCL GIN through aws-ofi-nccl (deepep_v2 across EFA nodes) needs them (doc/gin-getting-started.md)",
     )

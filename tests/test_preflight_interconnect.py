@@ -438,7 +438,7 @@ def test_tcp_deploy_skips_every_interconnect_and_efa_check(write_yaml):
     assert "transport is tcp: no RDMA devices needed" in text(lines, "RDMA devices present")
     assert "transport is tcp: no GPUDirect RDMA" in text(lines, "nvidia_peermem loaded")
     assert "transport is tcp, not efa" in text(lines, "libfabric EFA provider")
-    assert "transport is tcp, not efa" in text(lines, "GDRCopy for NCCL GIN")
+    assert "transport is tcp, not efa" in text(lines, "aws-ofi-nccl and GDRCopy for NCCL GIN")
     assert "allgather_reducescatter: no NVSHMEM IBGDA" in text(lines, "IBGDA ready")
     assert "# verdict: READY" in res.out
 

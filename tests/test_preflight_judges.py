@@ -336,32 +336,67 @@ def test_deepep_v2_needs_nvcc_and_a_jit_cache_it_can_write_at_run_time(tmp_path)
     )
 
 
-GDRCOPY = {
-    "loaded, 2.5, runtime in the ld cache": (
+GIN_ON_EFA = {
+    "plugin 1.21.0, GDRCopy 2.5 loaded, runtime in the ld cache": (
+        (1, 21, 0),
         {"gdrdrv", "efa"},
         "2.5",
         "/usr/lib/x86_64-linux-gnu/libgdrapi.so.2",
         True,
-        "gdrdrv loaded 2.5; libgdrapi /usr/lib/x86_64-linux-gnu/libgdrapi.so.2",
+        "aws-ofi-nccl 1.21.0; gdrdrv loaded 2.5; libgdrapi /usr/lib/x86_64-linux-gnu/libgdrapi.so.2",
     ),
-    "an older GDRCopy": ({"gdrdrv"}, "2.4.1", "/usr/lib/libgdrapi.so.2", False, "gdrdrv loaded 2.4.1; libgdrapi"),
-    "driver not loaded": ({"efa"}, None, "/usr/lib/libgdrapi.so.2", False, "gdrdrv not loaded; libgdrapi"),
-    "no runtime": ({"gdrdrv"}, "2.5", None, False, "gdrdrv loaded 2.5; libgdrapi not found"),
-    "a driver that declares no version": (
+    "a plugin older than GIN": ((1, 17, 2), {"gdrdrv"}, "2.5", "/usr/lib/libgdrapi.so.2", False, "aws-ofi-nccl 1.17.2"),
+    "an older GDRCopy": (
+        (1, 21, 0),
+        {"gdrdrv"},
+        "2.4.1",
+        "/usr/lib/libgdrapi.so.2",
+        False,
+        "aws-ofi-nccl 1.21.0; gdrdrv loaded 2.4.1",
+    ),
+    "driver not loaded": (
+        (1, 21, 0),
+        {"efa"},
+        None,
+        "/usr/lib/libgdrapi.so.2",
+        False,
+        "aws-ofi-nccl 1.21.0; gdrdrv not loaded",
+    ),
+    "no runtime": (
+        (1, 21, 0),
+        {"gdrdrv"},
+        "2.5",
+        None,
+        False,
+        "aws-ofi-nccl 1.21.0; gdrdrv loaded 2.5; libgdrapi not found",
+    ),
+    "versions that cannot be read": (
+        None,
         {"gdrdrv"},
         None,
         "/usr/lib/libgdrapi.so.2",
         True,
-        "gdrdrv loaded; libgdrapi /usr/lib/libgdrapi.so.2 (driver version not declared: check it is >= 2.5)",
+        "aws-ofi-nccl version not read; gdrdrv loaded; libgdrapi /usr/lib/libgdrapi.so.2 (check the plugin's "
+        "version and gdrdrv's version by hand)",
     ),
 }
 
 
-@pytest.mark.parametrize("modules, version, lib, ok, value", GDRCOPY.values(), ids=GDRCOPY.keys())
-def test_gdrcopy_for_nccl_gin_on_efa(modules, version, lib, ok, value):
-    """aws-ofi-nccl's GIN needs GDRCopy >= 2.5, runtime and driver (doc/gin-getting-started.md)."""
+@pytest.mark.parametrize("plugin, modules, gdrdrv, lib, ok, value", GIN_ON_EFA.values(), ids=GIN_ON_EFA.keys())
+def test_nccl_gin_on_efa_needs_the_newer_plugin_and_gdrcopy(plugin, modules, gdrdrv, lib, ok, value):
+    """aws-ofi-nccl >= 1.21.0 and GDRCopy >= 2.5, runtime and driver (aws-ofi-nccl doc/gin-getting-started.md)."""
     from preflight import efa
 
-    verdict = efa.gin_gdrcopy(modules, version, lib)
+    verdict = efa.gin_on_efa(plugin, modules, gdrdrv, lib)
     assert verdict.ok is ok and verdict.value.startswith(value), verdict.value
-    assert verdict.fix == "install GDRCopy >= 2.5 (libgdrapi and the gdrdrv kernel module) and load it: modprobe gdrdrv"
+    assert verdict.fix.startswith("install aws-ofi-nccl >= 1.21.0 and GDRCopy >= 2.5")
+
+
+def test_the_plugins_version_is_read_from_its_library(tmp_path):
+    """The plugin logs "Initializing " PACKAGE_STRING, so autoconf's "aws-ofi-nccl X.Y.Z-aws" is in the file."""
+    from preflight import efa
+
+    lib = tmp_path / "libnccl-net-ofi.so"
+    lib.write_bytes(b"\x7fELF" + b"\0" * 4096 + b"NET/OFI Initializing aws-ofi-nccl 1.21.1-aws\0" + b"\0" * 64)
+    assert efa.plugin_version(str(lib)) == (1, 21, 1)
+    assert efa.plugin_version(str(tmp_path / "missing.so")) is None and efa.plugin_version(None) is None

@@ -108,11 +108,12 @@ def test_aws_ofi_nccl_plugin(node, check):
     check.require(False, value, "found", fix=fix, why=f"{why}; NCCL would fall back to TCP sockets")
 
 
-def test_gdrcopy_for_nccl_gin(node, check):
-    """GDRCopy for NCCL GIN (deepep_v2 across EFA nodes)"""
+def test_nccl_gin_prerequisites(node, check):
+    """aws-ofi-nccl and GDRCopy for NCCL GIN (deepep_v2 across EFA nodes)"""
     _efa_only(node, check)
     if node.backend != "deepep_v2" or node.nodes < 2:
         check.skip(f"all2all backend {node.backend or 'not set'} on {node.nodes} node(s): no NCCL GIN across EFA")
     cache = efa.ld_cache() or {}
     libgdrapi = next((path for name, path in sorted(cache.items()) if name.startswith("libgdrapi.so")), None)
-    efa.gin_gdrcopy(rdma.loaded_modules(), efa.gdrdrv_version(), libgdrapi).report(check)
+    plugin = efa.plugin_version(efa.find_net_plugin(node.env(), cache).loaded)
+    efa.gin_on_efa(plugin, rdma.loaded_modules(), efa.gdrdrv_version(), libgdrapi).report(check)
