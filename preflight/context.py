@@ -135,7 +135,7 @@ def build(
     (deployment,) = resolution.deployments
     (plan,) = resolution.plans
     config = deployment.config
-    thresholds = Thresholds.defaults().override(config.preflight.given(), req.deploy).with_invalid(invalid)
+    thresholds = Thresholds.of(config.preflight.given(), invalid)
     chosen = plan.env[planning.IFNAME_VARS[0]]
     found, problem = (chosen, "") if isinstance(chosen, str) else (netif.find(chosen), "")
     if isinstance(chosen, AutoIfname) and not found:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launch.config import ConfigError
-
 KNOWN: dict[str, tuple[float | None, str]] = {
     "shm_min_gib": (1.0, "/dev/shm size (vLLM's API servers and NCCL's shared memory transport use it)"),
     "gpu_memory_used_max_mib": (
@@ -53,18 +51,11 @@ class Thresholds:
     def defaults(cls) -> Thresholds:
         return cls({name: default for name, (default, _) in KNOWN.items()})
 
-    def override(self, given: dict[str, float], source: str) -> Thresholds:
-        for name, value in given.items():
-            if name not in KNOWN:
-                raise ConfigError(
-                    f"{source}: preflight.{name}: unknown threshold (expected one of: {', '.join(KNOWN)})"
-                )
-            if value < 0:
-                raise ConfigError(f"{source}: preflight.{name}: {value} is negative (expected a number >= 0)")
-        return Thresholds({**self.values, **given}, frozenset(given), self.invalid)
-
-    def with_invalid(self, invalid: dict[str, str]) -> Thresholds:
-        return Thresholds(self.values, self.overridden, dict(invalid))
+    @classmethod
+    def of(cls, given: dict[str, float], invalid: dict[str, str]) -> Thresholds:
+        """The defaults, with the deploy file's values over them (launch/config.py's Preflight model has checked
+        each name and value); ``invalid``: those it set aside, {name: one-line error}."""
+        return cls({**cls.defaults().values, **given}, frozenset(given), dict(invalid))
 
     def get(self, name: str, derived: float | None = None) -> float | None:
         """The deploy file's value if given, else the default, else ``derived`` (GPU / transport based). Raises
